@@ -1,0 +1,1 @@
+"""mlaan_func: supervised local learning as pure functions."""
