@@ -1,0 +1,252 @@
+"""The four combinators every scheme is composed from: split, cascade, leap_ema, local_loss.
+
+Each takes and returns the core types (``Net``; ``local_loss`` makes an ``Objective``), so
+they nest:
+
+>>> import torch
+>>> from torch import nn
+>>> from mlaan_func.core import from_module, init_params
+>>> net = from_module(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
+>>> first, second = split(net, at=["1"])
+>>> params, state = init_params(net)
+>>> x = torch.randn(3, 4)
+>>> torch.equal(cascade(first, second)(params, state, x)[0], net(params, state, x)[0])
+True
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import attrs
+import torch
+from torch import Tensor
+
+from .core import AfterStep, Net, Params, State, copy
+
+
+def split(net: Net, at: Sequence[str]) -> tuple[Net, ...]:
+    """The gradient-isolated modules of ``net``: a module ends after each block in ``at``.
+
+    The final block is implied, so ``K = len(at) + 1``; module ``i`` reads the output of
+    module ``i - 1`` (its ``input_name`` names that boundary).
+
+    >>> from torch import nn
+    >>> from mlaan_func.core import from_module
+    >>> [m.block_names for m in split(from_module(nn.Sequential(*[nn.ReLU()] * 4)), ["0", "2"])]
+    [('0',), ('1', '2'), ('3',)]
+    """
+    if isinstance(at, str):
+        raise TypeError(f"split's cut points are a list of block names, e.g. [{at!r}], not a string")
+    names = net.block_names
+    index = {n: i for i, n in enumerate(names)}
+    cuts: list[int] = []
+    for name in at:
+        if name not in index:
+            raise ValueError(f"unknown cut point {name!r}: the blocks are {list(names)}")
+        i = index[name]
+        if i == len(names) - 1:
+            raise ValueError(
+                f"cutting after the final block {name!r} would leave an empty last module; "
+                f"the final block is implied, so cut only after one of {list(names[:-1])}")
+        if cuts and i == cuts[-1]:
+            raise ValueError(f"cut point {name!r} appears twice; each module must have a block")
+        if cuts and i < cuts[-1]:
+            raise ValueError(
+                f"cut points must follow the block order: {name!r} comes before {names[cuts[-1]]!r}; "
+                f"sort them as in {list(names)}")
+        cuts.append(i)
+    ends = cuts + [len(names) - 1]
+    modules, start, reads = [], 0, net.input_name
+    for end in ends:
+        modules.append(Net(net.blocks[start:end + 1], input_name=reads))
+        reads, start = names[end], end + 1
+    return tuple(modules)
+
+
+def cascade(*nets: Net) -> Net:
+    """One net that runs ``nets`` in order (a window, a trunk, a head after a trunk).
+
+    It reads what the first net reads.
+    """
+    if not nets:
+        raise ValueError("cascade needs at least one net")
+    for n in nets:
+        if not isinstance(n, Net):
+            raise TypeError(f"cascade takes nets, got {type(n).__name__}; wrap a module with from_module")
+    return Net(tuple(b for n in nets for b in n.blocks), input_name=nets[0].input_name)
+
+
+def _decay_tensor(decay: float | Tensor) -> Tensor:
+    value = torch.as_tensor(decay, dtype=torch.float32).detach().clone()
+    if value.ndim != 0 or not bool((value >= 0) & (value <= 1)):
+        raise ValueError(f"EMA decay must be a number in [0, 1] (1 freezes the twin, 0 copies the source), got {decay}")
+    return value
+
+
+@attrs.frozen(eq=False)
+class LeapBlock:
+    """``z ↦ copy(z) + twin(z)``, where the twin is an EMA of ``source`` kept in state."""
+
+    copy: Net
+    twin: Net
+    source: Net
+    decay: Tensor
+
+    @property
+    def name(self) -> str:
+        return self.copy.output_name
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return self.copy.param_names
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return self.copy.state_names + self.twin.param_names + self.twin.state_names
+
+    @property
+    def after_steps(self) -> tuple[AfterStep, ...]:
+        twin_keys, source_keys, decay = self.twin.param_names, self.source.param_names, self.decay
+
+        def ema(params: Params, state: State) -> State:
+            missing = [k for k in source_keys if k not in params]
+            if missing:
+                raise KeyError(f"the EMA twin {self.twin.block_names} follows {missing[:3]}, which no "
+                               "objective of the scheme trains; include the source blocks in the scheme")
+            m = decay.to(params[source_keys[0]].device) if source_keys else decay
+            twins = [state[k] for k in twin_keys]
+            new = torch._foreach_add(torch._foreach_mul(twins, m),
+                                     torch._foreach_mul([params[k] for k in source_keys], 1 - m))
+            return {**state, **dict(zip(twin_keys, new))}
+
+        return (AfterStep("ema:" + ",".join(self.twin.block_names), ema),) + self.copy.after_steps
+
+    def apply(self, params: Params, state: State, x: Tensor, *, train: bool) -> tuple[Tensor, State]:
+        y, updates = self.copy.run(params, state, x, train=train)
+        y_twin, twin_updates = self.twin.run(state, state, x, train=train)
+        return y + y_twin, {**updates, **twin_updates}
+
+    def init(self, seed: int) -> tuple[Params, State]:
+        params: Params = {}
+        state: State = {}
+        for block in self.copy.blocks:
+            p, s = block.init(seed)
+            params.update(p)
+            state.update(s)
+        for block in self.twin.blocks:
+            p, s = block.init(seed)
+            state.update(p)
+            state.update(s)
+        return params, state
+
+    def renamed(self, prefix: str) -> "LeapBlock":
+        return attrs.evolve(self, copy=copy(self.copy, prefix))
+
+
+def leap_ema(copy_net: Net, source: Net, decay: float | Tensor = 0.995, *, twin: str = "twin") -> Net:
+    """A net ``z ↦ copy(z) + twin(z)``; the twin starts equal to ``source`` and lives in state.
+
+    After each optimizer update the engine runs the net's ``after_steps``:
+    ``twin ← decay · twin + (1 − decay) · source`` on parameters; the twin's BatchNorm
+    statistics follow its own forward passes. Twins are keyed ``"<twin>.<source key>"``,
+    so two leap nets with the same ``twin`` prefix and source share one twin.
+
+    >>> from torch import nn
+    >>> from mlaan_func.core import copy, from_module
+    >>> block = from_module(nn.Linear(3, 3), name="b")
+    >>> leap = leap_ema(copy(block, "trunk"), source=block, decay=0.99)
+    >>> leap.param_names, leap.state_names
+    (('trunk.b.weight', 'trunk.b.bias'), ('twin.b.weight', 'twin.b.bias'))
+    """
+    roots_copy = [getattr(b, "root", None) for b in copy_net.blocks]
+    roots_source = [getattr(b, "root", None) for b in source.blocks]
+    if roots_copy != roots_source:
+        raise ValueError("leap_ema's first argument must be a copy of its source "
+                         "(mlaan_func.copy(source, prefix)); got blocks "
+                         f"{copy_net.block_names} for source {source.block_names}")
+    block = LeapBlock(copy=copy_net, twin=copy(source, twin), source=source, decay=_decay_tensor(decay))
+    return Net((block,), input_name=copy_net.input_name)
+
+
+LossFn = Callable[[Any, Any], tuple[Tensor, dict[str, Tensor]]]
+
+
+@attrs.frozen(eq=False)
+class Objective:
+    """A local loss: ``forward(params, state, x, batch, *, train) -> (loss, state updates,
+    outputs, metrics)`` over the parameters of ``net`` and ``head``.
+
+    ``x`` is the (detached) input ``net`` reads, named by ``input_name``; ``net``'s output
+    (and any tapped block output inside it) is what later objectives may read. ``grad_fn``,
+    when given, replaces the engine's ``torch.func.grad_and_value`` for this objective and
+    has its signature: ``(params, state, x, batch) -> (grads, (loss, (updates, outputs,
+    metrics)))``.
+    """
+
+    name: str
+    net: Net
+    head: Net | None
+    loss: LossFn
+    weight: Tensor
+    grad_fn: Callable | None = None
+
+    @property
+    def nets(self) -> tuple[Net, ...]:
+        return (self.net,) if self.head is None else (self.net, self.head)
+
+    @property
+    def input_name(self) -> str:
+        return self.net.input_name
+
+    @property
+    def output_name(self) -> str:
+        return self.net.output_name
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(k for n in self.nets for k in n.param_names))
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(k for n in self.nets for k in n.state_names))
+
+    @property
+    def after_steps(self) -> tuple[AfterStep, ...]:
+        return tuple(a for n in self.nets for a in n.after_steps)
+
+    def forward(self, params: Params, state: State, x: Tensor, batch: Any, *, train: bool = True,
+                taps: tuple[str, ...] = ()) -> tuple[Tensor, State, dict[str, Tensor], dict[str, Tensor]]:
+        """``(loss, state updates, outputs, metrics)``; ``outputs`` maps ``output_name`` and
+        each block named in ``taps`` to its output."""
+        outputs = dict.fromkeys(taps)
+        h, updates = self.net.run(params, state, x, train=train, taps=outputs)
+        outputs[self.output_name] = h
+        z = h
+        if self.head is not None:
+            z, head_updates = self.head.run(params, state, h, train=train)
+            updates = {**updates, **head_updates}
+        loss, metrics = self.loss(z, batch)
+        return self.weight * loss, updates, outputs, metrics
+
+
+def local_loss(net: Net, head: Net | None, loss: LossFn, weight: float | Tensor = 1.0, *,
+               name: str | None = None) -> Objective:
+    """An objective: ``weight · loss(head(net(x)), batch)``; with ``head=None`` the net's own
+    output is scored (the last module's classifier).
+
+    >>> from torch import nn
+    >>> from mlaan_func.core import from_module
+    >>> from mlaan_func.losses import cross_entropy
+    >>> obj = local_loss(from_module(nn.Linear(4, 4), name="m"),
+    ...                  from_module(nn.Linear(4, 3), name="head"), cross_entropy)
+    >>> obj.param_names
+    ('m.weight', 'm.bias', 'head.weight', 'head.bias')
+    """
+    if not isinstance(net, Net) or (head is not None and not isinstance(head, Net)):
+        raise TypeError("local_loss takes nets (from_module / split / cascade) for net and head")
+    w = torch.as_tensor(weight, dtype=torch.float32).detach().clone()
+    if w.ndim != 0 or not bool(torch.isfinite(w)):
+        raise ValueError(f"a loss weight must be a finite number, got {weight}")
+    default = f"{net.output_name}" if head is None else f"{net.output_name}/{head.output_name}"
+    return Objective(name=name or default, net=net, head=head, loss=loss, weight=w)

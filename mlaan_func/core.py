@@ -1,0 +1,403 @@
+"""The functional core: parameters and state as flat dicts, nets as pure functions.
+
+A *net* is an ordered chain of named blocks. Each block is an ``nn.Module`` template run
+through ``torch.func.functional_call`` on the tensors it finds under its prefix in the
+``params`` and ``state`` dicts, so calling a net never touches a module's own tensors and
+never mutates its inputs:
+
+>>> import torch
+>>> from torch import nn
+>>> net = from_module(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU()))
+>>> params, state = init_params(net, seed=0)
+>>> sorted(params)[:2]
+['0.bias', '0.weight']
+>>> y, new_state = net(params, state, torch.randn(5, 4), train=True)
+>>> bool((new_state['1.running_mean'] != state['1.running_mean']).any())
+True
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import zlib
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
+
+import attrs
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+Params = dict[str, Tensor]
+State = dict[str, Tensor]
+
+INPUT = "input"
+"""The name of a net's input boundary when it reads the raw data."""
+
+
+class AfterStep(NamedTuple):
+    """A pure ``fn(params, state) -> state`` run after each optimizer update.
+
+    ``key`` identifies it: the engine runs each distinct key once per step.
+    """
+
+    key: str
+    fn: Callable[[Params, State], State]
+
+
+class BlockLike(Protocol):
+    """What a net's chain is made of: a module block or a composite such as a leap block."""
+
+    name: str
+
+    @property
+    def param_names(self) -> tuple[str, ...]: ...
+    @property
+    def state_names(self) -> tuple[str, ...]: ...
+    @property
+    def after_steps(self) -> tuple[AfterStep, ...]: ...
+    def apply(self, params: Params, state: State, x: Tensor, *, train: bool) -> tuple[Tensor, State]: ...
+    def init(self, seed: int) -> tuple[Params, State]: ...
+    def renamed(self, prefix: str) -> "BlockLike": ...
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _reset(module: nn.Module) -> None:
+    """Re-initialise ``module``: the outermost submodule that defines ``reset_parameters``
+    owns the initialisation of everything below it."""
+    if hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+        return
+    for child in module.children():
+        _reset(child)
+
+
+def _seed_for(seed: int, root: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(root.encode())) % (2**63)
+
+
+def _meta_template(module: nn.Module, train: bool) -> nn.Module:
+    template = _copy.deepcopy(module).to("meta")
+    return template.train(train)
+
+
+@attrs.frozen(eq=False)
+class Block:
+    """One named block: ``module`` run with the tensors stored under ``prefix``.
+
+    ``root`` is the name of the block it was first made from; copies keep it, so a copy
+    is initialised with exactly its source's values.
+    """
+
+    name: str
+    prefix: str
+    root: str
+    module: nn.Module = attrs.field(repr=False)
+    train_template: nn.Module = attrs.field(repr=False)
+    eval_template: nn.Module = attrs.field(repr=False)
+    local_params: tuple[str, ...]
+    local_state: tuple[str, ...]
+
+    @classmethod
+    def of(cls, name: str, module: nn.Module) -> "Block":
+        return cls(
+            name=name, prefix=name, root=name, module=_copy.deepcopy(module),
+            train_template=_meta_template(module, True),
+            eval_template=_meta_template(module, False),
+            local_params=tuple(n for n, _ in module.named_parameters()),
+            local_state=tuple(n for n, _ in module.named_buffers()),
+        )
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(_join(self.prefix, n) for n in self.local_params)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(_join(self.prefix, n) for n in self.local_state)
+
+    @property
+    def after_steps(self) -> tuple[AfterStep, ...]:
+        return ()
+
+    def renamed(self, prefix: str) -> "Block":
+        return attrs.evolve(self, name=_join(prefix, self.name), prefix=_join(prefix, self.prefix))
+
+    def init(self, seed: int) -> tuple[Params, State]:
+        module = _copy.deepcopy(self.module)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed_for(seed, self.root))
+            _reset(module)
+        params = {_join(self.prefix, n): p.detach().clone() for n, p in module.named_parameters()}
+        state = {_join(self.prefix, n): b.detach().clone() for n, b in module.named_buffers()}
+        return params, state
+
+    def gather(self, params: Params, state: State, train: bool) -> tuple[Params, State]:
+        """The module-local tensors; state is cloned in training, where BatchNorm writes it."""
+        try:
+            p = {n: params[_join(self.prefix, n)] for n in self.local_params}
+            if train:
+                s = {n: state[_join(self.prefix, n)].clone() for n in self.local_state}
+            else:
+                s = {n: state[_join(self.prefix, n)] for n in self.local_state}
+        except KeyError as err:
+            raise KeyError(
+                f"block '{self.name}' needs {err.args[0]!r}, which is not in the dict passed in; "
+                "build params and state with mlaan_func.init_params / mlaan_func.init from the "
+                "same nets (names are identities: a renamed copy needs its own entries)"
+            ) from None
+        return p, s
+
+    def apply(self, params: Params, state: State, x: Tensor, *, train: bool) -> tuple[Tensor, State]:
+        p, s = self.gather(params, state, train)
+        template = self.train_template if train else self.eval_template
+        if torch.compiler.is_compiling():
+            y = functional_call(template, (p, s), (x,), strict=True)
+        else:
+            try:
+                y = functional_call(template, (p, s), (x,), strict=True)
+            except RuntimeError as err:
+                raise ShapeError(
+                    f"block '{self.name}' ({type(self.module).__name__}) cannot run on an input of "
+                    f"shape {tuple(x.shape)}: {err}. If this is a head or a trunk, build it for the "
+                    "channels and spatial size its module actually outputs."
+                ) from err
+        new_state = {_join(self.prefix, n): v for n, v in s.items()} if train else {}
+        return y, new_state
+
+
+class ShapeError(ValueError):
+    """A block was given an input it cannot take (channels, spatial size, dims)."""
+
+
+def _chain_names(blocks, attr: str) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for b in blocks:
+        for n in getattr(b, attr):
+            seen.setdefault(n, None)
+    return tuple(seen)
+
+
+@attrs.frozen(eq=False)
+class Net:
+    """A pure function ``(params, state, x, *, train) -> (y, state)``: a chain of blocks.
+
+    ``input_name`` names the boundary it reads (``"input"`` for the data, or the name of
+    the block before its first one once it has been split out of a larger net).
+    """
+
+    blocks: tuple[Any, ...]
+    input_name: str = INPUT
+
+    def __attrs_post_init__(self):
+        if not self.blocks:
+            raise ValueError("a net needs at least one block")
+
+    @property
+    def output_name(self) -> str:
+        return self.blocks[-1].name
+
+    @property
+    def block_names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.blocks)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return _chain_names(self.blocks, "param_names")
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return _chain_names(self.blocks, "state_names")
+
+    @property
+    def after_steps(self) -> tuple[AfterStep, ...]:
+        return tuple(a for b in self.blocks for a in b.after_steps)
+
+    def run(self, params: Params, state: State, x: Tensor, *, train: bool = True,
+            taps: dict[str, Tensor] | None = None) -> tuple[Tensor, State]:
+        """Run the chain; returns the output and only the state entries it wrote.
+
+        ``taps``, when given, receives the output of every block whose name it already
+        holds as a key (the engine routes module boundaries inside a window this way).
+        """
+        updates: State = {}
+        for block in self.blocks:
+            x, new = block.apply(params, state, x, train=train)
+            updates.update(new)
+            if taps is not None and block.name in taps:
+                taps[block.name] = x
+        return x, updates
+
+    def apply(self, params: Params, state: State, x: Tensor, *, train: bool = True) -> tuple[Tensor, State]:
+        """Run the chain; returns the output and ``state`` with this net's entries replaced."""
+        y, updates = self.run(params, state, x, train=train)
+        return y, ({**state, **updates} if updates else state)
+
+    __call__ = apply
+
+
+def from_module(module: nn.Module, *, name: str | None = None) -> Net:
+    """A net over ``module``'s blocks.
+
+    Blocks are ``module.named_blocks()`` when the module offers it, the children of an
+    ``nn.Sequential``, or else the whole module as one block called ``name`` (default
+    ``"net"``). Parameters are keyed ``"<block>.<parameter path>"``.
+
+    >>> from torch import nn
+    >>> from_module(nn.Sequential(nn.Linear(2, 3), nn.ReLU())).block_names
+    ('0', '1')
+    >>> from_module(nn.Linear(2, 3), name="head").param_names
+    ('head.weight', 'head.bias')
+    """
+    if hasattr(module, "named_blocks"):
+        named = list(module.named_blocks())
+    elif isinstance(module, nn.Sequential) and name is None:
+        named = list(module.named_children())
+    else:
+        named = [(name or "net", module)]
+    if not named:
+        raise ValueError("the module has no blocks; give it at least one layer")
+    if name is not None and hasattr(module, "named_blocks"):
+        named = [(_join(name, n), m) for n, m in named]
+    return Net(tuple(Block.of(n, m) for n, m in named))
+
+
+def copy(net: Net, prefix: str) -> Net:
+    """The same function under new names: every key gets ``prefix + "."`` in front.
+
+    A copy starts equal to its source (``init_params`` gives both the same values) and is
+    trained as a separate set of parameters.
+
+    >>> from torch import nn
+    >>> copy(from_module(nn.Linear(2, 3), name="fc"), "trunk").param_names
+    ('trunk.fc.weight', 'trunk.fc.bias')
+    """
+    if not prefix:
+        raise ValueError("copy needs a non-empty prefix, e.g. copy(net, 'trunk3')")
+    return Net(tuple(b.renamed(prefix) for b in net.blocks), input_name=INPUT)
+
+
+def init_params(*nets: Any, seed: int = 0, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None) -> tuple[Params, State]:
+    """Fresh ``(params, state)`` for every block of ``nets`` (nets, heads or objectives).
+
+    Each block is initialised from ``(seed, block root name)`` alone, so a block gets the
+    same values whichever nets it appears in, and a copy equals its source.
+    """
+    params: Params = {}
+    state: State = {}
+    for block in _unique_blocks(nets):
+        p, s = block.init(seed)
+        params.update({k: v for k, v in p.items() if k not in params})
+        state.update({k: v for k, v in s.items() if k not in state})
+    params = {k: _to(v, device, dtype).requires_grad_(False) for k, v in params.items()}
+    state = {k: _to(v, device, dtype) for k, v in state.items()}
+    return params, state
+
+
+def _to(t: Tensor, device, dtype) -> Tensor:
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.to(device) if device is not None else t
+
+
+def _unique_blocks(items) -> list:
+    seen: dict[int, Any] = {}
+    for item in items:
+        for block in blocks_of(item):
+            seen.setdefault(id(block), block)
+    return list(seen.values())
+
+
+def blocks_of(item: Any) -> tuple:
+    """All blocks an item (net, block, objective or a sequence of them) is made of."""
+    if isinstance(item, Net):
+        return item.blocks
+    if hasattr(item, "nets"):
+        return tuple(b for n in item.nets for b in blocks_of(n))
+    if isinstance(item, (list, tuple)):
+        return tuple(b for i in item for b in blocks_of(i))
+    if item is None:
+        return ()
+    return (item,)
+
+
+def check_keys(what: str, given: dict, expected: tuple[str, ...]) -> None:
+    """Raise a ``KeyError`` naming the missing and unexpected keys of ``given``."""
+    if len(given) == len(expected) and all(k in given for k in expected):
+        return
+    expected_set = set(expected)
+    missing = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected_set]
+    raise KeyError(
+        f"{what} does not match the scheme: missing {missing[:5]}{'…' if len(missing) > 5 else ''}"
+        f" ({len(missing)} in all), unexpected {extra[:5]}{'…' if len(extra) > 5 else ''}"
+        f" ({len(extra)} in all). Build it with mlaan_func.init for this scheme, or load a "
+        "checkpoint written by the same scheme."
+    )
+
+
+def output_shape(net: Net, input_shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape ``net`` outputs for an input of ``input_shape`` (batch included), worked
+    out on the meta device: no memory, no compute.
+
+    >>> from torch import nn
+    >>> output_shape(from_module(nn.Conv2d(3, 8, 3, stride=2, padding=1), name="c"), (2, 3, 32, 32))
+    (2, 8, 16, 16)
+    """
+    x = torch.empty(tuple(input_shape), device="meta")
+    for block in net.blocks:
+        x = _meta_forward(block, x)
+    return tuple(x.shape)
+
+
+def _meta_forward(block: Any, x: Tensor) -> Tensor:
+    if hasattr(block, "eval_template"):
+        try:
+            return block.eval_template(x)
+        except RuntimeError as err:
+            raise ShapeError(f"block '{block.name}' ({type(block.module).__name__}) cannot take an "
+                             f"input of shape {tuple(x.shape)}: {err}") from err
+    y = x
+    for inner in block.copy.blocks:
+        y = _meta_forward(inner, y)
+    return y
+
+
+class ExportedNet(nn.Module):
+    """An ordinary ``nn.Module`` running a net's blocks in order (see ``to_module``)."""
+
+    def __init__(self, names: Sequence[str], modules: Sequence[nn.Module]):
+        super().__init__()
+        self.names = list(names)
+        self.blocks = nn.ModuleList(modules)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def to_module(net: Net, params: Params, state: State) -> ExportedNet:
+    """The net as a plain ``nn.Module`` holding copies of its tensors: a trained backbone
+    without the auxiliary heads, trunks and twins of the scheme that trained it.
+
+    >>> from torch import nn
+    >>> net = from_module(nn.Sequential(nn.Linear(2, 2)))
+    >>> params, state = init_params(net)
+    >>> module = to_module(net, params, state).eval()
+    >>> x = torch.randn(3, 2)
+    >>> torch.equal(module(x), net(params, state, x, train=False)[0])
+    True
+    """
+    modules = []
+    for block in net.blocks:
+        if not isinstance(block, Block):
+            raise TypeError(f"to_module exports plain blocks; {block.name!r} is a {type(block).__name__}")
+        module = _copy.deepcopy(block.module)
+        p, s = block.gather(params, state, train=False)
+        module.load_state_dict({**p, **s}, strict=True)
+        modules.append(module.to(next(iter(p.values())).device) if p else module)
+    return ExportedNet(net.block_names, modules)

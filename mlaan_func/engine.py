@@ -1,0 +1,284 @@
+"""The training engine: ``init``, ``step``, ``evaluate``, ``save``, ``load``.
+
+A step runs each objective with ``torch.func.grad_and_value`` over only the parameters it
+touches, on the detached output of the objective that produced its input, adds the
+gradients, releases each objective's graph before the next, applies one pure optimizer
+update and then the objectives' ``after_steps`` (EMA twins).
+
+>>> import torch
+>>> from torch import nn
+>>> import mlaan_func as mf
+>>> net = mf.from_module(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)))
+>>> scheme = [mf.local_loss(net, None, mf.losses.cross_entropy)]
+>>> opt = mf.optim.sgd(0.1)
+>>> ts = mf.init(scheme, opt, seed=0)
+>>> ts, metrics = mf.step(scheme, opt)(ts, (torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])))
+>>> int(ts.step)
+1
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import types
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value
+
+from .combinators import Objective
+from .core import INPUT, AfterStep, Params, State, check_keys, init_params
+from .losses import Batch
+from .optim import Optimizer, apply_updates
+
+
+class TrainState(NamedTuple):
+    """Everything a run carries from step to step."""
+
+    params: Params
+    state: State
+    opt_state: Any
+    step: Tensor
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A local loss was NaN or infinite; the train state passed in is left as it was."""
+
+
+def scheme_names(objectives: Sequence[Objective]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The parameter and state keys a scheme reads, in scheme order."""
+    params = dict.fromkeys(k for o in objectives for k in o.param_names)
+    state = dict.fromkeys(k for o in objectives for k in o.state_names)
+    return tuple(params), tuple(state)
+
+
+def after_steps(objectives: Sequence[Objective]) -> tuple[AfterStep, ...]:
+    """The distinct after-step updates of a scheme (one per key, in scheme order)."""
+    return tuple({a.key: a for o in objectives for a in o.after_steps}.values())
+
+
+class Route(NamedTuple):
+    """Per objective: block outputs to keep for later objectives, and boundaries to free."""
+
+    taps: tuple[str, ...]
+    free_after: frozenset[str]
+
+
+def plan_routes(objectives: Sequence[Objective]) -> list[Route]:
+    """Check that every objective's input is produced before it; plan what to keep and free."""
+    if not objectives:
+        raise ValueError("a scheme needs at least one objective")
+    names = [o.name for o in objectives]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"objective names must be unique, {dup} repeat; pass name= to local_loss")
+    available = {INPUT}
+    last_use: dict[str, int] = {}
+    taps: list[tuple[str, ...]] = []
+    for i, o in enumerate(objectives):
+        if o.input_name not in available:
+            raise ValueError(
+                f"objective {o.name!r} reads the output of block {o.input_name!r}, which no earlier "
+                "objective produces; order the objectives from the input to the output")
+        last_use[o.input_name] = i
+        later = {p.input_name for p in objectives[i + 1:]}
+        taps.append(tuple(b for b in o.net.block_names[:-1] if b in later and b not in available))
+        available |= {o.output_name, *taps[-1]}
+    free: list[set[str]] = [set() for _ in objectives]
+    for name, i in last_use.items():
+        free[i].add(name)
+    return [Route(t, frozenset(f)) for t, f in zip(taps, free)]
+
+
+def init(objectives: Sequence[Objective], optimizer: Optimizer, *, seed: int = 0,
+         device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TrainState:
+    """A fresh ``TrainState`` for a scheme: parameters and state from ``seed``."""
+    plan_routes(objectives)
+    params, state = init_params(*objectives, seed=seed, device=device, dtype=dtype)
+    return TrainState(params, state, optimizer.init(params),
+                      torch.zeros((), dtype=torch.int64, device=device))
+
+
+def objective_fn(objective: Objective, taps: tuple[str, ...] = ()) -> Callable:
+    """``(params, state, x, batch) -> (loss, (updates, outputs, metrics))`` in training mode."""
+    def objective_loss(params: Params, state: State, x: Tensor, batch: Batch):
+        loss, updates, outputs, metrics = objective.forward(params, state, x, batch, train=True, taps=taps)
+        return loss, (updates, outputs, metrics)
+
+    # A code object of its own per objective, so torch.compile keeps a separate cache for
+    # each and distinct objectives never count against one another's recompile limit.
+    code = objective_loss.__code__.replace(co_name=f"objective_loss_{abs(hash(objective.name))}")
+    return types.FunctionType(code, objective_loss.__globals__, code.co_name,
+                              objective_loss.__defaults__, objective_loss.__closure__)
+
+
+def gradient_fns(objectives: Sequence[Objective], routes: Sequence[Route], *, compile: bool = False,
+                 backend: str = "inductor") -> list[Callable]:
+    """Per objective: ``(params, state, x, batch) -> (grads, (loss, (updates, outputs, metrics)))``.
+
+    An objective's own ``grad_fn(objective, taps)`` builds its function in place of
+    ``torch.func.grad_and_value``.
+    """
+    fns = []
+    for o, r in zip(objectives, routes):
+        if o.grad_fn is not None:
+            fn = o.grad_fn(o, r.taps)
+        else:
+            fn = grad_and_value(objective_fn(o, r.taps), has_aux=True)
+        fns.append(torch.compile(fn, backend=backend) if compile else fn)
+    return fns
+
+
+def _as_batch(batch: Any) -> Batch:
+    if isinstance(batch, Batch):
+        return batch
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError("a batch is a pair (inputs, labels)")
+    x, y = batch
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"the batch has {x.shape[0]} inputs but {y.shape[0]} labels")
+    return Batch(x, y)
+
+
+class Gradients(NamedTuple):
+    grads: Params
+    state: State
+    losses: dict[str, Tensor]
+    metrics: dict[str, dict[str, Tensor]]
+    finite: Tensor
+
+
+def gradients(objectives: Sequence[Objective], *, compile: bool = False,
+              backend: str = "inductor") -> Callable[[TrainState, Any], Gradients]:
+    """The summed gradients of a scheme's local losses and the new state, without an update.
+
+    BatchNorm statistics: every objective reads the state as it was at the start of the
+    step; for each key, the first objective in scheme order that runs it writes it.
+    """
+    objectives = list(objectives)
+    routes = plan_routes(objectives)
+    fns = gradient_fns(objectives, routes, compile=compile, backend=backend)
+    param_keys, state_keys = scheme_names(objectives)
+    sub_keys = [o.param_names for o in objectives]
+
+    def run(ts: TrainState, batch: Any) -> Gradients:
+        check_keys("the train state's params", ts.params, param_keys)
+        check_keys("the train state's state", ts.state, state_keys)
+        batch = _as_batch(batch)
+        acts: dict[str, Tensor] = {INPUT: batch.x}
+        grads: Params = {}
+        updates: State = {}
+        losses: dict[str, Tensor] = {}
+        metrics: dict[str, dict[str, Tensor]] = {}
+        for i, o in enumerate(objectives):
+            p = {k: ts.params[k] for k in sub_keys[i]}
+            g, (loss, (new, outputs, m)) = fns[i](p, ts.state, acts[o.input_name], batch)
+            for k, v in g.items():
+                if k in grads:
+                    grads[k].add_(v)
+                else:
+                    grads[k] = v
+            for k, v in new.items():
+                updates.setdefault(k, v)
+            for name, out in outputs.items():
+                acts.setdefault(name, out)
+            for name in routes[i].free_after:
+                acts.pop(name, None)
+            losses[o.name], metrics[o.name] = loss, m
+        finite = torch.stack([torch.isfinite(v) for v in losses.values()]).all()
+        grads = {k: grads[k] for k in ts.params}
+        return Gradients(grads, {**ts.state, **updates}, losses, metrics, finite)
+
+    return run
+
+
+def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool = False,
+         backend: str = "inductor", check_finite: bool = True
+         ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, dict[str, Tensor]]]]:
+    """A pure training step ``(train_state, (x, y)) -> (train_state, metrics)``.
+
+    ``compile=True`` compiles each objective's gradient function with ``torch.compile``.
+    A non-finite loss raises ``NonFiniteLossError`` (one flag per step, checked outside
+    compiled code) and nothing is updated.
+    """
+    grad_step = gradients(objectives, compile=compile, backend=backend)
+    post = after_steps(objectives)
+
+    def train_step(ts: TrainState, batch: Any):
+        g = grad_step(ts, batch)
+        if check_finite and not bool(g.finite):
+            bad = [n for n, v in g.losses.items() if not bool(torch.isfinite(v))]
+            raise NonFiniteLossError(
+                f"non-finite loss in objective(s) {bad} at step {int(ts.step)}; nothing was updated. "
+                "Lower the learning rate, add gradient clipping (mlaan_func.optim.clip_by_global_norm), "
+                "or check the inputs for NaN.")
+        updates, opt_state = optimizer.update(g.grads, ts.opt_state, ts.params)
+        params = apply_updates(ts.params, updates)
+        state = g.state
+        for a in post:
+            state = a.fn(params, state)
+        metrics = {n: {**m, "weighted_loss": g.losses[n]} for n, m in g.metrics.items()}
+        return TrainState(params, state, opt_state, ts.step + 1), metrics
+
+    return train_step
+
+
+@torch.no_grad()
+def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[Any]) -> dict[str, float]:
+    """Accuracy of every objective that reports one (the final classifier and each
+    auxiliary head), in eval mode, averaged over samples. Keys are objective names."""
+    objectives = list(objectives)
+    routes = plan_routes(objectives)
+    correct: dict[str, Tensor] = {}
+    seen = 0
+    for batch in batches:
+        batch = _as_batch(batch)
+        n = batch.y.shape[0]
+        acts = {INPUT: batch.x}
+        for i, o in enumerate(objectives):
+            _, _, outputs, m = o.forward(ts.params, ts.state, acts[o.input_name], batch, train=False,
+                                         taps=routes[i].taps)
+            for name, out in outputs.items():
+                acts.setdefault(name, out)
+            for name in routes[i].free_after:
+                acts.pop(name, None)
+            if "accuracy" in m:
+                correct[o.name] = correct.get(o.name, 0.0) + m["accuracy"].double() * n
+        seen += n
+    if seen == 0:
+        raise ValueError("evaluate got no batches")
+    return {k: float(v / seen) for k, v in correct.items()}
+
+
+def save(path: str | os.PathLike, ts: TrainState, extra: dict | None = None) -> None:
+    """Write ``ts`` (and ``extra``, e.g. generator states) atomically: a reader sees the old
+    file or the new one, never a partial one."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"train_state": ts._asdict(), "extra": extra or {}}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load(path: str | os.PathLike, map_location: Any = None, *, with_extra: bool = False):
+    """Read a ``TrainState`` written by ``save`` (``(ts, extra)`` with ``with_extra``)."""
+    try:
+        blob = torch.load(os.fspath(path), map_location=map_location, weights_only=False)
+        ts = TrainState(**blob["train_state"])
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise ValueError(f"{path} is not a checkpoint written by mlaan_func.save ({err}); "
+                         "delete it or point to another file") from err
+    return (ts, blob["extra"]) if with_extra else ts

@@ -1,0 +1,49 @@
+"""Published split points, leap-trunk tables and InfoPro loss weights, as shipped data.
+
+>>> published_split("resnet32", 16)[:3]
+['stem', '1.0', '1.1']
+>>> leap_trunk_table("resnet32", 15)[0]
+['2.0', '3.0', '3.2', '3.4']
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+
+
+@functools.cache
+def tables() -> dict:
+    """The released tables (``splits``, ``leap_trunks``, ``infopro_lambdas``)."""
+    text = resources.files("mlaan_func").joinpath("resources/released_tables.json").read_text()
+    return json.loads(text)
+
+
+def _lookup(table: dict, what: str, arch: str, modules: int):
+    if arch not in table:
+        raise ValueError(f"no published {what} for arch {arch!r}; known: {sorted(table)}")
+    rows = table[arch]
+    if str(modules) not in rows:
+        raise ValueError(f"no published {what} for {arch} with {modules} modules; "
+                         f"published K: {sorted(int(k) for k in rows)}. Pass the split yourself "
+                         "(a list of block names) or use even_split.")
+    return rows[str(modules)]
+
+
+def published_split(arch: str, modules: int) -> list[str]:
+    """The blocks after which each module ends in the published ``arch``/K tables."""
+    return list(_lookup(tables()["splits"], "split", arch, modules))
+
+
+def leap_trunk_table(arch: str, modules: int) -> list[list[str]]:
+    """Released MLAAN trunks: row ``i`` is the trunk of the window ending at module ``i``."""
+    return [list(r) for r in _lookup(tables()["leap_trunks"], "leap-trunk table", arch, modules)]
+
+
+def infopro_lambda_table(scheme: str, arch: str, modules: int) -> tuple[float, float, float, float] | None:
+    """``(ixx_1, ixy_1, ixx_2, ixy_2)`` published for ``scheme`` (``"infopro"`` or
+    ``"infopro_mlaan"``), or ``None`` when no value was published."""
+    table = tables()["infopro_lambdas"].get(scheme, {}).get(arch, {})
+    row = table.get(str(modules))
+    return None if row is None else tuple(float(v) for v in row)

@@ -1,0 +1,264 @@
+"""Published schemes, each a short composition of the combinators.
+
+A scheme is an ordered list of objectives; the last one is named ``"final"`` and scores the
+backbone's own classifier.
+
+>>> import mlaan_func as mf
+>>> net = mf.from_module(mf.models.resnet32())
+>>> [o.name for o in dgl(net, ["1.4", "2.4"], input_shape=(3, 32, 32))]
+['m0', 'm1', 'final']
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from torch import nn
+
+from . import heads, losses
+from .combinators import Objective, cascade, local_loss, split
+from .core import Net, from_module, output_shape
+from .losses import cross_entropy
+
+_PROBE_BATCH = 2
+
+
+def module_shapes(modules: Sequence[Net], input_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """The output shape (without batch) of each module in turn, for one input of ``input_shape``."""
+    shape, shapes = (_PROBE_BATCH, *input_shape), []
+    for m in modules:
+        shape = output_shape(m, shape)
+        shapes.append(tuple(shape[1:]))
+    return shapes
+
+
+def num_classes_of(backbone: Net, input_shape: Sequence[int]) -> int:
+    """The number of outputs of ``backbone``'s classifier."""
+    return output_shape(backbone, (_PROBE_BATCH, *input_shape))[-1]
+
+
+def classifier_head(kind: str, shape: Sequence[int], num_classes: int) -> nn.Module:
+    """An auxiliary classifier (``"linear"``, ``"dgl"`` or ``"dgl_wide"``) for a feature map
+    of ``shape`` = (C, H, W)."""
+    if len(shape) != 3:
+        raise ValueError(f"auxiliary heads take (C, H, W) feature maps, got a module output of shape {shape}")
+    channels, height, width = shape
+    if kind == "linear":
+        return heads.linear(channels, num_classes)
+    if kind == "dgl":
+        return heads.dgl(channels, num_classes, (height, width))
+    if kind == "dgl_wide":
+        return heads.dgl_wide(channels, num_classes)
+    raise ValueError(f"unknown head {kind!r}; choose 'linear', 'dgl' or 'dgl_wide'")
+
+
+def e2e(backbone: Net) -> list[Objective]:
+    """End-to-end training: one module, the backbone's own cross-entropy."""
+    return [local_loss(backbone, None, cross_entropy, name="final")]
+
+
+def dgl(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32),
+        head: str = "dgl") -> list[Objective]:
+    """DGL (Belilovsky et al.): module ``i < K-1`` trains on ``CE(head_i(E_i(sg h_{i-1})))``;
+    the last module on the backbone's classifier. ``at`` is the split (K = len(at) + 1)."""
+    modules = split(backbone, at)
+    shapes = module_shapes(modules, input_shape)
+    n = num_classes_of(backbone, input_shape)
+    objectives = [
+        local_loss(m, from_module(classifier_head(head, s, n), name=f"head{i}"), cross_entropy, name=f"m{i}")
+        for i, (m, s) in enumerate(zip(modules[:-1], shapes))
+    ]
+    objectives.append(local_loss(modules[-1], None, cross_entropy, name="final"))
+    return objectives
+
+
+HeadFactory = Callable[[int, Sequence[int]], tuple[nn.Module, Callable]]
+"""``(module index, feature shape) -> (head module, loss)``."""
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+DEFAULT_LAMBDAS = (5.0, 0.5, 0.0, 0.0)
+
+
+def _final_width(backbone: Net, input_shape: Sequence[int]) -> int:
+    features = Net(backbone.blocks[:-1]) if len(backbone.blocks) > 1 else backbone
+    return output_shape(features, (_PROBE_BATCH, *input_shape))[1]
+
+
+def _stage_fraction(name: str, stages: int = 3) -> float:
+    head = name.split(".")[0]
+    return (int(head) - 1) / max(stages - 1, 1) if head.isdigit() else 0.0
+
+
+def infopro_loss(i: int, modules: int, lambdas: Sequence[float], *, contrastive: bool,
+                 mean: Sequence[float], std: Sequence[float], stage_fraction: float | None = None):
+    """``λ1(i) · BCE(reconstruction) + λ2(i) · task`` for module ``i`` of ``modules``.
+
+    λ is interpolated by module (``r = i / max(K-2, 1)``) or, with ``stage_fraction``, by
+    stage as the released InfoPro+MLAAN code did.
+    """
+    ixx_1, ixy_1, ixx_2, ixy_2 = lambdas
+    if stage_fraction is None:
+        lam1, lam2 = losses.infopro_lambdas(i, modules, ixx_1, ixy_1, ixx_2, ixy_2)
+    else:
+        r = stage_fraction
+        lam1, lam2 = ixx_1 * (1 - r) + ixx_2 * r, ixy_1 * (1 - r) + ixy_2 * r
+    task = losses.supervised_contrastive(0.07) if contrastive else cross_entropy
+    return losses.weighted_sum((losses.reconstruction_bce(mean, std), lam1), (task, lam2))
+
+
+def infopro_head(shape: Sequence[int], num_classes: int, input_shape: Sequence[int], final_width: int,
+                 contrastive: bool) -> nn.Module:
+    """Decoder + classifier on a (C, H, W) feature map, for images of ``input_shape``."""
+    channels = shape[0]
+    return heads.infopro(channels, num_classes, input_shape[0], tuple(input_shape[1:]),
+                         final_width=channels == final_width, contrastive=contrastive)
+
+
+def infopro(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32),
+            lambdas: Sequence[float] | None = None, contrastive: bool = True,
+            mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD) -> list[Objective]:
+    """InfoPro (Wang et al.): module ``i < K-1`` trains on ``λ1·BCE(decoder(h_i), image) +
+    λ2·task(classifier(h_i))`` (task: supervised contrastive by default); the last module on
+    the backbone's classifier. ``lambdas = (ixx_1, ixy_1, ixx_2, ixy_2)``."""
+    modules = split(backbone, at)
+    shapes = module_shapes(modules, input_shape)
+    n, final = num_classes_of(backbone, input_shape), _final_width(backbone, input_shape)
+    lambdas = DEFAULT_LAMBDAS if lambdas is None else tuple(lambdas)
+    objectives = [
+        local_loss(m, from_module(infopro_head(s, n, input_shape, final, contrastive), name=f"head{i}"),
+                   infopro_loss(i, len(modules), lambdas, contrastive=contrastive, mean=mean, std=std),
+                   name=f"m{i}")
+        for i, (m, s) in enumerate(zip(modules[:-1], shapes))
+    ]
+    objectives.append(local_loss(modules[-1], None, cross_entropy, name="final"))
+    return objectives
+
+
+DEFAULT_WIDTH = {"mlaan": 2, "dgl_mlaan": 3, "infopro_mlaan": 3}
+
+
+def window_width(width: int | None, default: int, modules: int) -> int:
+    """W = min(default, K) when not given; an explicit W must lie in [1, K]."""
+    if width is None:
+        return min(default, modules)
+    if not 1 <= width <= modules:
+        raise ValueError(f"window width W={width} must lie in [1, K={modules}]: a window covers W "
+                         "consecutive modules; lower --window or raise --modules")
+    return width
+
+
+def multilaminar(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int], width: int,
+                 independent: HeadFactory, cascaded: HeadFactory,
+                 trunks: Sequence[Sequence[str]] | str | None = "rule", trunk_depth: int = 4,
+                 decay: float = 0.995, ema_update: str = "all",
+                 w_x: float = 0.001, w_y: float = 0.999) -> list[Objective]:
+    """MLAAN's objectives over any pair of head factories (DESIGN.md §2).
+
+    For each module ``W-1 ≤ i ≤ K-2``: a cascaded objective ``w_y · L(casc_head(trunk(
+    E_i ∘ … ∘ E_{i-W+1}(sg h_{i-W}))))`` and an independent one ``w_x · L(head(E_i(sg
+    h_{i-1})))``, as separate objectives so their graphs never coexist; then the final window
+    into the backbone's classifier. ``trunks``: ``"rule"`` (the leap-trunk rule), a table
+    (row ``i`` for the window ending at module ``i``), or ``None`` (MLM without LAM).
+    A factory is ``(i, feature shape) -> (head module, loss)``.
+    """
+    from .trunks import leap_trunk, leap_trunk_rule
+
+    modules = split(backbone, at)
+    k = len(modules)
+    if ema_update not in ("all", "last"):
+        raise ValueError(f"ema_update must be 'all' or 'last', got {ema_update!r}")
+    if isinstance(trunks, str) and trunks != "rule":
+        raise ValueError(f"trunks must be 'rule', a table (list of block lists) or None, got {trunks!r}")
+    if not isinstance(trunks, str) and trunks is not None and len(trunks) < k - 1:
+        raise ValueError(f"the trunk table has {len(trunks)} rows but {k} modules need {k - 1}")
+    shapes = module_shapes(modules, input_shape)
+    objectives: list[Objective] = []
+    for i in range(width - 1, k - 1):
+        window = cascade(*modules[i - width + 1:i + 1])
+        z_shape = shapes[i]
+        rows = [] if trunks is None else (
+            leap_trunk_rule(backbone.block_names, modules[i].output_name, trunk_depth)
+            if trunks == "rule" else list(trunks[i]))
+        if not rows:  # MLM without LAM, or a window that already ends at the last block
+            chain = None
+        else:
+            last = ema_update == "all" or i == k - 2
+            chain = leap_trunk(backbone, rows, f"trunk{i}", decay if last else 1.0,
+                               twin="twin" if ema_update == "all" else f"twin{i}",
+                               input_shape=(_PROBE_BATCH, *z_shape))
+            z_shape = output_shape(chain, (_PROBE_BATCH, *z_shape))[1:]
+        head, loss = cascaded(i, z_shape)
+        head_net = from_module(head, name=f"chead{i}")
+        objectives.append(local_loss(window, head_net if chain is None else cascade(chain, head_net),
+                                     loss, w_y, name=f"m{i}.cascaded"))
+        head, loss = independent(i, shapes[i])
+        objectives.append(local_loss(modules[i], from_module(head, name=f"head{i}"), loss, w_x,
+                                     name=f"m{i}.independent"))
+    objectives.append(local_loss(cascade(*modules[k - width:]), None, cross_entropy, name="final"))
+    return objectives
+
+
+def _ce_factory(kind: str, num_classes: int):
+    return lambda i, shape: (classifier_head(kind, shape, num_classes), cross_entropy)
+
+
+def mlaan(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32),
+          width: int | None = None, head: str = "linear", **options) -> list[Objective]:
+    """MLAAN with linear heads and CE on both paths (W = 2 by default)."""
+    n = num_classes_of(backbone, input_shape)
+    w = window_width(width, DEFAULT_WIDTH["mlaan"], len(at) + 1)
+    return multilaminar(backbone, at, input_shape=input_shape, width=w, independent=_ce_factory(head, n),
+                        cascaded=_ce_factory(head, n), **options)
+
+
+def dgl_mlaan(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32),
+              width: int | None = None, head: str = "dgl", **options) -> list[Objective]:
+    """DGL + MLAAN: DGL heads (or ``head="dgl_wide"``) and CE on both paths (W = 3 by default)."""
+    n = num_classes_of(backbone, input_shape)
+    w = window_width(width, DEFAULT_WIDTH["dgl_mlaan"], len(at) + 1)
+    return multilaminar(backbone, at, input_shape=input_shape, width=w, independent=_ce_factory(head, n),
+                        cascaded=_ce_factory(head, n), **options)
+
+
+def infopro_mlaan(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32),
+                  width: int | None = None, lambdas: Sequence[float] | None = None,
+                  lambda_by: str = "module", mean: Sequence[float] = CIFAR10_MEAN,
+                  std: Sequence[float] = CIFAR10_STD, **options) -> list[Objective]:
+    """InfoPro + MLAAN: decoder + classifier heads; λ1·BCE + λ2·SupCon on the independent
+    path, λ1·BCE + λ2·CE on the cascaded one (W = 3 by default). ``lambda_by="stage"``
+    interpolates λ by stage as the released code did."""
+    if lambda_by not in ("module", "stage"):
+        raise ValueError(f"lambda_by must be 'module' or 'stage', got {lambda_by!r}")
+    modules_k = len(at) + 1
+    n, final = num_classes_of(backbone, input_shape), _final_width(backbone, input_shape)
+    w = window_width(width, DEFAULT_WIDTH["infopro_mlaan"], modules_k)
+    lambdas = DEFAULT_LAMBDAS if lambdas is None else tuple(lambdas)
+    ends = list(at) + [backbone.block_names[-1]]
+
+    def factory(contrastive: bool):
+        def make(i: int, shape):
+            stage = _stage_fraction(ends[i]) if lambda_by == "stage" else None
+            return (infopro_head(shape, n, input_shape, final, contrastive),
+                    infopro_loss(i, modules_k, lambdas, contrastive=contrastive, mean=mean, std=std,
+                                 stage_fraction=stage))
+        return make
+
+    return multilaminar(backbone, at, input_shape=input_shape, width=w, independent=factory(True),
+                        cascaded=factory(False), **options)
+
+
+SCHEMES = ("e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan")
+
+
+def build(method: str, backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32),
+          **options) -> list[Objective]:
+    """A published scheme by name (``-`` or ``_``): e2e, dgl, infopro, mlaan, dgl_mlaan,
+    infopro_mlaan. ``e2e`` ignores ``at`` (it is always one module)."""
+    name = method.replace("-", "_").lower()
+    if name not in SCHEMES:
+        raise ValueError(f"unknown scheme {method!r}; choose one of {', '.join(SCHEMES)}")
+    if name == "e2e":
+        return e2e(backbone)
+    return {"dgl": dgl, "infopro": infopro, "mlaan": mlaan, "dgl_mlaan": dgl_mlaan,
+            "infopro_mlaan": infopro_mlaan}[name](backbone, at, input_shape=input_shape, **options)

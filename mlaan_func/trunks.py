@@ -1,0 +1,72 @@
+"""Leap trunks (MLAAN's LAM): which deeper blocks a trunk copies, and the trunk net itself.
+
+>>> names = ["stem"] + [f"{s}.{b}" for s in (1, 2, 3) for b in range(5)] + ["classifier"]
+>>> leap_trunk_rule(names, after="1.0")
+['2.0', '3.0', '3.2', '3.4']
+>>> leap_trunk_rule(names, after="3.1")
+['3.2', '3.3', '3.4']
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from torch import Tensor
+
+from .combinators import cascade, leap_ema
+from .core import Net, ShapeError, copy, output_shape
+
+
+def _stage_of(name: str) -> int | None:
+    head, _, tail = name.partition(".")
+    return int(head) if head.isdigit() and tail.isdigit() else None
+
+
+def leap_trunk_rule(block_names: Sequence[str], after: str, depth: int = 4) -> list[str]:
+    """The blocks a trunk copies after module-ending block ``after`` (DESIGN.md §2): the first
+    block of every later stage, then up to ``depth`` blocks in all from the remaining blocks
+    of the last stage after ``after``, spread evenly (positions ceil((j+1)·L/n) − 1)."""
+    staged = [n for n in block_names if _stage_of(n) is not None]
+    if after not in block_names:
+        raise ValueError(f"unknown block {after!r}; blocks are {list(block_names)}")
+    if not staged:
+        raise ValueError("the leap-trunk rule needs blocks named 'stage.block'; pass a trunk table")
+    later = staged[staged.index(after) + 1:] if after in staged else staged
+    last_stage = _stage_of(staged[-1])
+    firsts = [n for i, n in enumerate(later)
+              if (i == 0 or _stage_of(later[i - 1]) != _stage_of(n)) and
+              (i > 0 or after == "stem" or _stage_of(n) != _stage_of(after))]
+    candidates = [n for n in later if _stage_of(n) == last_stage and n not in firsts]
+    places = depth - len(firsts)
+    if places >= len(candidates):
+        chosen = candidates
+    elif places <= 0:
+        chosen = []
+    else:
+        chosen = [candidates[math.ceil((j + 1) * len(candidates) / places) - 1] for j in range(places)]
+    return [n for n in later if n in set(firsts) | set(chosen)]
+
+
+def leap_trunk(backbone: Net, blocks: Sequence[str], prefix: str, decay: float | Tensor,
+               *, twin: str = "twin", input_shape: Sequence[int] | None = None) -> Net:
+    """``cascade(leap_ema(copy(b0), b0), copy(b1), …)`` over the named backbone blocks.
+
+    With ``input_shape`` (batch included), checks that the blocks chain (channels, stride).
+    """
+    by_name = {b.name: b for b in backbone.blocks}
+    unknown = [b for b in blocks if b not in by_name]
+    if not blocks or unknown:
+        raise ValueError(f"a leap trunk needs known backbone blocks, got {list(blocks)}"
+                         + (f" (unknown: {unknown})" if unknown else ""))
+    first = Net((by_name[blocks[0]],))
+    trunk = cascade(leap_ema(copy(first, prefix), first, decay, twin=twin),
+                    *(copy(Net((by_name[b],)), prefix) for b in blocks[1:]))
+    if input_shape is not None:
+        try:
+            output_shape(trunk, input_shape)
+        except ShapeError as err:
+            raise ValueError(f"the leap trunk {list(blocks)} does not chain on an input of shape "
+                             f"{tuple(input_shape)}: {err}. Each block must take the previous one's "
+                             "channels and size; fix the trunk table.") from err
+    return trunk
