@@ -1,0 +1,132 @@
+"""Rematerialisation: an objective's gradients at the memory of one block.
+
+``remat(objective, every=n)`` runs the objective's chain (its net, then its head) forward
+without keeping a graph, storing only the input of every n-th block, then walks back segment
+by segment, recomputing each segment under ``torch.func.vjp`` just before its backward. The
+loss, gradients and new state are those of the plain objective: BatchNorm statistics come
+from the first (stored) forward and are never touched by a recomputation, and the random
+number generator is replayed so dropout draws the same masks.
+
+>>> import torch
+>>> from torch import nn
+>>> import mlaan_func as mf
+>>> net = mf.from_module(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+>>> obj = remat(mf.local_loss(net, None, mf.losses.cross_entropy, name="final"))
+>>> opt = mf.optim.sgd(0.1)
+>>> ts, _ = mf.step([obj], opt)(mf.init([obj], opt), (torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])))
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import attrs
+import torch
+from torch import Tensor
+from torch.func import vjp
+
+from .combinators import Objective
+from .core import Params, State
+
+
+def _rng_devices(x: Tensor) -> list[int]:
+    return [x.device.index or 0] if x.is_cuda else []
+
+
+def _run_segment(blocks: Sequence[Any], params: Params, state: State, x: Tensor,
+                 taps: dict[str, Tensor] | None = None) -> tuple[Tensor, State]:
+    updates: State = {}
+    for block in blocks:
+        x, new = block.apply(params, state, x, train=True)
+        updates.update(new)
+        if taps is not None and block.name in taps:
+            taps[block.name] = x
+    return x, updates
+
+
+def _segment_params(seg: Sequence[Any], params: Params) -> Params:
+    return {k: params[k] for b in seg for k in b.param_names if k in params}
+
+
+def remat_grad_fn(every: int = 1) -> Callable:
+    """A ``grad_fn`` factory for ``Objective``: see ``remat``."""
+    if every < 1:
+        raise ValueError(f"remat granularity must be a positive number of blocks, got {every}")
+
+    def factory(objective: Objective, taps: tuple[str, ...]) -> Callable:
+        blocks = objective.net.blocks + (objective.head.blocks if objective.head is not None else ())
+        segments = [blocks[i:i + every] for i in range(0, len(blocks), every)]
+        wanted = (*taps, objective.output_name)
+
+        def grad_and_value(params: Params, state: State, x: Tensor, batch: Any):
+            devices = _rng_devices(x)
+            inputs, rngs, updates = [], [], {}
+            outputs: dict[str, Tensor | None] = dict.fromkeys(wanted)
+            h = x
+            with torch.no_grad():
+                for seg in segments[:-1]:
+                    inputs.append(h)
+                    rngs.append(_rng_state(devices))
+                    h, new = _run_segment(seg, params, state, h, outputs)
+                    for k, v in new.items():
+                        updates.setdefault(k, v)
+
+            def last_fn(p: Params, inp: Tensor):
+                seg_taps = dict.fromkeys(wanted)
+                z, new = _run_segment(segments[-1], p, state, inp, seg_taps)
+                loss, metrics = objective.loss(z, batch)
+                seg_taps = {k: v for k, v in seg_taps.items() if v is not None}
+                return objective.weight * loss, (new, seg_taps, metrics)
+
+            last_params = _segment_params(segments[-1], params)
+            if len(segments) == 1:
+                loss, vjp_fn, (new, seg_taps, metrics) = vjp(lambda p: last_fn(p, h), last_params, has_aux=True)
+                (grads,), cotangent = vjp_fn(torch.ones_like(loss)), None
+            else:
+                loss, vjp_fn, (new, seg_taps, metrics) = vjp(last_fn, last_params, h, has_aux=True)
+                grads, cotangent = vjp_fn(torch.ones_like(loss))
+            grads = dict(grads)
+            for k, v in new.items():
+                updates.setdefault(k, v)
+            outputs.update(seg_taps)
+            for j in range(len(segments) - 2, -1, -1):
+                seg, inp = segments[j], inputs[j]
+                seg_params = _segment_params(seg, params)
+                with torch.random.fork_rng(devices=devices):
+                    _set_rng_state(rngs[j], devices)
+                    if j == 0:
+                        _, seg_vjp = vjp(lambda p: _run_segment(seg, p, state, inp)[0], seg_params)
+                    else:
+                        _, seg_vjp = vjp(lambda p, i: _run_segment(seg, p, state, i)[0], seg_params, inp)
+                if j == 0:
+                    (seg_grads,) = seg_vjp(cotangent)
+                else:
+                    seg_grads, cotangent = seg_vjp(cotangent)
+                for k, g in seg_grads.items():
+                    grads[k] = grads[k] + g if k in grads else g
+            aux = ({k: v.detach() for k, v in updates.items()},
+                   {k: v.detach() for k, v in outputs.items() if v is not None},
+                   {k: v.detach() for k, v in metrics.items()})
+            return grads, (loss.detach(), aux)
+
+        return grad_and_value
+
+    return factory
+
+
+def _rng_state(devices: list[int]):
+    cpu = torch.get_rng_state()
+    cuda = [torch.cuda.get_rng_state(d) for d in devices]
+    return cpu, cuda
+
+
+def _set_rng_state(state, devices: list[int]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for d, s in zip(devices, cuda):
+        torch.cuda.set_rng_state(s, d)
+
+
+def remat(objective: Objective, every: int = 1) -> Objective:
+    """The same objective, differentiated by rematerialisation every ``every`` blocks."""
+    return attrs.evolve(objective, grad_fn=remat_grad_fn(every))
