@@ -107,11 +107,17 @@ def objective_fn(objective: Objective, taps: tuple[str, ...] = ()) -> Callable:
         loss, updates, outputs, metrics = objective.forward(params, state, x, batch, train=True, taps=taps)
         return loss, (updates, outputs, metrics)
 
-    # A code object of its own per objective, so torch.compile keeps a separate cache for
-    # each and distinct objectives never count against one another's recompile limit.
-    code = objective_loss.__code__.replace(co_name=f"objective_loss_{abs(hash(objective.name))}")
-    return types.FunctionType(code, objective_loss.__globals__, code.co_name,
-                              objective_loss.__defaults__, objective_loss.__closure__)
+    return objective_loss
+
+
+def _own_code(fn: Callable, label: str) -> Callable:
+    """``fn`` behind a code object of its own, so that ``torch.compile`` keeps a separate
+    cache for it: distinct objectives never count against one another's recompile limit."""
+    def call(*args):
+        return fn(*args)
+
+    code = call.__code__.replace(co_name=f"objective_{label}")
+    return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
 
 
 def gradient_fns(objectives: Sequence[Objective], routes: Sequence[Route], *, compile: bool = False,
@@ -127,7 +133,7 @@ def gradient_fns(objectives: Sequence[Objective], routes: Sequence[Route], *, co
             fn = o.grad_fn(o, r.taps)
         else:
             fn = grad_and_value(objective_fn(o, r.taps), has_aux=True)
-        fns.append(torch.compile(fn, backend=backend) if compile else fn)
+        fns.append(torch.compile(_own_code(fn, str(len(fns))), backend=backend) if compile else fn)
     return fns
 
 
