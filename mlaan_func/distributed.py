@@ -1,0 +1,330 @@
+"""Scale-out on ``torch.distributed``: data parallel and module parallel training steps.
+
+Both return a step with the signature of ``mlaan_func.step`` and keep every rank's
+``TrainState`` identical, so any rank can save it (rank 0 does).
+
+* ``data_parallel_step``: each rank runs the whole scheme on its shard of the global batch;
+  the summed gradient dict is averaged over ranks in flat buckets (one collective per dtype
+  and bucket, not one per tensor), BatchNorm statistics are averaged, and the pure optimizer
+  update and the EMA twins then agree on every rank. Equals one process that treats each
+  shard as its own BatchNorm batch and averages the shards' gradients.
+* ``module_parallel_step``: each rank owns a contiguous run of modules and runs the
+  objectives that end in them; module boundaries flow forward rank to rank (``send`` /
+  ``recv``) one micro-batch at a time, so rank r works on micro-batch m while rank r+1
+  works on m-1. Gradients that a window loss sends into modules of an earlier rank, and
+  the parameters that EMA twins follow on later ranks, travel in the one bucketed
+  all-reduce per step that keeps the (small) parameter replicas equal. Synchronous:
+  equals one process running the same micro-batches in sequence and averaging their
+  gradients — no staleness.
+
+>>> import mlaan_func.distributed as dist_mf
+>>> dist_mf.assign_modules(5, 2)
+[0, 0, 0, 1, 1]
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .combinators import Objective
+from .core import INPUT, Params, State
+from .engine import (NonFiniteLossError, TrainState, _as_batch, after_steps, gradient_fns,
+                     plan_routes, scheme_names)
+from .losses import Batch
+from .optim import Optimizer, apply_updates
+
+BUCKET_BYTES = 25 * 2**20
+
+
+class DistributedError(RuntimeError):
+    """A collective failed or timed out: a rank died, hangs, or runs another configuration."""
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 120.0) -> tuple[int, int]:
+    """Join the process group ``torchrun`` describes (gloo on CPU, NCCL on CUDA) with a
+    timeout on every collective; returns ``(rank, world_size)``."""
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _guard(what: str, fn: Callable, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as err:
+        raise DistributedError(
+            f"{what} failed on rank {dist.get_rank()}: {err}. A rank died, hangs, or was started "
+            "with another configuration; check every rank's log (torchrun prints which exited)."
+        ) from err
+
+
+def check_same_config(config: dict, group=None) -> None:
+    """Raise ``DistributedError`` unless every rank passes the same ``config``."""
+    configs: list[Any] = [None] * dist.get_world_size(group)
+    _guard("comparing configurations", dist.all_gather_object, configs, config, group=group)
+    for r, other in enumerate(configs):
+        if other != config:
+            diff = sorted(k for k in set(config) | set(other) if config.get(k) != other.get(k))
+            raise DistributedError(f"rank {r} runs another configuration than rank {dist.get_rank()} "
+                                   f"(differs in {diff}); start every rank with the same flags")
+
+
+def all_reduce_tree(tensors: dict[str, Tensor], op=dist.ReduceOp.SUM, group=None,
+                    bucket_bytes: int = BUCKET_BYTES) -> dict[str, Tensor]:
+    """All-reduce a dict of tensors in flat buckets (one collective per dtype and bucket);
+    returns new tensors, the inputs are left as they were."""
+    out: dict[str, Tensor] = {}
+    by_dtype: dict[tuple, list[str]] = {}
+    for k, v in tensors.items():
+        by_dtype.setdefault((v.dtype, v.device), []).append(k)
+    for keys in by_dtype.values():
+        bucket: list[str] = []
+        size = 0
+        for k in keys + [None]:
+            if k is not None:
+                bucket.append(k)
+                size += tensors[k].numel() * tensors[k].element_size()
+            if bucket and (k is None or size >= bucket_bytes):
+                flat = torch.cat([tensors[b].reshape(-1) for b in bucket])
+                _guard("all-reduce", dist.all_reduce, flat, op=op, group=group)
+                offset = 0
+                for b in bucket:
+                    n = tensors[b].numel()
+                    out[b] = flat[offset:offset + n].view_as(tensors[b])
+                    offset += n
+                bucket, size = [], 0
+    return {k: out[k] for k in tensors}
+
+
+def _finish_step(ts: TrainState, grads: Params, state: State, finite: Tensor, losses: dict,
+                 metrics: dict, optimizer: Optimizer, post, check_finite: bool):
+    if check_finite and not bool(finite):
+        raise NonFiniteLossError(f"non-finite loss on some rank at step {int(ts.step)}; nothing was "
+                                 "updated. Lower the learning rate or add gradient clipping.")
+    updates, opt_state = optimizer.update({k: grads[k] for k in ts.params}, ts.opt_state, ts.params)
+    params = apply_updates(ts.params, updates)
+    for a in post:
+        state = a.fn(params, state)
+    metrics = {n: {**m, "weighted_loss": losses[n]} for n, m in metrics.items()}
+    return TrainState(params, state, opt_state, ts.step + 1), metrics
+
+
+def shard(batch: Any, rank: int, world: int) -> Batch:
+    """Rank ``rank``'s contiguous share of a global batch (sizes must divide evenly)."""
+    batch = _as_batch(batch)
+    n = batch.y.shape[0]
+    if n % world:
+        raise ValueError(f"the global batch of {n} does not split evenly over {world} ranks; "
+                         "choose a batch size divisible by the number of processes")
+    per = n // world
+    return Batch(batch.x[rank * per:(rank + 1) * per], batch.y[rank * per:(rank + 1) * per])
+
+
+def data_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, *, group=None,
+                       compile: bool = False, backend: str = "inductor", check_finite: bool = True):
+    """A data-parallel training step over the global batch: ``(ts, (x, y)) -> (ts, metrics)``.
+
+    Every rank passes the same global batch (or its own shard with ``sharded=True`` in the
+    call); see the module docstring for what is averaged.
+    """
+    from .engine import gradients
+
+    grad_step = gradients(objectives, compile=compile, backend=backend)
+    post = after_steps(objectives)
+
+    def train_step(ts: TrainState, batch: Any, *, sharded: bool = False):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        local = _as_batch(batch) if sharded else shard(batch, rank, world)
+        g = grad_step(ts, local)
+        grads = all_reduce_tree(g.grads, group=group)
+        grads = {k: v / world for k, v in grads.items()}
+        floats = {k: v for k, v in g.state.items() if v.is_floating_point()}
+        state = {**g.state, **{k: v / world for k, v in all_reduce_tree(floats, group=group).items()}}
+        finite = all_reduce_tree({"f": g.finite.to(torch.int64).reshape(1)}, op=dist.ReduceOp.MIN,
+                                 group=group)["f"].bool()[0]
+        return _finish_step(ts, grads, state, finite, g.losses, g.metrics, optimizer, post, check_finite)
+
+    return train_step
+
+
+def assign_modules(modules: int, ranks: int, costs: Sequence[float] | None = None) -> list[int]:
+    """The rank of each module: contiguous runs of near-equal cost (default: equal)."""
+    if ranks > modules:
+        raise ValueError(f"{ranks} ranks but only {modules} modules: module parallelism needs at "
+                         "least one module per rank; use fewer processes or more --modules")
+    costs = list(costs) if costs is not None else [1.0] * modules
+    total, owner, acc = sum(costs), [], 0.0
+    for i, c in enumerate(costs):
+        r = min(int(acc / total * ranks + 1e-9), ranks - 1)
+        r = max(r, ranks - (modules - i))  # leave at least one module for every later rank
+        if owner and r < owner[-1]:
+            r = owner[-1]
+        owner.append(r)
+        acc += c
+    return owner
+
+
+def balanced_owner(objectives: Sequence[Objective], module_ends: Sequence[str], ranks: int) -> list[int]:
+    """Module owners balancing the blocks each rank's objectives run (a window's cost falls
+    on the module it ends in)."""
+    index = {end: i for i, end in enumerate(module_ends)}
+    costs = [0.0] * len(module_ends)
+    for o in objectives:
+        if o.output_name in index:
+            costs[index[o.output_name]] += sum(len(n.blocks) for n in o.nets)
+    return assign_modules(len(module_ends), ranks, [c or 1e-3 for c in costs])
+
+
+class ModulePlan(NamedTuple):
+    """Which objectives each rank runs and which boundaries it receives and sends on."""
+
+    rank_of_objective: list[int]
+    receives: list[list[str]]
+    sends: list[list[str]]
+
+
+def plan_modules(objectives: Sequence[Objective], module_ends: Sequence[str], owner: Sequence[int],
+                 ranks: int) -> ModulePlan:
+    """Objectives run on the rank that owns the module their net ends in."""
+    routes = plan_routes(objectives)
+    rank_of_end = {end: owner[i] for i, end in enumerate(module_ends)}
+    rank_of_obj, produced = [], [set() for _ in range(ranks)]
+    for o, route in zip(objectives, routes):
+        if o.output_name not in rank_of_end:
+            raise ValueError(f"objective {o.name!r} does not end at a module boundary; module "
+                             "parallelism needs each objective's net to end where a module ends")
+        r = rank_of_end[o.output_name]
+        rank_of_obj.append(r)
+        produced[r] |= {o.output_name, *route.taps}
+    needs = [set() for _ in range(ranks)]
+    for o, r in zip(objectives, rank_of_obj):
+        if o.input_name != INPUT and o.input_name not in produced[r]:
+            needs[r].add(o.input_name)
+    receives = [set() for _ in range(ranks)]
+    for r in range(ranks):
+        for name in needs[r]:
+            src = next(q for q in range(r - 1, -1, -1) if name in produced[q])
+            for q in range(src + 1, r + 1):
+                receives[q].add(name)
+    sends = [sorted(receives[r + 1]) if r + 1 < ranks else [] for r in range(ranks)]
+    return ModulePlan(rank_of_obj, [sorted(x) for x in receives], sends)
+
+
+def _gather_metrics(objectives, losses, metrics, group):
+    """Every objective's loss (and accuracy, where it has one) on every rank; each rank ran
+    only its own objectives."""
+    flat = {}
+    for o in objectives:
+        mine = metrics.get(o.name, {})
+        flat[f"{o.name}/weighted_loss"] = torch.as_tensor(losses.get(o.name, 0.0), dtype=torch.float32)
+        flat[f"{o.name}/loss"] = torch.as_tensor(mine.get("loss", 0.0), dtype=torch.float32)
+        flat[f"{o.name}/accuracy"] = torch.as_tensor(mine.get("accuracy", 0.0), dtype=torch.float32)
+        flat[f"{o.name}/has_accuracy"] = torch.tensor(float("accuracy" in mine))
+    flat = {k: v[0] for k, v in all_reduce_tree({k: v.reshape(1) for k, v in flat.items()}, group=group).items()}
+    gathered = {}
+    for o in objectives:
+        gathered[o.name] = {"loss": flat[f"{o.name}/loss"]}
+        if bool(flat[f"{o.name}/has_accuracy"]):
+            gathered[o.name]["accuracy"] = flat[f"{o.name}/accuracy"]
+    return {o.name: flat[f"{o.name}/weighted_loss"] for o in objectives}, gathered
+
+
+def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, module_ends: Sequence[str],
+                         *, micro_batches: int = 4, owner: Sequence[int] | None = None, group=None,
+                         check_finite: bool = True, stats: dict | None = None):
+    """A module-parallel, synchronous step; ``module_ends`` names each module's last block
+    (``[m.output_name for m in split(net, at)]``). ``stats``, when given, receives this
+    rank's busy and waiting seconds."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    owner = list(owner) if owner is not None else balanced_owner(objectives, module_ends, world)
+    plan = plan_modules(objectives, module_ends, owner, world)
+    mine = [i for i, r in enumerate(plan.rank_of_objective) if r == rank]
+    routes = plan_routes(objectives)
+    fns = gradient_fns(objectives, routes)
+    param_keys, _ = scheme_names(objectives)
+    post = after_steps(objectives)
+    first_writer: dict[str, int] = {}
+    for i, o in enumerate(objectives):
+        for k in o.state_names:
+            first_writer.setdefault(k, plan.rank_of_objective[i])
+    shapes: dict[str, tuple] = {}
+
+    def train_step(ts: TrainState, batch: Any):
+        batch = _as_batch(batch)
+        n = batch.y.shape[0]
+        if n % micro_batches:
+            raise ValueError(f"the batch of {n} does not split into {micro_batches} equal micro-batches")
+        per = n // micro_batches
+        grads: Params = {}
+        state = dict(ts.state)
+        losses: dict[str, Tensor] = {}
+        metrics: dict[str, dict[str, Tensor]] = {}
+        finite = torch.ones((), dtype=torch.bool)
+        busy = wait = 0.0
+        pending: list = []
+        for m in range(micro_batches):
+            mb = Batch(batch.x[m * per:(m + 1) * per], batch.y[m * per:(m + 1) * per])
+            acts: dict[str, Tensor] = {INPUT: mb.x}
+            tic = time.perf_counter()
+            for name in plan.receives[rank]:
+                if name not in shapes:
+                    shape = torch.zeros(8, dtype=torch.int64)
+                    _guard(f"receiving the shape of {name!r}", dist.recv, shape, rank - 1, group=group)
+                    shapes[name] = tuple(int(s) for s in shape[1:1 + int(shape[0])])
+                buf = torch.empty(shapes[name], dtype=mb.x.dtype, device=mb.x.device)
+                _guard(f"receiving {name!r}", dist.recv, buf, rank - 1, group=group)
+                acts[name] = buf
+            wait += time.perf_counter() - tic
+            tic = time.perf_counter()
+            updates: State = {}
+            for i in mine:
+                o = objectives[i]
+                p = {k: ts.params[k] for k in o.param_names}
+                g, (loss, (new, outputs, met)) = fns[i](p, state, acts[o.input_name], mb)
+                for k, v in g.items():
+                    grads[k] = grads[k] + v if k in grads else v
+                for k, v in new.items():
+                    if first_writer[k] == rank:
+                        updates.setdefault(k, v)
+                for name, out in outputs.items():
+                    acts.setdefault(name, out)
+                losses[o.name] = losses.get(o.name, 0) + loss / micro_batches
+                metrics[o.name] = {k: metrics.get(o.name, {}).get(k, 0) + v / micro_batches for k, v in met.items()}
+                finite = finite & torch.isfinite(loss)
+            state.update(updates)
+            busy += time.perf_counter() - tic
+            for name in plan.sends[rank]:
+                t = acts[name].contiguous()
+                if name not in shapes:
+                    shape = torch.zeros(8, dtype=torch.int64)
+                    shape[0] = t.ndim
+                    shape[1:1 + t.ndim] = torch.tensor(t.shape)
+                    shapes[name] = tuple(t.shape)
+                    _guard(f"sending the shape of {name!r}", dist.send, shape, rank + 1, group=group)
+                pending.append((_guard(f"sending {name!r}", dist.isend, t, rank + 1, group=group), t))
+        tic = time.perf_counter()
+        for req, _ in pending:
+            _guard("waiting for a send", req.wait)
+        full = {k: grads[k] / micro_batches if k in grads else torch.zeros_like(ts.params[k]) for k in param_keys}
+        full = all_reduce_tree(full, group=group)
+        owned = {k: (v if first_writer.get(k) == rank else torch.zeros_like(v)) for k, v in state.items()
+                 if k in first_writer}
+        synced = all_reduce_tree(owned, group=group)
+        state = {**state, **synced}
+        finite = all_reduce_tree({"f": finite.to(torch.int64).reshape(1)}, op=dist.ReduceOp.MIN,
+                                 group=group)["f"].bool()[0]
+        losses, metrics = _gather_metrics(objectives, losses, metrics, group)
+        wait += time.perf_counter() - tic
+        if stats is not None:
+            stats["busy_s"] = stats.get("busy_s", 0.0) + busy
+            stats["wait_s"] = stats.get("wait_s", 0.0) + wait
+        return _finish_step(ts, full, state, finite, losses, metrics, optimizer, post, check_finite)
+
+    return train_step

@@ -1,0 +1,143 @@
+"""Data- and module-parallel steps on 2-3 gloo processes on 127.0.0.1 equal one process."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import mlaan_func as mf
+from mlaan_func import distributed as mfd
+from mlaan_func import testing as mt
+
+sys.path.insert(0, os.path.dirname(__file__))
+import dist_worker as w  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world, mode, method, out, steps=2, die=False, timeout=120):
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(port), mode, method, str(out),
+                               str(steps), "1" if die else "0"], env=env, stderr=subprocess.PIPE)
+             for r in range(world)]
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"distributed run did not finish in {timeout}s")
+    return procs
+
+
+def data_parallel_reference(method, world, steps=2):
+    _, objectives = w.scheme(method)
+    opt = w.optimizer()
+    ts = mf.init(objectives, opt, seed=0)
+    grads_of = mf.gradients(objectives)
+    post = mf.engine.after_steps(objectives)
+    for x, y in w.batches(steps):
+        parts = [grads_of(ts, mfd.shard((x, y), r, world)) for r in range(world)]
+        grads = {k: sum(p.grads[k] for p in parts) / world for k in ts.params}
+        state = {k: (sum(p.state[k] for p in parts) / world if v.is_floating_point() else parts[0].state[k])
+                 for k, v in ts.state.items()}
+        updates, opt_state = opt.update(grads, ts.opt_state, ts.params)
+        params = mf.optim.apply_updates(ts.params, updates)
+        for a in post:
+            state = a.fn(params, state)
+        ts = mf.TrainState(params, state, opt_state, ts.step + 1)
+    return ts
+
+
+def micro_batch_reference(method, micro, steps=2):
+    _, objectives = w.scheme(method)
+    opt = w.optimizer()
+    ts = mf.init(objectives, opt, seed=0)
+    grads_of = mf.gradients(objectives)
+    post = mf.engine.after_steps(objectives)
+    for x, y in w.batches(steps):
+        per = len(y) // micro
+        state, total = ts.state, None
+        for m in range(micro):
+            g = grads_of(ts._replace(state=state), (x[m * per:(m + 1) * per], y[m * per:(m + 1) * per]))
+            state = g.state
+            total = g.grads if total is None else {k: total[k] + g.grads[k] for k in total}
+        grads = {k: v / micro for k, v in total.items()}
+        updates, opt_state = opt.update(grads, ts.opt_state, ts.params)
+        params = mf.optim.apply_updates(ts.params, updates)
+        for a in post:
+            state = a.fn(params, state)
+        ts = mf.TrainState(params, state, opt_state, ts.step + 1)
+    return ts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dgl", "mlaan"])
+def test_data_parallel_equals_one_process(tmp_path, method):
+    out = tmp_path / "dp.pt"
+    procs = launch(2, "data", method, out)
+    assert all(p.returncode == 0 for p in procs), [p.stderr.read().decode()[-2000:] for p in procs]
+    got, want = mf.load(out), data_parallel_reference(method, 2)
+    mt.assert_close(got.params, want.params, 1e-4, "params")
+    mt.assert_close(got.state, want.state, 1e-4, "state")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, world", [("dgl", 2), ("mlaan", 3), ("dgl_mlaan", 2)])
+def test_module_parallel_equals_micro_batches_in_sequence(tmp_path, method, world):
+    out = tmp_path / "mp.pt"
+    procs = launch(world, "modules", method, out)
+    assert all(p.returncode == 0 for p in procs), [p.stderr.read().decode()[-2000:] for p in procs]
+    got, want = mf.load(out), micro_batch_reference(method, 3)
+    mt.assert_close(got.params, want.params, 1e-4, "params")
+    mt.assert_close(got.state, want.state, 1e-4, "state")
+
+
+@pytest.mark.slow
+def test_a_dead_rank_is_reported_within_the_timeout(tmp_path):
+    out = tmp_path / "dead.pt"
+    t0 = time.time()
+    launch(2, "modules", "dgl", out, steps=3, die=True, timeout=90)
+    assert time.time() - t0 < 60
+    errors = list(tmp_path.glob("dead.pt.error*"))
+    assert errors and "rank" in errors[0].read_text()
+
+
+def test_plan_assigns_contiguous_modules_and_refuses_too_many_ranks():
+    assert mfd.assign_modules(5, 2) == [0, 0, 0, 1, 1]
+    assert mfd.assign_modules(3, 3) == [0, 1, 2]
+    assert mfd.assign_modules(4, 2, costs=[3, 1, 1, 1]) == [0, 1, 1, 1]
+    with pytest.raises(ValueError, match="at least one module per rank"):
+        mfd.assign_modules(2, 3)
+
+
+def test_plan_routes_window_inputs_across_ranks():
+    net, objectives = w.scheme("dgl_mlaan")
+    ends = [m.output_name for m in mf.split(net, w.AT)]
+    plan = mfd.plan_modules(objectives, ends, [0, 0, 0, 1, 1], 2)
+    assert plan.rank_of_objective == [0, 0, 1, 1, 1]
+    assert plan.receives == [[], ["1.0", "1.1", "2.0"]] and plan.sends[0] == plan.receives[1]
+
+
+def test_default_owner_balances_the_work_of_objectives():
+    net, objectives = w.scheme("dgl_mlaan")
+    ends = [m.output_name for m in mf.split(net, w.AT)]
+    owner = mfd.balanced_owner(objectives, ends, 2)
+    assert owner[0] == 0 and owner[-1] == 1 and 0 in owner[:3]
+
+
+def test_uneven_shards_are_refused():
+    with pytest.raises(ValueError, match="divisible"):
+        mfd.shard((torch.zeros(5, 3), torch.zeros(5)), 0, 2)
