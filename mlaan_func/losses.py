@@ -1,0 +1,171 @@
+"""Local losses: pure ``loss(output, batch) -> (loss, metrics)``.
+
+``loss`` is a 0-d tensor; ``metrics`` maps names to detached 0-d tensors (never Python
+numbers, so a compiled step never syncs). ``batch`` is a ``Batch(x, y)``: the normalised
+images and their int64 labels.
+
+>>> import torch
+>>> batch = Batch(torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]))
+>>> loss, metrics = cross_entropy(torch.tensor([[2.0, 0.0], [2.0, 0.0]]), batch)
+>>> sorted(metrics), float(metrics["accuracy"])
+(['accuracy', 'loss'], 0.5)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+Metrics = dict[str, Tensor]
+LossFn = Callable[[object, "Batch"], tuple[Tensor, Metrics]]
+
+
+class Batch(NamedTuple):
+    """One batch: normalised images ``x`` (N, C, H, W) and int64 labels ``y`` (N,)."""
+
+    x: Tensor
+    y: Tensor
+
+
+def _check_rows(output: Tensor, y: Tensor, what: str) -> None:
+    if output.dim() != 2:
+        raise ValueError(f"{what} takes (N, features) outputs, got shape {tuple(output.shape)}")
+    if output.shape[0] != y.shape[0]:
+        raise ValueError(f"{what}: {output.shape[0]} outputs but {y.shape[0]} labels")
+
+
+def cross_entropy(output: Tensor, batch: Batch) -> tuple[Tensor, Metrics]:
+    """Mean cross-entropy of logits ``output`` (N, n); metrics ``loss`` and ``accuracy``.
+
+    >>> loss, m = cross_entropy(torch.zeros(4, 10), Batch(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)))
+    >>> round(float(loss), 4)
+    2.3026
+    """
+    _check_rows(output, batch.y, "cross_entropy")
+    loss = F.cross_entropy(output, batch.y)
+    accuracy = (output.detach().argmax(dim=1) == batch.y).to(output.dtype).mean()
+    return loss, {"loss": loss.detach(), "accuracy": accuracy}
+
+
+def reconstruction_bce(mean: Sequence[float], std: Sequence[float]) -> LossFn:
+    """BCE between a sigmoid image and the de-normalised input ``(x·std + mean).clamp(0, 1)``;
+    ``mean`` and ``std`` are per channel. Metrics ``loss``.
+
+    >>> bce = reconstruction_bce([0.5], [0.5])
+    >>> loss, _ = bce(torch.full((2, 1, 3, 3), 0.5), Batch(torch.zeros(2, 1, 3, 3), torch.zeros(2, dtype=torch.long)))
+    >>> round(float(loss), 4)
+    0.6931
+    """
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if not mean or len(mean) != len(std):
+        raise ValueError(f"mean and std need one value per channel, got {len(mean)} and {len(std)}")
+    if min(std) <= 0:
+        raise ValueError(f"std must be positive, got {std}")
+
+    def reconstruction_bce(output: Tensor, batch: Batch) -> tuple[Tensor, Metrics]:
+        x = batch.x
+        if output.shape != x.shape:
+            raise ValueError(f"reconstruction_bce: reconstruction of shape {tuple(output.shape)} "
+                             f"for images of shape {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[1] != len(mean):
+            raise ValueError(f"reconstruction_bce: images of shape {tuple(x.shape)} for "
+                             f"{len(mean)}-channel mean and std")
+        m = rearrange(torch.tensor(mean, dtype=x.dtype, device=x.device), "c -> 1 c 1 1")
+        s = rearrange(torch.tensor(std, dtype=x.dtype, device=x.device), "c -> 1 c 1 1")
+        loss = F.binary_cross_entropy(output, (x * s + m).clamp(0, 1))
+        return loss, {"loss": loss.detach()}
+
+    return reconstruction_bce
+
+
+def supervised_contrastive(temperature: float = 0.07) -> LossFn:
+    """Supervised contrastive loss (Khosla et al. 2020, as InfoPro used it).
+
+    Features are L2-normalised here; each anchor's log-softmax over all other samples is
+    averaged over its positives (same label, not itself), then over the anchors that have a
+    positive (0 when none has). Equals Khosla's loss with ``base_temperature = temperature``.
+    Metrics ``loss``.
+
+    >>> supcon = supervised_contrastive(0.05)
+    >>> y = torch.tensor([0, 0, 1, 1])
+    >>> loss, _ = supcon(torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]]), Batch(torch.zeros(4, 1, 1, 1), y))
+    >>> bool(loss.abs() < 1e-6)  # positives aligned, negatives orthogonal
+    True
+    """
+    temperature = float(temperature)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+    def supervised_contrastive(output: Tensor, batch: Batch) -> tuple[Tensor, Metrics]:
+        y = batch.y
+        _check_rows(output, y, "supervised_contrastive")
+        f = F.normalize(output, dim=1)
+        n = f.shape[0]
+        self_mask = torch.eye(n, dtype=torch.bool, device=f.device)
+        # a finite fill keeps a lone sample (n = 1) free of NaN in value and gradient
+        logits = (f @ f.T / temperature).masked_fill(self_mask, torch.finfo(f.dtype).min)
+        log_prob = logits.log_softmax(dim=1)
+        positive = (y[:, None] == y[None, :]) & ~self_mask
+        count = positive.sum(dim=1)
+        mean_pos = torch.where(positive, log_prob, 0.0).sum(dim=1) / count.clamp(min=1)
+        has_pos = (count > 0).to(f.dtype)
+        loss = -(mean_pos * has_pos).sum() / has_pos.sum().clamp(min=1)
+        return loss, {"loss": loss.detach()}
+
+    return supervised_contrastive
+
+
+def weighted_sum(*pairs: tuple[LossFn, float | Tensor]) -> LossFn:
+    """``Σ_k w_k · loss_k(output[k], batch)`` over a tuple output.
+
+    Metrics: each part's under ``"<k>.<name>"``, ``loss`` = the weighted total, and
+    ``accuracy`` passed through from the first part that reports one.
+
+    >>> fn = weighted_sum((cross_entropy, 0.5), (cross_entropy, 2.0))
+    >>> b = Batch(torch.zeros(2, 1, 1, 1), torch.tensor([0, 1]))
+    >>> loss, m = fn((torch.zeros(2, 3), torch.zeros(2, 3)), b)
+    >>> sorted(m)
+    ['0.accuracy', '0.loss', '1.accuracy', '1.loss', 'accuracy', 'loss']
+    """
+    if not pairs:
+        raise ValueError("weighted_sum needs at least one (loss_fn, weight) pair")
+    for k, pair in enumerate(pairs):
+        if not (isinstance(pair, tuple) and len(pair) == 2 and callable(pair[0])):
+            raise ValueError(f"weighted_sum: part {k} must be a pair (loss_fn, weight), got {pair!r}")
+    pairs = tuple(pairs)
+
+    def weighted_sum(output: Sequence[Tensor], batch: Batch) -> tuple[Tensor, Metrics]:
+        if not isinstance(output, (tuple, list)) or len(output) != len(pairs):
+            got = f"a {len(output)}-tuple" if isinstance(output, (tuple, list)) else type(output).__name__
+            raise ValueError(f"weighted_sum of {len(pairs)} losses needs a {len(pairs)}-tuple output, got {got}")
+        total, metrics = None, {}
+        for k, ((fn, weight), out) in enumerate(zip(pairs, output)):
+            loss, part = fn(out, batch)
+            total = weight * loss if total is None else total + weight * loss
+            metrics.update({f"{k}.{name}": v for name, v in part.items()})
+            if "accuracy" in part and "accuracy" not in metrics:
+                metrics["accuracy"] = part["accuracy"]
+        metrics["loss"] = total.detach()
+        return total, metrics
+
+    return weighted_sum
+
+
+def infopro_lambdas(i: int, num_modules: int, ixx_1: float, ixy_1: float, ixx_2: float,
+                    ixy_2: float) -> tuple[float, float]:
+    """InfoPro's weights ``(λ1, λ2)`` for module ``i`` of ``num_modules`` (K):
+    with ``r = i / max(K-2, 1)``, ``λ1 = ixx_1·(1-r) + ixx_2·r``, ``λ2 = ixy_1·(1-r) + ixy_2·r``.
+
+    >>> infopro_lambdas(0, 4, 5.0, 0.5, 0.0, 0.0), infopro_lambdas(2, 4, 5.0, 0.5, 0.0, 0.0)
+    ((5.0, 0.5), (0.0, 0.0))
+    """
+    if isinstance(num_modules, bool) or not isinstance(num_modules, int) or num_modules < 1:
+        raise ValueError(f"num_modules must be a positive int, got {num_modules!r}")
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_modules:
+        raise ValueError(f"module index must be an int in [0, {num_modules}), got {i!r}")
+    r = i / max(num_modules - 2, 1)
+    return float(ixx_1 * (1 - r) + ixx_2 * r), float(ixy_1 * (1 - r) + ixy_2 * r)
