@@ -19,6 +19,15 @@ sides = st.integers(1, 12)
 seeds = st.integers(0, 2**31 - 1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These ops are tiny: intra-op threads only spin, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 
