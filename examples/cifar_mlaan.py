@@ -1,0 +1,401 @@
+"""Train a CIFAR ResNet with any local-learning scheme: the main job of mlaan_func.
+
+    python examples/cifar_mlaan.py --dataset fashion-mnist --method dgl-mlaan --modules 4 \\
+        --epochs 1 --max-steps 100 --out runs/quick
+
+Defaults reproduce the paper's CIFAR-10 recipe (SGD + Nesterov, lr 0.8, batch 1024, warm-up then
+cosine, 400 epochs). Writes OUT/metrics.jsonl every epoch, OUT/checkpoint.pt atomically every
+epoch, every few minutes and on SIGINT/SIGTERM, and OUT/summary.json + OUT/curves.png at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import mlaan_func as mf
+from mlaan_func import data as datasets
+from mlaan_func.memory import persistent_bytes, track_memory
+
+METHODS = ("e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan")
+ARCHS = {"resnet32": mf.models.resnet32, "resnet110": mf.models.resnet110}
+DATASETS = ("cifar10", "svhn", "stl10", "fashion-mnist", "synthetic")
+CHECKPOINT, SUMMARY, METRICS, CONFIG = "checkpoint.pt", "summary.json", "metrics.jsonl", "config.json"
+# The flags that define a run: a checkpoint from another configuration cannot be resumed.
+IDENTITY = ("method", "arch", "modules", "dataset", "batch_size", "lr", "seed", "epochs", "max_steps",
+            "val_fraction", "window", "ema_update", "remat", "precision", "subset", "synthetic_size",
+            "warmup_epochs", "weight_decay")
+
+
+class UsageError(Exception):
+    """A bad command line or environment: reported as one line, exit code 2."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", default="dgl_mlaan", help=f"scheme: {', '.join(METHODS)} (- or _)")
+    p.add_argument("--arch", default="resnet32", help="resnet32 or resnet110")
+    p.add_argument("--modules", type=int, default=15, help="K, the real number of modules")
+    p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data-dir", default="data", help="where datasets live or are downloaded to")
+    p.add_argument("--epochs", type=int, default=400)
+    p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (quick runs)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 1024 (STL-10: 128)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate, default 0.8 (STL-10: 0.1)")
+    p.add_argument("--warmup-epochs", type=float, default=10)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--window", type=int, default=None, help="MLAAN window width W (default per scheme)")
+    p.add_argument("--ema-update", default="all", choices=("all", "last"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile each objective")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--remat", action="store_true", help="rematerialise every objective (less memory)")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this much of train")
+    p.add_argument("--out", default="runs/latest", help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in OUT")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--synthetic-size", type=int, default=2048, help="train images of --dataset synthetic")
+    p.add_argument("--subset", type=int, default=None, help="use only the first N train (N/5 test) images")
+    p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="also write the summary to this path")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    args.method = args.method.replace("-", "_").lower()
+    args.dataset = args.dataset.replace("_", "-").lower()
+    if args.method not in METHODS:
+        raise UsageError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.arch not in ARCHS:
+        raise UsageError(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHS)}")
+    if args.dataset not in DATASETS:
+        raise UsageError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if args.method == "e2e":
+        args.modules = 1
+    if args.modules < 1:
+        raise UsageError(f"--modules must be at least 1, got {args.modules}")
+    if args.batch_size is None:
+        args.batch_size = 128 if args.dataset == "stl10" else 1024
+    if args.lr is None:
+        args.lr = 0.1 if args.dataset == "stl10" else 0.8
+    if not 0 <= args.val_fraction < 1:
+        raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.epochs < 1 or args.batch_size < 1 or (args.max_steps is not None and args.max_steps < 1):
+        raise UsageError("--epochs, --batch-size and --max-steps must be positive")
+    return args
+
+
+def split_points(arch: str, backbone: mf.Net, modules: int) -> list[str]:
+    """The published split for ``arch``/K when there is one, else modules of near-equal size."""
+    try:
+        return mf.published_split(arch, modules)
+    except ValueError:
+        pass
+    units = [n for n in backbone.block_names if n not in ("stem", "classifier")]
+    if modules > len(units):
+        raise UsageError(f"{arch} cannot be split into {modules} modules: it has {len(units)} blocks "
+                         f"after the stem (16 with the stem as its own module for resnet32); "
+                         f"choose --modules between 1 and {len(units)}")
+    return [units[round((j + 1) * len(units) / modules) - 1] for j in range(modules - 1)]
+
+
+def build_scheme(args, dataset) -> tuple[mf.Net, list]:
+    shape = (dataset.channels, dataset.image_size, dataset.image_size)
+    backbone = mf.from_module(ARCHS[args.arch](num_classes=dataset.num_classes, in_channels=dataset.channels))
+    at = [] if args.method == "e2e" else split_points(args.arch, backbone, args.modules)
+    options = {}
+    if args.method in ("mlaan", "dgl_mlaan", "infopro_mlaan"):
+        options = {"width": args.window, "ema_update": args.ema_update}
+        if args.arch == "resnet32" and args.modules in (8, 15) or args.arch == "resnet110" and args.modules in (32, 54):
+            options["trunks"] = mf.leap_trunk_table(args.arch, args.modules)
+    if args.method in ("infopro", "infopro_mlaan"):
+        options.update(mean=dataset.mean, std=dataset.std,
+                       lambdas=mf.infopro_lambda_table(args.method, args.arch, args.modules))
+    try:
+        scheme = mf.schemes.build(args.method, backbone, at, input_shape=shape, **options)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.remat:
+        scheme = [mf.remat(o) for o in scheme]
+    return backbone, scheme
+
+
+def batch_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch) * 1_000_033 + index
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(batch_seed(seed, epoch, -1)))
+
+
+class Progress:
+    """A one-line progress bar on stderr: loss, accuracy, images/s, ETA."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.enabled = total, label, enabled and total > 0
+        self.start, self.last = time.time(), 0.0
+
+    def update(self, done: int, images: int, loss: float, acc: float) -> None:
+        now = time.time()
+        if not self.enabled or (now - self.last < 0.5 and done < self.total):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        eta = elapsed / max(done, 1) * (self.total - done)
+        width = 24
+        bar = "#" * int(width * done / self.total)
+        sys.stderr.write(f"\r{self.label} [{bar:<{width}}] {done}/{self.total} loss {loss:.3f} "
+                         f"acc {acc:.3f} {images / elapsed:,.0f} img/s ETA {eta:,.0f}s ")
+        if done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def load_data(args):
+    try:
+        if args.dataset == "synthetic":
+            dataset = datasets.load("synthetic", args.data_dir, train_size=args.synthetic_size, seed=args.seed)
+        else:
+            dataset = datasets.load(args.dataset, args.data_dir)
+    except datasets.DatasetError as err:
+        raise UsageError(str(err)) from None
+    return dataset
+
+
+def prepare_out(args) -> Path:
+    out = Path(args.out)
+    has_run = (out / CHECKPOINT).exists() or (out / SUMMARY).exists() or (out / METRICS).exists()
+    if args.eval_only or args.resume:
+        if not (out / CHECKPOINT).exists():
+            raise UsageError(f"no checkpoint in {out}: run without --resume/--eval-only first, "
+                             "or point --out at the run's directory")
+    elif has_run and not args.overwrite:
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
+                         "replace it, or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"cannot write to --out {out}: {err.strerror}; choose a writable directory") from None
+    if args.overwrite and not (args.resume or args.eval_only):
+        for name in (CHECKPOINT, SUMMARY, METRICS, CONFIG, "curves.png"):
+            if (out / name).exists():
+                (out / name).unlink()
+    return out
+
+
+def check_config(out: Path, args) -> None:
+    path = out / CONFIG
+    mine = {k: getattr(args, k) for k in IDENTITY}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        if diff and (args.resume or args.eval_only):
+            first = ", ".join(f"--{k.replace('_', '-')} {a} (checkpoint) vs {b}" for k, (a, b) in diff.items())
+            raise UsageError(f"the checkpoint in {out} is from a different configuration: {first}; "
+                             "resume with the same flags or start a new --out")
+    if not (args.resume or args.eval_only):
+        path.write_text(json.dumps(mine, indent=1))
+
+
+def evaluate_sets(scheme, ts, sets, batch_size, device, mean, std):
+    results = {}
+    for name, (x, y) in sets.items():
+        batches = ((datasets.normalize(x[i:i + batch_size].to(device), mean, std), y[i:i + batch_size].to(device))
+                   for i in range(0, len(y), batch_size))
+        results[name] = mf.evaluate(scheme, ts, batches)
+    return results
+
+
+def plot_curves(out: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no curves.png (pip install matplotlib)", file=sys.stderr)
+        return
+    rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = [r["epoch"] for r in rows]
+    for name in rows[-1]["train_loss"]:
+        ax_loss.plot(epochs, [r["train_loss"].get(name, math.nan) for r in rows], label=name)
+    for name in rows[-1]["test_accuracy"]:
+        ax_acc.plot(epochs, [r["test_accuracy"].get(name, math.nan) for r in rows], label=name)
+    ax_loss.set(xlabel="epoch", ylabel="train loss (per objective)", yscale="log")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (per head)", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is available; use --device cpu")
+    out = prepare_out(args)
+    check_config(out, args)
+    dataset = load_data(args)
+    train_x, train_y, val = dataset.train_x, dataset.train_y, None
+    test_x, test_y = dataset.test_x, dataset.test_y
+    if args.subset:
+        train_x, train_y = train_x[:args.subset], train_y[:args.subset]
+        test_x, test_y = test_x[:max(1, args.subset // 5)], test_y[:max(1, args.subset // 5)]
+    if args.val_fraction > 0:
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed))
+        n_val = max(1, int(len(train_y) * args.val_fraction))
+        val = (train_x[order[:n_val]], train_y[order[:n_val]])
+        train_x, train_y = train_x[order[n_val:]], train_y[order[n_val:]]
+    train_x, train_y = train_x.to(device), train_y.to(device)
+    mean, std = dataset.mean, dataset.std
+    backbone, scheme = build_scheme(args, dataset)
+
+    steps_per_epoch = len(train_y) // args.batch_size
+    if steps_per_epoch == 0:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(train_y)} training images")
+    if args.max_steps:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps)
+    total = steps_per_epoch * args.epochs
+    warmup = min(int(args.warmup_epochs * steps_per_epoch), total - 1)
+    optimizer = mf.optim.sgd(mf.optim.warmup_cosine(args.lr, warmup, total), momentum=0.9, nesterov=True,
+                             weight_decay=args.weight_decay)
+    train_step = mf.step(scheme, optimizer, compile=args.compile)
+    augment = datasets.augmentation(dataset.name)
+
+    start_epoch, start_batch, best, extra = 0, 0, 0.0, {}
+    if args.resume or args.eval_only:
+        ts, extra = mf.load(out / CHECKPOINT, map_location=device, with_extra=True)
+        start_epoch, start_batch, best = extra["epoch"], extra["batch"], extra.get("best", 0.0)
+    else:
+        ts = mf.init(scheme, optimizer, seed=args.seed, device=device)
+    sets = {"test": (test_x, test_y)}
+    if val is not None:
+        sets["val"] = val
+    if args.eval_only:
+        results = evaluate_sets(scheme, ts, sets, args.batch_size, device, mean, std)
+        print(json.dumps(results, indent=1))
+        return 0
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    peak_step, images, train_seconds = extra.get("peak_step_bytes", 0), extra.get("images", 0), extra.get("seconds", 0.0)
+    last_save = time.time()
+
+    def checkpoint(epoch, batch):
+        mf.save(out / CHECKPOINT, ts, extra={"epoch": epoch, "batch": batch, "best": best, "images": images,
+                                             "seconds": train_seconds, "peak_step_bytes": peak_step,
+                                             "args": vars(args)})
+
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            order = epoch_order(len(train_y), args.seed, epoch)
+            progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", not args.no_progress)
+            sums: dict[str, float] = {}
+            counted = 0
+            epoch_images, t0 = 0, time.time()
+            for b in range(start_batch, steps_per_epoch):
+                idx = order[b * args.batch_size:(b + 1) * args.batch_size].to(device)
+                g = torch.Generator(device=device).manual_seed(batch_seed(args.seed, epoch, b))
+                x = datasets.normalize(augment(train_x[idx], g), mean, std)
+                tic = time.time()
+                with autocast:
+                    if b == start_batch and epoch == start_epoch and peak_step == 0:
+                        with track_memory() as meter:
+                            ts, metrics = train_step(ts, (x, train_y[idx]))
+                        peak_step = meter.peak_bytes
+                    else:
+                        ts, metrics = train_step(ts, (x, train_y[idx]))
+                train_seconds += time.time() - tic
+                epoch_images += len(idx)
+                images += len(idx)
+                for name, m in metrics.items():
+                    sums[name] = sums.get(name, 0.0) + float(m["loss"])
+                counted += 1
+                final = metrics["final"]
+                progress.update(b + 1, epoch_images, float(final["loss"]), float(final.get("accuracy", math.nan)))
+                if args.stop_after_steps is not None and int(ts.step) >= args.stop_after_steps:
+                    stop["signal"] = signal.SIGTERM
+                if stop["signal"] is not None:
+                    checkpoint(epoch, b + 1)
+                    print(f"\nstopped by signal {stop['signal']}: checkpoint saved at epoch {epoch + 1}, "
+                          f"step {b + 1}; continue with --resume", file=sys.stderr)
+                    return 130
+                if time.time() - last_save > args.checkpoint_minutes * 60:
+                    checkpoint(epoch, b + 1)
+                    last_save = time.time()
+            start_batch = 0
+            results = evaluate_sets(scheme, ts, sets, args.batch_size, device, mean, std)
+            best = max(best, results["test"]["final"])
+            row = {"epoch": epoch + 1, "step": int(ts.step),
+                   "train_loss": {k: v / max(counted, 1) for k, v in sums.items()},
+                   "test_accuracy": results["test"], "images_per_second": epoch_images / max(time.time() - t0, 1e-9)}
+            if "val" in results:
+                row["val_accuracy"] = results["val"]
+            with open(out / METRICS, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            checkpoint(epoch + 1, 0)
+            last_save = time.time()
+            print(f"epoch {epoch + 1}: test accuracy {results['test']['final']:.4f} (best {best:.4f})",
+                  file=sys.stderr)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
+    summary = {
+        "method": args.method, "arch": args.arch, "modules": len(scheme) if args.method == "e2e" else args.modules,
+        "dataset": args.dataset, "epochs": args.epochs, "steps": int(ts.step),
+        "test_accuracy": rows[-1]["test_accuracy"]["final"],
+        "best_test_accuracy": best,
+        "best_test_accuracy_note": "best epoch chosen on the test set, as the released code reports",
+        "head_test_accuracy": rows[-1]["test_accuracy"],
+        "images_per_second": images / max(train_seconds, 1e-9),
+        "peak_step_bytes": peak_step,
+        "persistent_bytes": persistent_bytes(ts),
+        "parameters": sum(v.numel() for k, v in ts.params.items()),
+        "backbone_parameters": sum(ts.params[k].numel() for k in backbone.param_names),
+        "seconds": train_seconds, "device": str(device), "precision": args.precision,
+        "torch": torch.__version__,
+    }
+    if "val_accuracy" in rows[-1]:
+        summary["val_accuracy"] = rows[-1]["val_accuracy"]["final"]
+    if device.type == "cuda":
+        summary["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    plot_curves(out)
+    print(json.dumps({k: summary[k] for k in ("method", "modules", "test_accuracy", "images_per_second")}))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
