@@ -85,6 +85,7 @@ def remat_grad_fn(every: int = 1) -> Callable:
             else:
                 loss, vjp_fn, (new, seg_taps, metrics) = vjp(last_fn, last_params, h, has_aux=True)
                 grads, cotangent = vjp_fn(torch.ones_like(loss))
+            del vjp_fn
             grads = dict(grads)
             for k, v in new.items():
                 updates.setdefault(k, v)
@@ -102,6 +103,9 @@ def remat_grad_fn(every: int = 1) -> Callable:
                     (seg_grads,) = seg_vjp(cotangent)
                 else:
                     seg_grads, cotangent = seg_vjp(cotangent)
+                # Free this segment's graph and stored input before the next recomputation.
+                del seg_vjp
+                inputs[j] = None
                 for k, g in seg_grads.items():
                     grads[k] = grads[k] + g if k in grads else g
             aux = ({k: v.detach() for k, v in updates.items()},
