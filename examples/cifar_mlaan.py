@@ -32,7 +32,7 @@ CHECKPOINT, SUMMARY, METRICS, CONFIG = "checkpoint.pt", "summary.json", "metrics
 # The flags that define a run: a checkpoint from another configuration cannot be resumed.
 IDENTITY = ("method", "arch", "modules", "dataset", "batch_size", "lr", "seed", "epochs", "max_steps",
             "val_fraction", "window", "ema_update", "remat", "precision", "subset", "synthetic_size",
-            "warmup_epochs", "weight_decay")
+            "warmup_epochs", "weight_decay", "parallel", "micro_batches")
 
 
 class UsageError(Exception):
@@ -69,6 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--synthetic-size", type=int, default=2048, help="train images of --dataset synthetic")
     p.add_argument("--subset", type=int, default=None, help="use only the first N train (N/5 test) images")
     p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--parallel", default=None, choices=("data", "modules"),
+                   help="under torchrun: split each batch over ranks (data, the default) or give each "
+                        "rank a run of modules (modules)")
+    p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step with --parallel modules")
+    p.add_argument("--dist-timeout", type=float, default=120.0, help="seconds before a silent rank is an error")
     p.add_argument("--json", default=None, help="also write the summary to this path")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -161,6 +166,15 @@ class Progress:
         sys.stderr.flush()
 
 
+def agree_on_stop(signum):
+    """All ranks stop at the same step when any of them was signalled."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([0 if signum is None else int(signum)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return None if int(flag) == 0 else int(flag)
+
+
 def load_data(args):
     try:
         if args.dataset == "synthetic":
@@ -246,14 +260,60 @@ def plot_curves(out: Path) -> None:
     plt.close(fig)
 
 
+def start_distributed(args):
+    """Join torchrun's process group when there is one; returns (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        if args.parallel is not None:
+            raise UsageError(f"--parallel {args.parallel} needs several processes: launch with "
+                             "torchrun --nproc-per-node N examples/cifar_mlaan.py ...")
+        return 0, 1
+    from mlaan_func import distributed as mfd
+
+    args.parallel = args.parallel or "data"
+    if args.device == "cuda":
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(torch.device(args.device))
+    rank, world = mfd.init_from_env(timeout_s=args.dist_timeout)
+    mfd.check_same_config({k: getattr(args, k) for k in IDENTITY})
+    if args.parallel == "data" and args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
+    if args.parallel == "modules" and world > args.modules:
+        raise UsageError(f"{world} processes but only {args.modules} modules; use fewer processes")
+    return rank, world
+
+
+def on_rank0(rank: int, world: int, fn):
+    """Run ``fn`` on rank 0; every rank raises the same UsageError if it failed."""
+    error, result = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except UsageError as err:
+            error = str(err)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UsageError(error)
+    return result
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    rank, world = start_distributed(args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available; use --device cpu")
-    out = prepare_out(args)
-    check_config(out, args)
+    out = Path(args.out)
+    on_rank0(rank, world, lambda: (prepare_out(args), check_config(out, args)))
+    if args.eval_only or args.resume:
+        if not (out / CHECKPOINT).exists():
+            raise UsageError(f"no checkpoint in {out}")
     dataset = load_data(args)
     train_x, train_y, val = dataset.train_x, dataset.train_y, None
     test_x, test_y = dataset.test_x, dataset.test_y
@@ -278,7 +338,16 @@ def main(argv=None) -> int:
     warmup = min(int(args.warmup_epochs * steps_per_epoch), total - 1)
     optimizer = mf.optim.sgd(mf.optim.warmup_cosine(args.lr, warmup, total), momentum=0.9, nesterov=True,
                              weight_decay=args.weight_decay)
-    train_step = mf.step(scheme, optimizer, compile=args.compile)
+    if args.parallel == "data":
+        from mlaan_func import distributed as mfd
+        train_step = mfd.data_parallel_step(scheme, optimizer, compile=args.compile)
+    elif args.parallel == "modules":
+        from mlaan_func import distributed as mfd
+        ends = [m.output_name for m in mf.split(backbone, split_points(args.arch, backbone, args.modules))]
+        train_step = mfd.module_parallel_step(scheme, optimizer, ends, micro_batches=args.micro_batches)
+    else:
+        train_step = mf.step(scheme, optimizer, compile=args.compile)
+    writer = rank == 0
     augment = datasets.augmentation(dataset.name)
 
     start_epoch, start_batch, best, extra = 0, 0, 0.0, {}
@@ -306,6 +375,8 @@ def main(argv=None) -> int:
     last_save = time.time()
 
     def checkpoint(epoch, batch):
+        if not writer:
+            return
         mf.save(out / CHECKPOINT, ts, extra={"epoch": epoch, "batch": batch, "best": best, "images": images,
                                              "seconds": train_seconds, "peak_step_bytes": peak_step,
                                              "args": vars(args)})
@@ -313,7 +384,7 @@ def main(argv=None) -> int:
     try:
         for epoch in range(start_epoch, args.epochs):
             order = epoch_order(len(train_y), args.seed, epoch)
-            progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", not args.no_progress)
+            progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", writer and not args.no_progress)
             sums: dict[str, float] = {}
             counted = 0
             epoch_images, t0 = 0, time.time()
@@ -339,6 +410,8 @@ def main(argv=None) -> int:
                 progress.update(b + 1, epoch_images, float(final["loss"]), float(final.get("accuracy", math.nan)))
                 if args.stop_after_steps is not None and int(ts.step) >= args.stop_after_steps:
                     stop["signal"] = signal.SIGTERM
+                if world > 1:
+                    stop["signal"] = agree_on_stop(stop["signal"])
                 if stop["signal"] is not None:
                     checkpoint(epoch, b + 1)
                     print(f"\nstopped by signal {stop['signal']}: checkpoint saved at epoch {epoch + 1}, "
@@ -355,16 +428,20 @@ def main(argv=None) -> int:
                    "test_accuracy": results["test"], "images_per_second": epoch_images / max(time.time() - t0, 1e-9)}
             if "val" in results:
                 row["val_accuracy"] = results["val"]
-            with open(out / METRICS, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            if writer:
+                with open(out / METRICS, "a") as f:
+                    f.write(json.dumps(row) + "\n")
             checkpoint(epoch + 1, 0)
             last_save = time.time()
-            print(f"epoch {epoch + 1}: test accuracy {results['test']['final']:.4f} (best {best:.4f})",
-                  file=sys.stderr)
+            if writer:
+                print(f"epoch {epoch + 1}: test accuracy {results['test']['final']:.4f} (best {best:.4f})",
+                      file=sys.stderr)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
+    if not writer:
+        return 0
     rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
     summary = {
         "method": args.method, "arch": args.arch, "modules": len(scheme) if args.method == "e2e" else args.modules,
@@ -379,6 +456,7 @@ def main(argv=None) -> int:
         "parameters": sum(v.numel() for k, v in ts.params.items()),
         "backbone_parameters": sum(ts.params[k].numel() for k in backbone.param_names),
         "seconds": train_seconds, "device": str(device), "precision": args.precision,
+        "processes": world, "parallel": args.parallel or "none",
         "torch": torch.__version__,
     }
     if "val_accuracy" in rows[-1]:
@@ -395,7 +473,10 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.exit(code)

@@ -139,3 +139,26 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
     r = run([*QUICK, "--method", "dgl", "--out", str(out), "--epochs", "1", "--lr", "0.3", "--resume"])
     assert r.returncode == 2 and "different configuration" in r.stderr and "--lr" in r.stderr
     assert (out / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["data", "modules"])
+def test_torchrun_two_processes(tmp_path, mode):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / mode
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), PROGRAM, *QUICK, "--epochs", "1", "--method", "dgl-mlaan",
+           "--parallel", mode, "--micro-batches", "2", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["parallel"] == mode
+
+
+def test_parallel_without_torchrun_is_refused(tmp_path):
+    r = run([*QUICK, "--parallel", "modules", "--out", str(tmp_path / "x")])
+    assert r.returncode == 2 and "torchrun" in r.stderr
