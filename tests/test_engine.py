@@ -249,3 +249,25 @@ def test_inductor_smoke():
     a, _ = mf.step(scheme, opt)(a, (x, y))
     b, _ = mf.step(scheme, opt, compile=True, backend="inductor")(b, (x, y))
     mt.assert_close(b.params, a.params, 1e-4)
+
+
+def test_more_objectives_than_the_recompile_limit_compile_once_each():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    layers = [nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(11)] + [nn.Linear(6, 3)]
+    modules = mf.split(mf.from_module(nn.Sequential(*layers)), [str(i) for i in range(11)])
+    scheme = [mf.local_loss(m, mf.from_module(nn.Linear(6, 3), name=f"head{i}"), mf.losses.cross_entropy,
+                            name=f"m{i}") for i, m in enumerate(modules[:-1])]
+    scheme.append(mf.local_loss(modules[-1], None, mf.losses.cross_entropy, name="final"))
+    assert len(scheme) > torch._dynamo.config.recompile_limit
+    opt = mf.optim.sgd(0.1)
+    eager, compiled = mf.step(scheme, opt), mf.step(scheme, opt, compile=True, backend=counter)
+    a = b = mf.init(scheme, opt, seed=1)
+    for i in range(2):
+        xy = (torch.randn(8, 6, generator=torch.Generator().manual_seed(i)), torch.arange(8) % 3)
+        a, _ = eager(a, xy)
+        b, _ = compiled(b, xy)
+    mt.assert_close(b.params, a.params, 1e-4)
+    assert counter.frame_count == len(scheme)

@@ -60,3 +60,17 @@ def test_remat_granularity_must_be_positive():
     scheme = mf.schemes.e2e(mf.from_module(small_resnet()))
     with pytest.raises(ValueError, match="positive"):
         mf.remat(scheme[0], 0)
+
+
+def test_remat_lowers_the_measured_peak():
+    from mlaan_func.memory import track_memory
+
+    scheme = mf.schemes.build("mlaan", mf.from_module(small_resnet()), ["1.0", "1.1", "2.0"], input_shape=SHAPE)
+    ts = mf.init(scheme, mf.optim.sgd(0.1))
+    xy = batch(n=32)
+    peaks = []
+    for s in (scheme, remat_all(scheme, 1)):
+        with track_memory() as meter:
+            mf.gradients(s)(ts, xy)
+        peaks.append(meter.peak_bytes)
+    assert peaks[1] < peaks[0]
