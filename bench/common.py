@@ -23,7 +23,14 @@ METHODS = ("e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan")
 ARCHS = {"resnet32": mf.models.resnet32, "resnet110": mf.models.resnet110}
 
 
+def set_threads(n: int) -> None:
+    """Intra-op threads for CPU runs (recorded in the JSON)."""
+    torch.set_num_threads(n)
+
+
 def add_common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU intra-op threads (1: stable ratios on a shared machine)")
     p.add_argument("--method", action="append", help="scheme (repeatable); default: all six")
     p.add_argument("--arch", action="append", help="resnet32 or resnet110 (repeatable)")
     p.add_argument("--modules", type=int, action="append", help="K (repeatable)")

@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args(argv)
+    common.set_threads(args.threads)
     method = common.method_name((args.method or ["dgl_mlaan"])[0])
     arch = (args.arch or ["resnet32"])[0]
     k = common.mlaan_k(method, (args.modules or [8])[0])

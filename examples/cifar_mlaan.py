@@ -29,6 +29,7 @@ METHODS = ("e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan")
 ARCHS = {"resnet32": mf.models.resnet32, "resnet110": mf.models.resnet110}
 DATASETS = ("cifar10", "svhn", "stl10", "fashion-mnist", "synthetic")
 CHECKPOINT, SUMMARY, METRICS, CONFIG = "checkpoint.pt", "summary.json", "metrics.jsonl", "config.json"
+TRAIN_LOG = "train_log.jsonl"
 # The flags that define a run: a checkpoint from another configuration cannot be resumed.
 IDENTITY = ("method", "arch", "modules", "dataset", "batch_size", "lr", "seed", "epochs", "max_steps",
             "val_fraction", "window", "ema_update", "remat", "precision", "subset", "synthetic_size",
@@ -204,7 +205,7 @@ def prepare_out(args) -> Path:
     except OSError as err:
         raise UsageError(f"cannot write to --out {out}: {err.strerror}; choose a writable directory") from None
     if args.overwrite and not (args.resume or args.eval_only):
-        for name in (CHECKPOINT, SUMMARY, METRICS, CONFIG, "curves.png"):
+        for name in (CHECKPOINT, SUMMARY, METRICS, CONFIG, TRAIN_LOG, "curves.png"):
             if (out / name).exists():
                 (out / name).unlink()
     return out
@@ -242,19 +243,23 @@ def plot_curves(out: Path) -> None:
         print("matplotlib is not installed: no curves.png (pip install matplotlib)", file=sys.stderr)
         return
     rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
+    log = [json.loads(line) for line in (out / TRAIN_LOG).read_text().splitlines() if line.strip()] \
+        if (out / TRAIN_LOG).exists() else []
     if not rows:
         return
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     epochs = [r["epoch"] for r in rows]
-    for name in rows[-1]["train_loss"]:
-        ax_loss.plot(epochs, [r["train_loss"].get(name, math.nan) for r in rows], label=name)
+    steps = [r["step"] for r in log]
+    for name in (log[-1]["loss"] if log else {}):
+        ax_loss.plot(steps, [r["loss"].get(name, math.nan) for r in log], label=name, lw=1)
     for name in rows[-1]["test_accuracy"]:
-        ax_acc.plot(epochs, [r["test_accuracy"].get(name, math.nan) for r in rows], label=name)
-    ax_loss.set(xlabel="epoch", ylabel="train loss (per objective)", yscale="log")
+        ax_acc.plot(epochs, [r["test_accuracy"].get(name, math.nan) for r in rows], "o-", label=name)
+    ax_loss.set(xlabel="step", ylabel="train loss (per objective)", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (per head)", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=6, ncol=2)
+    ax_loss.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
@@ -406,6 +411,10 @@ def main(argv=None) -> int:
                 for name, m in metrics.items():
                     sums[name] = sums.get(name, 0.0) + float(m["loss"])
                 counted += 1
+                if writer and (b % max(1, steps_per_epoch // 25) == 0 or b == steps_per_epoch - 1):
+                    with open(out / TRAIN_LOG, "a") as f:
+                        f.write(json.dumps({"step": int(ts.step), "epoch": epoch + 1,
+                                            "loss": {k: float(m["loss"]) for k, m in metrics.items()}}) + "\n")
                 final = metrics["final"]
                 progress.update(b + 1, epoch_images, float(final["loss"]), float(final.get("accuracy", math.nan)))
                 if args.stop_after_steps is not None and int(ts.step) >= args.stop_after_steps:
