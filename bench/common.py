@@ -40,6 +40,15 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", default=None, help="override the auxiliary head (e.g. dgl_wide)")
     p.add_argument("--json", default=None, help="where to write the JSON results")
     p.add_argument("--full", action="store_true", help="the full grid (slow)")
+    p.add_argument("--quick", action="store_true", help="a tiny configuration for CI (seconds)")
+
+
+def quick_defaults(args: argparse.Namespace) -> None:
+    """--quick: a tiny configuration for CI (seconds)."""
+    if args.quick:
+        args.method = args.method or ["e2e", "dgl", "mlaan"]
+        args.modules, args.batch_size = args.modules or [4], args.batch_size or [8]
+        args.remat = args.remat or "both"
 
 
 def method_name(m: str) -> str:

@@ -97,13 +97,9 @@ def measure(method, arch, k, batch_size, remat, head, device, baselines) -> dict
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_flags(p)
-    p.add_argument("--quick", action="store_true", help="a tiny configuration for CI (seconds)")
     args = p.parse_args(argv)
     common.set_threads(args.threads)
-    if args.quick:
-        args.method = args.method or ["e2e", "dgl", "mlaan"]
-        args.modules, args.batch_size = args.modules or [4], args.batch_size or [8]
-        args.remat = args.remat or "both"
+    common.quick_defaults(args)
     methods = [common.method_name(m) for m in (args.method or common.METHODS)]
     archs = args.arch or (["resnet32", "resnet110"] if args.full else ["resnet32"])
     batches = args.batch_size or ([128, 1024] if args.full else [128])

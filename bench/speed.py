@@ -73,13 +73,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="also time torch.compile (inductor) vs eager")
     p.add_argument("--no-plain", action="store_true", help="skip the plain nn.Module baseline")
-    p.add_argument("--quick", action="store_true", help="a tiny configuration for CI (seconds)")
     args = p.parse_args(argv)
     common.set_threads(args.threads)
+    common.quick_defaults(args)
     if args.quick:
-        args.method = args.method or ["e2e", "dgl", "mlaan"]
-        args.modules, args.batch_size = args.modules or [4], args.batch_size or [8]
-        args.repeats, args.remat = 2, args.remat or "on"
+        args.repeats = 2
     methods = [common.method_name(m) for m in (args.method or common.METHODS)]
     arch = (args.arch or ["resnet32"])[0]
     batch_size = (args.batch_size or [128])[0]

@@ -34,10 +34,10 @@ from torch import Tensor
 
 from .combinators import Objective
 from .core import INPUT, Params, State
-from .engine import (NonFiniteLossError, TrainState, _as_batch, after_steps, gradient_fns,
-                     plan_routes, scheme_names)
+from .engine import (NonFiniteLossError, TrainState, _as_batch, after_steps, apply_gradients,
+                     gradient_fns, plan_routes, scheme_names)
 from .losses import Batch
-from .optim import Optimizer, apply_updates
+from .optim import Optimizer
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -108,12 +108,8 @@ def _finish_step(ts: TrainState, grads: Params, state: State, finite: Tensor, lo
     if check_finite and not bool(finite):
         raise NonFiniteLossError(f"non-finite loss on some rank at step {int(ts.step)}; nothing was "
                                  "updated. Lower the learning rate or add gradient clipping.")
-    updates, opt_state = optimizer.update({k: grads[k] for k in ts.params}, ts.opt_state, ts.params)
-    params = apply_updates(ts.params, updates)
-    for a in post:
-        state = a.fn(params, state)
     metrics = {n: {**m, "weighted_loss": losses[n]} for n, m in metrics.items()}
-    return TrainState(params, state, opt_state, ts.step + 1), metrics
+    return apply_gradients(ts, grads, state, optimizer, post), metrics
 
 
 def shard(batch: Any, rank: int, world: int) -> Batch:

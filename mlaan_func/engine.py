@@ -200,6 +200,17 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     return run
 
 
+def apply_gradients(ts: TrainState, grads: Params, state: State, optimizer: Optimizer,
+                    post: Sequence[AfterStep]) -> TrainState:
+    """One pure optimizer update with ``grads``, then the after-step updates (EMA twins) on
+    ``state``: the end of every step, single-process or distributed."""
+    updates, opt_state = optimizer.update({k: grads[k] for k in ts.params}, ts.opt_state, ts.params)
+    params = apply_updates(ts.params, updates)
+    for a in post:
+        state = a.fn(params, state)
+    return TrainState(params, state, opt_state, ts.step + 1)
+
+
 def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool = False,
          backend: str = "inductor", check_finite: bool = True
          ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, dict[str, Tensor]]]]:
@@ -220,13 +231,8 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
                 f"non-finite loss in objective(s) {bad} at step {int(ts.step)}; nothing was updated. "
                 "Lower the learning rate, add gradient clipping (mlaan_func.optim.clip_by_global_norm), "
                 "or check the inputs for NaN.")
-        updates, opt_state = optimizer.update(g.grads, ts.opt_state, ts.params)
-        params = apply_updates(ts.params, updates)
-        state = g.state
-        for a in post:
-            state = a.fn(params, state)
         metrics = {n: {**m, "weighted_loss": g.losses[n]} for n, m in g.metrics.items()}
-        return TrainState(params, state, opt_state, ts.step + 1), metrics
+        return apply_gradients(ts, g.grads, g.state, optimizer, post), metrics
 
     return train_step
 

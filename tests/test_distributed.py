@@ -53,11 +53,7 @@ def data_parallel_reference(method, world, steps=2):
         grads = {k: sum(p.grads[k] for p in parts) / world for k in ts.params}
         state = {k: (sum(p.state[k] for p in parts) / world if v.is_floating_point() else parts[0].state[k])
                  for k, v in ts.state.items()}
-        updates, opt_state = opt.update(grads, ts.opt_state, ts.params)
-        params = mf.optim.apply_updates(ts.params, updates)
-        for a in post:
-            state = a.fn(params, state)
-        ts = mf.TrainState(params, state, opt_state, ts.step + 1)
+        ts = mf.engine.apply_gradients(ts, grads, state, opt, post)
     return ts
 
 
@@ -74,12 +70,7 @@ def micro_batch_reference(method, micro, steps=2):
             g = grads_of(ts._replace(state=state), (x[m * per:(m + 1) * per], y[m * per:(m + 1) * per]))
             state = g.state
             total = g.grads if total is None else {k: total[k] + g.grads[k] for k in total}
-        grads = {k: v / micro for k, v in total.items()}
-        updates, opt_state = opt.update(grads, ts.opt_state, ts.params)
-        params = mf.optim.apply_updates(ts.params, updates)
-        for a in post:
-            state = a.fn(params, state)
-        ts = mf.TrainState(params, state, opt_state, ts.step + 1)
+        ts = mf.engine.apply_gradients(ts, {k: v / micro for k, v in total.items()}, state, opt, post)
     return ts
 
 
