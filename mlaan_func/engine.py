@@ -1,7 +1,7 @@
 """The training engine: ``init``, ``step``, ``evaluate``, ``save``, ``load``.
 
-A step runs each objective with ``torch.func.grad_and_value`` over only the parameters it
-touches, on the detached output of the objective that produced its input, adds the
+A step differentiates each objective (``torch.autograd.grad`` eagerly,
+``torch.func.grad_and_value`` when compiled) over only the parameters it touches, on the detached output of the objective that produced its input, adds the
 gradients, releases each objective's graph before the next, applies one pure optimizer
 update and then the objectives' ``after_steps`` (EMA twins).
 
@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 from torch.func import grad_and_value
+from torch.utils._pytree import tree_map
 
 from .combinators import Objective
 from .core import INPUT, AfterStep, Params, State, check_keys, init_params
@@ -120,19 +121,45 @@ def _own_code(fn: Callable, label: str) -> Callable:
     return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
 
 
+def autograd_grad_and_value(fn: Callable) -> Callable:
+    """``torch.func.grad_and_value(fn, has_aux=True)`` computed with ``torch.autograd.grad``
+    on detached aliases of the parameters, which frees each saved activation as soon as the
+    backward pass has used it. ``torch.func`` keeps the whole graph alive until the transform
+    returns (it builds it for higher-order use), which doubled the step peak of E2E ResNet-32
+    (606 MiB against 306 MiB for plain ``.backward()``). Used in eager mode; compiled steps
+    trace ``torch.func.grad_and_value``, which AOTAutograd turns into one joint graph.
+    """
+    def grad_and_value_fn(params: Params, *args):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            loss, aux = fn(leaves, *args)
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(params.items(), grads)}
+        return grads, (loss.detach(), tree_map(_detach, aux))
+
+    return grad_and_value_fn
+
+
+def _detach(x: Any) -> Any:
+    return x.detach() if isinstance(x, Tensor) else x
+
+
 def gradient_fns(objectives: Sequence[Objective], routes: Sequence[Route], *, compile: bool = False,
                  backend: str = "inductor") -> list[Callable]:
     """Per objective: ``(params, state, x, batch) -> (grads, (loss, (updates, outputs, metrics)))``.
 
-    An objective's own ``grad_fn(objective, taps)`` builds its function in place of
-    ``torch.func.grad_and_value``.
+    Eager: ``autograd_grad_and_value``; compiled: ``torch.func.grad_and_value`` under
+    ``torch.compile``. An objective's own ``grad_fn(objective, taps)`` builds its function
+    in place of either.
     """
     fns = []
     for o, r in zip(objectives, routes):
         if o.grad_fn is not None:
             fn = o.grad_fn(o, r.taps)
-        else:
+        elif compile:
             fn = grad_and_value(objective_fn(o, r.taps), has_aux=True)
+        else:
+            fn = autograd_grad_and_value(objective_fn(o, r.taps))
         fns.append(torch.compile(_own_code(fn, str(len(fns))), backend=backend) if compile else fn)
     return fns
 

@@ -2,7 +2,8 @@
 
 ``remat(objective, every=n)`` runs the objective's chain (its net, then its head) forward
 without keeping a graph, storing only the input of every n-th block, then walks back segment
-by segment, recomputing each segment under ``torch.func.vjp`` just before its backward. The
+by segment, recomputing each segment just before its backward (``torch.autograd.grad``, which
+frees each saved tensor as soon as it is used). The
 loss, gradients and new state are those of the plain objective: BatchNorm statistics come
 from the first (stored) forward and are never touched by a recomputation, and the random
 number generator is replayed so dropout draws the same masks.
@@ -23,7 +24,6 @@ from typing import Any, Callable, Sequence
 import attrs
 import torch
 from torch import Tensor
-from torch.func import vjp
 
 from .combinators import Objective
 from .core import Params, State
@@ -42,6 +42,19 @@ def _run_segment(blocks: Sequence[Any], params: Params, state: State, x: Tensor,
         if taps is not None and block.name in taps:
             taps[block.name] = x
     return x, updates
+
+
+def _vjp(fn: Callable, params: Params, inp: Tensor, cotangent: Tensor | None, input_grad: bool):
+    """Run ``fn(params, inp) -> (out, aux)`` with autograd and pull ``cotangent`` back to the
+    parameters (and to the input when ``input_grad``); the graph is freed as it is used."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    inp_leaf = inp.detach().requires_grad_(input_grad)
+    with torch.enable_grad():
+        out, aux = fn(leaves, inp_leaf)
+        targets = [*leaves.values(), inp_leaf] if input_grad else list(leaves.values())
+        grads = torch.autograd.grad(out, targets, grad_outputs=cotangent, allow_unused=True)
+    param_grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(params.items(), grads)}
+    return out.detach(), aux, param_grads, (grads[-1] if input_grad else None)
 
 
 def _segment_params(seg: Sequence[Any], params: Params) -> Params:
@@ -71,41 +84,27 @@ def remat_grad_fn(every: int = 1) -> Callable:
                     for k, v in new.items():
                         updates.setdefault(k, v)
 
+            # The last segment, with the loss: its forward runs once, with the live generator.
+            last_params = _segment_params(segments[-1], params)
+            seg_taps: dict[str, Tensor | None] = dict.fromkeys(wanted)
+
             def last_fn(p: Params, inp: Tensor):
-                seg_taps = dict.fromkeys(wanted)
                 z, new = _run_segment(segments[-1], p, state, inp, seg_taps)
                 loss, metrics = objective.loss(z, batch)
-                seg_taps = {k: v for k, v in seg_taps.items() if v is not None}
-                return objective.weight * loss, (new, seg_taps, metrics)
+                return objective.weight * loss, (new, metrics)
 
-            last_params = _segment_params(segments[-1], params)
-            if len(segments) == 1:
-                loss, vjp_fn, (new, seg_taps, metrics) = vjp(lambda p: last_fn(p, h), last_params, has_aux=True)
-                (grads,), cotangent = vjp_fn(torch.ones_like(loss)), None
-            else:
-                loss, vjp_fn, (new, seg_taps, metrics) = vjp(last_fn, last_params, h, has_aux=True)
-                grads, cotangent = vjp_fn(torch.ones_like(loss))
-            del vjp_fn
-            grads = dict(grads)
+            loss, (new, metrics), grads, cotangent = _vjp(last_fn, last_params, h, None, len(segments) > 1)
             for k, v in new.items():
                 updates.setdefault(k, v)
-            outputs.update(seg_taps)
+            outputs.update({k: v.detach() for k, v in seg_taps.items() if v is not None})
             for j in range(len(segments) - 2, -1, -1):
-                seg, inp = segments[j], inputs[j]
-                seg_params = _segment_params(seg, params)
+                seg = segments[j]
                 with torch.random.fork_rng(devices=devices):
                     _set_rng_state(rngs[j], devices)
-                    if j == 0:
-                        _, seg_vjp = vjp(lambda p: _run_segment(seg, p, state, inp)[0], seg_params)
-                    else:
-                        _, seg_vjp = vjp(lambda p, i: _run_segment(seg, p, state, i)[0], seg_params, inp)
-                if j == 0:
-                    (seg_grads,) = seg_vjp(cotangent)
-                else:
-                    seg_grads, cotangent = seg_vjp(cotangent)
-                # Free this segment's graph and stored input before the next recomputation.
-                del seg_vjp
-                inputs[j] = None
+                    _, _, seg_grads, cotangent = _vjp(
+                        lambda p, i: (_run_segment(seg, p, state, i)[0], None),
+                        _segment_params(seg, params), inputs[j], cotangent, j > 0)
+                inputs[j] = None  # free the stored input before the next recomputation
                 for k, g in seg_grads.items():
                     grads[k] = grads[k] + g if k in grads else g
             aux = ({k: v.detach() for k, v in updates.items()},
