@@ -33,7 +33,7 @@ def split(net: Net, at: Sequence[str]) -> tuple[Net, ...]:
 
     >>> from torch import nn
     >>> from mlaan_func.core import from_module
-    >>> [m.block_names for m in split(from_module(nn.Sequential(*[nn.ReLU()] * 4)), ["0", "2"])]
+    >>> [m.block_names for m in split(from_module(nn.Sequential(*[nn.ReLU() for _ in range(4)])), ["0", "2"])]
     [('0',), ('1', '2'), ('3',)]
     """
     if isinstance(at, str):
@@ -68,6 +68,13 @@ def cascade(*nets: Net) -> Net:
     """One net that runs ``nets`` in order (a window, a trunk, a head after a trunk).
 
     It reads what the first net reads.
+
+    >>> from torch import nn
+    >>> from mlaan_func.core import from_module
+    >>> a, b = from_module(nn.Linear(2, 3), name="a"), from_module(nn.Linear(3, 1), name="b")
+    >>> both = cascade(a, b)
+    >>> both.block_names, both.param_names
+    (('a', 'b'), ('a.weight', 'a.bias', 'b.weight', 'b.bias'))
     """
     if not nets:
         raise ValueError("cascade needs at least one net")
@@ -86,7 +93,17 @@ def _decay_tensor(decay: float | Tensor) -> Tensor:
 
 @attrs.frozen(eq=False)
 class LeapBlock:
-    """``z ↦ copy(z) + twin(z)``, where the twin is an EMA of ``source`` kept in state."""
+    """``z ↦ copy(z) + twin(z)``, where the twin is an EMA of ``source`` kept in state.
+
+    Made by ``leap_ema``; the single block of the net it returns.
+
+    >>> from torch import nn
+    >>> from mlaan_func.core import copy, from_module
+    >>> block = from_module(nn.Linear(3, 3), name="b")
+    >>> leap = leap_ema(copy(block, "trunk"), source=block).blocks[0]
+    >>> isinstance(leap, LeapBlock), leap.name, [a.key for a in leap.after_steps]
+    (True, 'trunk.b', ['ema:twin.b'])
+    """
 
     copy: Net
     twin: Net
@@ -182,6 +199,19 @@ class Objective:
     when given, replaces the engine's ``torch.func.grad_and_value`` for this objective and
     has its signature: ``(params, state, x, batch) -> (grads, (loss, (updates, outputs,
     metrics)))``.
+
+    >>> from torch import nn
+    >>> from mlaan_func.core import from_module, init_params
+    >>> from mlaan_func.losses import Batch, cross_entropy
+    >>> obj = local_loss(from_module(nn.Linear(4, 3), name="m"), None, cross_entropy, weight=0.5,
+    ...                  name="final")
+    >>> obj.name, obj.input_name, obj.output_name, obj.param_names
+    ('final', 'input', 'm', ('m.weight', 'm.bias'))
+    >>> params, state = init_params(obj)
+    >>> x = torch.randn(2, 4)
+    >>> loss, updates, outputs, metrics = obj.forward(params, state, x, Batch(x, torch.tensor([0, 1])))
+    >>> sorted(outputs), sorted(metrics), bool(loss == 0.5 * metrics["loss"])
+    (['m'], ['accuracy', 'loss'], True)
     """
 
     name: str

@@ -28,7 +28,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 Params = dict[str, Tensor]
+"""Trainable tensors: a flat dict from dotted names (``"1.0.conv1.weight"``) to tensors."""
+
 State = dict[str, Tensor]
+"""Non-trainable tensors (BatchNorm statistics, EMA twins): a flat dict like ``Params``."""
 
 INPUT = "input"
 """The name of a net's input boundary when it reads the raw data."""
@@ -38,6 +41,10 @@ class AfterStep(NamedTuple):
     """A pure ``fn(params, state) -> state`` run after each optimizer update.
 
     ``key`` identifies it: the engine runs each distinct key once per step.
+
+    >>> halve = AfterStep("halve", lambda params, state: {k: v / 2 for k, v in state.items()})
+    >>> halve.fn({}, {"s": torch.ones(2)})
+    {'s': tensor([0.5000, 0.5000])}
     """
 
     key: str
@@ -89,6 +96,13 @@ class Block:
 
     ``root`` is the name of the block it was first made from; copies keep it, so a copy
     is initialised with exactly its source's values.
+
+    >>> block = Block.of("fc", nn.Linear(2, 3))
+    >>> block.param_names, block.state_names
+    (('fc.weight', 'fc.bias'), ())
+    >>> renamed = block.renamed("trunk")
+    >>> renamed.param_names, renamed.root
+    (('trunk.fc.weight', 'trunk.fc.bias'), 'fc')
     """
 
     name: str
@@ -169,7 +183,16 @@ class Block:
 
 
 class ShapeError(ValueError):
-    """A block was given an input it cannot take (channels, spatial size, dims)."""
+    """A block was given an input it cannot take (channels, spatial size, dims).
+
+    >>> net = from_module(nn.Linear(4, 2), name="fc")
+    >>> params, state = init_params(net)
+    >>> try:
+    ...     net(params, state, torch.ones(3, 5))
+    ... except ShapeError as err:
+    ...     print(type(err).__name__, "in block", repr(err.args[0].split("'")[1]))
+    ShapeError in block 'fc'
+    """
 
 
 def _chain_names(blocks, attr: str) -> tuple[str, ...]:
@@ -186,6 +209,14 @@ class Net:
 
     ``input_name`` names the boundary it reads (``"input"`` for the data, or the name of
     the block before its first one once it has been split out of a larger net).
+
+    >>> net = from_module(nn.Sequential(nn.Linear(2, 4), nn.ReLU()))
+    >>> net.block_names, net.input_name, net.output_name
+    (('0', '1'), 'input', '1')
+    >>> params, state = init_params(net)
+    >>> y, new_state = net(params, state, torch.ones(5, 2), train=False)
+    >>> tuple(y.shape)
+    (5, 4)
     """
 
     blocks: tuple[Any, ...]
@@ -285,6 +316,13 @@ def init_params(*nets: Any, seed: int = 0, device: torch.device | str | None = N
 
     Each block is initialised from ``(seed, block root name)`` alone, so a block gets the
     same values whichever nets it appears in, and a copy equals its source.
+
+    >>> fc = from_module(nn.Linear(2, 2), name="fc")
+    >>> params, state = init_params(fc, copy(fc, "trunk"), seed=1)
+    >>> sorted(params)
+    ['fc.bias', 'fc.weight', 'trunk.fc.bias', 'trunk.fc.weight']
+    >>> torch.equal(params["fc.weight"], params["trunk.fc.weight"])
+    True
     """
     params: Params = {}
     state: State = {}

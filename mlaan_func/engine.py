@@ -36,7 +36,16 @@ from .optim import Optimizer, apply_updates
 
 
 class TrainState(NamedTuple):
-    """Everything a run carries from step to step."""
+    """Everything a run carries from step to step.
+
+    >>> from torch import nn
+    >>> import mlaan_func as mf
+    >>> scheme = [mf.local_loss(mf.from_module(nn.Linear(2, 3), name="fc"), None,
+    ...                         mf.losses.cross_entropy, name="final")]
+    >>> ts = mf.init(scheme, mf.optim.sgd(0.1, momentum=0.9))
+    >>> ts._fields, sorted(ts.params), int(ts.step)
+    (('params', 'state', 'opt_state', 'step'), ['fc.bias', 'fc.weight'], 0)
+    """
 
     params: Params
     state: State
@@ -45,7 +54,20 @@ class TrainState(NamedTuple):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A local loss was NaN or infinite; the train state passed in is left as it was."""
+    """A local loss was NaN or infinite; the train state passed in is left as it was.
+
+    >>> from torch import nn
+    >>> import mlaan_func as mf
+    >>> nan_loss = lambda out, batch: (out.sum() * float("nan"), {})
+    >>> scheme = [mf.local_loss(mf.from_module(nn.Linear(2, 2), name="fc"), None, nan_loss)]
+    >>> opt = mf.optim.sgd(0.1)
+    >>> ts = mf.init(scheme, opt)
+    >>> try:
+    ...     mf.step(scheme, opt)(ts, (torch.ones(2, 2), torch.tensor([0, 1])))
+    ... except NonFiniteLossError:
+    ...     print("nothing was updated")
+    nothing was updated
+    """
 
 
 def scheme_names(objectives: Sequence[Objective]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -95,7 +117,16 @@ def plan_routes(objectives: Sequence[Objective]) -> list[Route]:
 
 def init(objectives: Sequence[Objective], optimizer: Optimizer, *, seed: int = 0,
          device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TrainState:
-    """A fresh ``TrainState`` for a scheme: parameters and state from ``seed``."""
+    """A fresh ``TrainState`` for a scheme: parameters and state from ``seed``.
+
+    >>> from torch import nn
+    >>> import mlaan_func as mf
+    >>> scheme = [mf.local_loss(mf.from_module(nn.Linear(2, 3), name="fc"), None,
+    ...                         mf.losses.cross_entropy, name="final")]
+    >>> ts = init(scheme, mf.optim.sgd(0.1), seed=0)
+    >>> sorted(ts.params), ts.state, int(ts.step)
+    (['fc.bias', 'fc.weight'], {}, 0)
+    """
     plan_routes(objectives)
     params, state = init_params(*objectives, seed=seed, device=device, dtype=dtype)
     return TrainState(params, state, optimizer.init(params),
@@ -189,6 +220,15 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
 
     BatchNorm statistics: every objective reads the state as it was at the start of the
     step; for each key, the first objective in scheme order that runs it writes it.
+
+    >>> from torch import nn
+    >>> import mlaan_func as mf
+    >>> scheme = [mf.local_loss(mf.from_module(nn.Linear(2, 3), name="fc"), None,
+    ...                         mf.losses.cross_entropy, name="final")]
+    >>> ts = mf.init(scheme, mf.optim.sgd(0.1))
+    >>> g = gradients(scheme)(ts, (torch.randn(4, 2), torch.tensor([0, 1, 2, 0])))
+    >>> sorted(g.grads), list(g.losses), bool(g.finite)
+    (['fc.bias', 'fc.weight'], ['final'], True)
     """
     objectives = list(objectives)
     routes = plan_routes(objectives)
@@ -246,6 +286,21 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
     ``compile=True`` compiles each objective's gradient function with ``torch.compile``.
     A non-finite loss raises ``NonFiniteLossError`` (one flag per step, checked outside
     compiled code) and nothing is updated.
+
+    >>> from torch import nn
+    >>> import mlaan_func as mf
+    >>> scheme = [mf.local_loss(mf.from_module(nn.Linear(2, 3), name="fc"), None,
+    ...                         mf.losses.cross_entropy, name="final")]
+    >>> opt = mf.optim.sgd(0.5)
+    >>> train_step = step(scheme, opt)
+    >>> ts = mf.init(scheme, opt, seed=0)
+    >>> batch = (torch.randn(8, 2), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    >>> first = None
+    >>> for _ in range(20):
+    ...     ts, metrics = train_step(ts, batch)
+    ...     first = first if first is not None else float(metrics["final"]["loss"])
+    >>> int(ts.step), float(metrics["final"]["loss"]) < first
+    (20, True)
     """
     grad_step = gradients(objectives, compile=compile, backend=backend)
     post = after_steps(objectives)
@@ -267,7 +322,17 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
 @torch.no_grad()
 def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[Any]) -> dict[str, float]:
     """Accuracy of every objective that reports one (the final classifier and each
-    auxiliary head), in eval mode, averaged over samples. Keys are objective names."""
+    auxiliary head), in eval mode, averaged over samples. Keys are objective names.
+
+    >>> from torch import nn
+    >>> import mlaan_func as mf
+    >>> scheme = [mf.local_loss(mf.from_module(nn.Linear(2, 3), name="fc"), None,
+    ...                         mf.losses.cross_entropy, name="final")]
+    >>> ts = mf.init(scheme, mf.optim.sgd(0.1))
+    >>> acc = evaluate(scheme, ts, [(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]))])
+    >>> list(acc), 0.0 <= acc["final"] <= 1.0
+    (['final'], True)
+    """
     objectives = list(objectives)
     routes = plan_routes(objectives)
     correct: dict[str, Tensor] = {}
@@ -293,7 +358,19 @@ def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[
 
 def save(path: str | os.PathLike, ts: TrainState, extra: dict | None = None) -> None:
     """Write ``ts`` (and ``extra``, e.g. generator states) atomically: a reader sees the old
-    file or the new one, never a partial one."""
+    file or the new one, never a partial one.
+
+    >>> from torch import nn
+    >>> import mlaan_func as mf
+    >>> scheme = [mf.local_loss(mf.from_module(nn.Linear(2, 3), name="fc"), None,
+    ...                         mf.losses.cross_entropy, name="final")]
+    >>> import os, tempfile
+    >>> ts = mf.init(scheme, mf.optim.sgd(0.1))
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     save(os.path.join(d, "checkpoint.pt"), ts, extra={"epoch": 3})
+    ...     os.listdir(d)
+    ['checkpoint.pt']
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -311,7 +388,20 @@ def save(path: str | os.PathLike, ts: TrainState, extra: dict | None = None) -> 
 
 
 def load(path: str | os.PathLike, map_location: Any = None, *, with_extra: bool = False):
-    """Read a ``TrainState`` written by ``save`` (``(ts, extra)`` with ``with_extra``)."""
+    """Read a ``TrainState`` written by ``save`` (``(ts, extra)`` with ``with_extra``).
+
+    >>> from torch import nn
+    >>> import mlaan_func as mf
+    >>> scheme = [mf.local_loss(mf.from_module(nn.Linear(2, 3), name="fc"), None,
+    ...                         mf.losses.cross_entropy, name="final")]
+    >>> import os, tempfile
+    >>> ts = mf.init(scheme, mf.optim.sgd(0.1))
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     save(os.path.join(d, "checkpoint.pt"), ts, extra={"epoch": 3})
+    ...     back, extra = load(os.path.join(d, "checkpoint.pt"), with_extra=True)
+    >>> extra, torch.equal(back.params["fc.weight"], ts.params["fc.weight"])
+    ({'epoch': 3}, True)
+    """
     try:
         blob = torch.load(os.fspath(path), map_location=map_location, weights_only=False)
         ts = TrainState(**blob["train_state"])

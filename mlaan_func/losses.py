@@ -25,7 +25,14 @@ LossFn = Callable[[object, "Batch"], tuple[Tensor, Metrics]]
 
 
 class Batch(NamedTuple):
-    """One batch: normalised images ``x`` (N, C, H, W) and int64 labels ``y`` (N,)."""
+    """One batch: normalised images ``x`` (N, C, H, W) and int64 labels ``y`` (N,).
+
+    The engine accepts a plain ``(x, y)`` pair wherever it takes a batch.
+
+    >>> b = Batch(torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]))
+    >>> tuple(b.x.shape), b.y.tolist()
+    ((2, 3, 4, 4), [0, 1])
+    """
 
     x: Tensor
     y: Tensor

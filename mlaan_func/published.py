@@ -32,18 +32,38 @@ def _lookup(table: dict, what: str, arch: str, modules: int):
 
 
 def published_split(arch: str, modules: int) -> list[str]:
-    """The blocks after which each module ends in the published ``arch``/K tables."""
+    """The blocks after which each module ends in the published ``arch``/K tables.
+
+    InfoPro's ResNet-32 K=16 makes the stem a module of its own; MLAAN's "K=16" is 15
+    modules, stem fused:
+
+    >>> len(published_split("resnet32", 16)), published_split("resnet32", 16)[:2]
+    (15, ['stem', '1.0'])
+    >>> len(published_split("resnet32", 15)), published_split("resnet32", 15)[:2]
+    (14, ['1.0', '1.1'])
+    """
     return list(_lookup(tables()["splits"], "split", arch, modules))
 
 
 def leap_trunk_table(arch: str, modules: int) -> list[list[str]]:
-    """Released MLAAN trunks: row ``i`` is the trunk of the window ending at module ``i``."""
+    """Released MLAAN trunks: row ``i`` is the trunk of the window ending at module ``i``.
+
+    >>> table = leap_trunk_table("resnet32", 15)
+    >>> len(table), table[1]
+    (14, ['2.0', '3.0', '3.2', '3.4'])
+    """
     return [list(r) for r in _lookup(tables()["leap_trunks"], "leap-trunk table", arch, modules)]
 
 
 def infopro_lambda_table(scheme: str, arch: str, modules: int) -> tuple[float, float, float, float] | None:
     """``(ixx_1, ixy_1, ixx_2, ixy_2)`` published for ``scheme`` (``"infopro"`` or
-    ``"infopro_mlaan"``), or ``None`` when no value was published."""
+    ``"infopro_mlaan"``), or ``None`` when no value was published.
+
+    >>> infopro_lambda_table("infopro", "resnet32", 4)
+    (6.0, 0.0, 1.0, 2.0)
+    >>> infopro_lambda_table("infopro", "resnet32", 3) is None
+    True
+    """
     table = tables()["infopro_lambdas"].get(scheme, {}).get(arch, {})
     row = table.get(str(modules))
     return None if row is None else tuple(float(v) for v in row)

@@ -131,5 +131,17 @@ def _set_rng_state(state, devices: list[int]) -> None:
 
 
 def remat(objective: Objective, every: int = 1) -> Objective:
-    """The same objective, differentiated by rematerialisation every ``every`` blocks."""
+    """The same objective, differentiated by rematerialisation every ``every`` blocks.
+
+    >>> from torch import nn
+    >>> import mlaan_func as mf
+    >>> from mlaan_func.testing import assert_close
+    >>> net = mf.from_module(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)))
+    >>> plain = mf.local_loss(net, None, mf.losses.cross_entropy, name="final")
+    >>> ts = mf.init([plain], mf.optim.sgd(0.1))
+    >>> batch = (torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    >>> want = mf.gradients([plain])(ts, batch).grads
+    >>> got = mf.gradients([remat(plain, every=2)])(ts, batch).grads
+    >>> assert_close(got, want)
+    """
     return attrs.evolve(objective, grad_fn=remat_grad_fn(every))

@@ -1,4 +1,10 @@
-"""Backbones with addressable blocks."""
+"""Backbones with addressable blocks.
+
+>>> from mlaan_func import models
+>>> net = models.CifarResNet(14, num_classes=10, in_channels=3, widths=(8, 16, 32))
+>>> [name for name, _ in net.named_blocks()]
+['stem', '1.0', '1.1', '2.0', '2.1', '3.0', '3.1', 'classifier']
+"""
 
 from .resnet import BasicBlock, CifarResNet, Classifier, Stem, resnet32, resnet110
 
