@@ -51,8 +51,10 @@ def worker(rank, world, port, method, arch, k, batch_size, micro, steps, mode, o
         t = time.perf_counter()
         ts, _ = step(ts, batch)
         times.append(time.perf_counter() - t)
+    timed_stats = dict(stats)
     with track_memory() as meter:
         ts, _ = step(ts, batch)
+    stats = timed_stats
     total = sum(times)
     row = {"rank": rank, "step_s": statistics.median(times), "peak_step_bytes": meter.peak_bytes}
     if mode == "modules":
