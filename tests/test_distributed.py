@@ -42,12 +42,15 @@ def launch(world, mode, method, out, steps=2, die=False, timeout=120):
     return procs
 
 
-def data_parallel_reference(method, world, steps=2):
+def single_process(method):
+    """The worker's scheme, optimizer and start state, with its gradient function."""
     _, objectives = w.scheme(method)
     opt = w.optimizer()
-    ts = mf.init(objectives, opt, seed=0)
-    grads_of = mf.gradients(objectives)
-    post = mf.engine.after_steps(objectives)
+    return opt, mf.init(objectives, opt, seed=0), mf.gradients(objectives), mf.engine.after_steps(objectives)
+
+
+def data_parallel_reference(method, world, steps=2):
+    opt, ts, grads_of, post = single_process(method)
     for x, y in w.batches(steps):
         parts = [grads_of(ts, mfd.shard((x, y), r, world)) for r in range(world)]
         grads = {k: sum(p.grads[k] for p in parts) / world for k in ts.params}
@@ -58,11 +61,7 @@ def data_parallel_reference(method, world, steps=2):
 
 
 def micro_batch_reference(method, micro, steps=2):
-    _, objectives = w.scheme(method)
-    opt = w.optimizer()
-    ts = mf.init(objectives, opt, seed=0)
-    grads_of = mf.gradients(objectives)
-    post = mf.engine.after_steps(objectives)
+    opt, ts, grads_of, post = single_process(method)
     for x, y in w.batches(steps):
         per = len(y) // micro
         state, total = ts.state, None
