@@ -316,9 +316,6 @@ def main(argv=None) -> int:
         raise UsageError("--device cuda but no CUDA device is available; use --device cpu")
     out = Path(args.out)
     on_rank0(rank, world, lambda: (prepare_out(args), check_config(out, args)))
-    if args.eval_only or args.resume:
-        if not (out / CHECKPOINT).exists():
-            raise UsageError(f"no checkpoint in {out}")
     dataset = load_data(args)
     train_x, train_y, val = dataset.train_x, dataset.train_y, None
     test_x, test_y = dataset.test_x, dataset.test_y
