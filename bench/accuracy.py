@@ -89,17 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def split_points(arch: str, backbone: mf.Net, k: int) -> list[str]:
-    """The published split for resnet32/110 when there is one, else K near-equal modules after
-    the stem (the stem is fused into the first module)."""
-    if arch in ("resnet32", "resnet110"):
-        try:
-            return mf.published_split(arch, k)
-        except ValueError:
-            pass
-    units = [n for n in backbone.block_names if n not in ("stem", "classifier")]
-    if k > len(units):
-        raise ValueError(f"{arch} has {len(units)} blocks after the stem; it cannot make K={k} modules")
-    return [units[round((j + 1) * len(units) / k) - 1] for j in range(k - 1)]
+    """The published split for resnet32/110 when there is one, else K near-equal modules."""
+    return mf.published.split_for(arch if arch in ("resnet32", "resnet110") else None, backbone.block_names, k)
 
 
 def build(method: str, arch: str, k: int, dataset: data.Dataset, remat: bool):

@@ -56,12 +56,7 @@ def method_name(m: str) -> str:
 
 
 def split_for(arch: str, backbone: mf.Net, k: int) -> list[str]:
-    """Published split when there is one, else near-equal modules (stem fused)."""
-    try:
-        return mf.published_split(arch, k)
-    except ValueError:
-        units = [n for n in backbone.block_names if n not in ("stem", "classifier")]
-        return [units[round((j + 1) * len(units) / k) - 1] for j in range(k - 1)]
+    return mf.published.split_for(arch, backbone.block_names, k)
 
 
 def mlaan_k(method: str, k: int) -> int:

@@ -104,15 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def split_points(arch: str, backbone: mf.Net, modules: int) -> list[str]:
     """The published split for ``arch``/K when there is one, else modules of near-equal size."""
     try:
-        return mf.published_split(arch, modules)
-    except ValueError:
-        pass
-    units = [n for n in backbone.block_names if n not in ("stem", "classifier")]
-    if modules > len(units):
-        raise UsageError(f"{arch} cannot be split into {modules} modules: it has {len(units)} blocks "
-                         f"after the stem (16 with the stem as its own module for resnet32); "
-                         f"choose --modules between 1 and {len(units)}")
-    return [units[round((j + 1) * len(units) / modules) - 1] for j in range(modules - 1)]
+        return mf.published.split_for(arch, backbone.block_names, modules)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def build_scheme(args, dataset) -> tuple[mf.Net, list]:

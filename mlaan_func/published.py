@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from importlib import resources
+from typing import Sequence
 
 
 @functools.cache
@@ -67,3 +68,23 @@ def infopro_lambda_table(scheme: str, arch: str, modules: int) -> tuple[float, f
     table = tables()["infopro_lambdas"].get(scheme, {}).get(arch, {})
     row = table.get(str(modules))
     return None if row is None else tuple(float(v) for v in row)
+
+
+def split_for(arch: str | None, block_names: Sequence[str], modules: int) -> list[str]:
+    """The published split of ``arch`` for ``modules`` when there is one, else ``modules``
+    near-equal modules over the blocks after the stem (the stem joins the first module).
+
+    >>> names = ["stem", "1.0", "1.1", "2.0", "2.1", "classifier"]
+    >>> split_for(None, names, 2)
+    ['1.1']
+    """
+    if arch is not None:
+        try:
+            return published_split(arch, modules)
+        except ValueError:
+            pass
+    units = [n for n in block_names if n not in ("stem", "classifier")]
+    if not 1 <= modules <= len(units):
+        raise ValueError(f"{arch or 'the net'} cannot be split into {modules} modules: it has {len(units)} "
+                         f"blocks after the stem; choose K between 1 and {len(units)}")
+    return [units[round((j + 1) * len(units) / modules) - 1] for j in range(modules - 1)]
