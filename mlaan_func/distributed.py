@@ -245,6 +245,7 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
     routes = plan_routes(objectives)
     fns = gradient_fns(objectives, routes)
     param_keys, _ = scheme_names(objectives)
+    sub_keys = [o.param_names for o in objectives]
     post = after_steps(objectives)
     first_writer: dict[str, int] = {}
     for i, o in enumerate(objectives):
@@ -282,7 +283,7 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
             updates: State = {}
             for i in mine:
                 o = objectives[i]
-                p = {k: ts.params[k] for k in o.param_names}
+                p = {k: ts.params[k] for k in sub_keys[i]}
                 g, (loss, (new, outputs, met)) = fns[i](p, state, acts[o.input_name], mb)
                 for k, v in g.items():
                     grads[k] = grads[k] + v if k in grads else v
