@@ -83,18 +83,32 @@ def reconstruction_bce(mean: Sequence[float], std: Sequence[float]) -> LossFn:
                              f"{len(mean)}-channel mean and std")
         m = rearrange(torch.tensor(mean, dtype=x.dtype, device=x.device), "c -> 1 c 1 1")
         s = rearrange(torch.tensor(std, dtype=x.dtype, device=x.device), "c -> 1 c 1 1")
-        loss = F.binary_cross_entropy(output, (x * s + m).clamp(0, 1))
+        # On CPU the mean is a 0-d view of the per-pixel buffer; the clone (gradient: identity)
+        # lets that buffer die here instead of living as long as the loss or its metric.
+        loss = F.binary_cross_entropy(output, (x * s + m).clamp(0, 1)).clone()
         return loss, {"loss": loss.detach()}
 
     return reconstruction_bce
 
 
-def supervised_contrastive(temperature: float = 0.07) -> LossFn:
-    """Supervised contrastive loss (Khosla et al. 2020, as InfoPro used it).
+SUPCON_ANCHORS = ("all", "with_positive")
+"""How :func:`supervised_contrastive` averages over anchors (see there)."""
+
+
+def supervised_contrastive(temperature: float = 0.07, anchors: str = "with_positive") -> LossFn:
+    """Supervised contrastive loss (Khosla et al. 2020) on one view, as InfoPro used it.
 
     Features are L2-normalised here; each anchor's log-softmax over all other samples is
-    averaged over its positives (same label, not itself), then over the anchors that have a
-    positive (0 when none has). Equals Khosla's loss with ``base_temperature = temperature``.
+    averaged over its positives (same label, not itself); ``base_temperature = temperature``.
+    The anchors are then averaged in one of two ways, which differ only when some label occurs
+    once in the batch (Khosla's paper uses two views, so every anchor has a positive):
+
+    - ``anchors="all"``: over every anchor, one without a positive counting 0 — the released
+      InfoPro code (``SupConLoss`` of Khosla et al.'s reference implementation, ``mask_sum``
+      of 0 set to 1, then ``.mean()``). Use it to reproduce InfoPro and InfoPro+MLAAN.
+    - ``anchors="with_positive"``: over the anchors that have a positive only (0 when none
+      has) — Khosla et al.'s Eq. 2 with its undefined terms (``|P(i)| = 0``) left out.
+
     Metrics ``loss``.
 
     >>> supcon = supervised_contrastive(0.05)
@@ -102,10 +116,19 @@ def supervised_contrastive(temperature: float = 0.07) -> LossFn:
     >>> loss, _ = supcon(torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]]), Batch(torch.zeros(4, 1, 1, 1), y))
     >>> bool(loss.abs() < 1e-6)  # positives aligned, negatives orthogonal
     True
+    >>> f, y = torch.tensor([[1.0, 0], [1, 0], [0, 1]]), torch.tensor([0, 0, 1])  # label 1 is alone
+    >>> a = supervised_contrastive(1.0, "all")(f, Batch(torch.zeros(3, 1, 1, 1), y))[0]
+    >>> p = supervised_contrastive(1.0, "with_positive")(f, Batch(torch.zeros(3, 1, 1, 1), y))[0]
+    >>> bool(torch.isclose(a, p * 2 / 3))
+    True
     """
     temperature = float(temperature)
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    if anchors not in SUPCON_ANCHORS:
+        raise ValueError(f"anchors must be 'all' (the released InfoPro averaging) or 'with_positive', "
+                         f"got {anchors!r}")
+    over_all = anchors == "all"
 
     def supervised_contrastive(output: Tensor, batch: Batch) -> tuple[Tensor, Metrics]:
         y = batch.y
@@ -119,8 +142,11 @@ def supervised_contrastive(temperature: float = 0.07) -> LossFn:
         positive = (y[:, None] == y[None, :]) & ~self_mask
         count = positive.sum(dim=1)
         mean_pos = torch.where(positive, log_prob, 0.0).sum(dim=1) / count.clamp(min=1)
-        has_pos = (count > 0).to(f.dtype)
-        loss = -(mean_pos * has_pos).sum() / has_pos.sum().clamp(min=1)
+        if over_all:
+            loss = -mean_pos.mean()
+        else:
+            has_pos = (count > 0).to(f.dtype)
+            loss = -(mean_pos * has_pos).sum() / has_pos.sum().clamp(min=1)
         return loss, {"loss": loss.detach()}
 
     return supervised_contrastive

@@ -37,9 +37,12 @@ def num_classes_of(backbone: Net, input_shape: Sequence[int]) -> int:
     return output_shape(backbone, (_PROBE_BATCH, *input_shape))[-1]
 
 
-def classifier_head(kind: str, shape: Sequence[int], num_classes: int) -> nn.Module:
-    """An auxiliary classifier (``"linear"``, ``"dgl"`` or ``"dgl_wide"``) for a feature map
-    of ``shape`` = (C, H, W)."""
+def classifier_head(kind: str, shape: Sequence[int], num_classes: int, *,
+                    final_width: int | None = None) -> nn.Module:
+    """An auxiliary classifier (``"linear"``, ``"dgl"``, ``"dgl_wide"`` or ``"infopro_1c2f"``)
+    for a feature map of ``shape`` = (C, H, W). ``"infopro_1c2f"`` (InfoPro's classifier with
+    ``num_classes`` logits, the released DGL baseline's head) needs the backbone's
+    ``final_width``: a map of that width keeps its width and resolution."""
     if len(shape) != 3:
         raise ValueError(f"auxiliary heads take (C, H, W) feature maps, got a module output of shape {shape}")
     channels, height, width = shape
@@ -49,7 +52,12 @@ def classifier_head(kind: str, shape: Sequence[int], num_classes: int) -> nn.Mod
         return heads.dgl(channels, num_classes, (height, width))
     if kind == "dgl_wide":
         return heads.dgl_wide(channels, num_classes)
-    raise ValueError(f"unknown head {kind!r}; choose 'linear', 'dgl' or 'dgl_wide'")
+    if kind == "infopro_1c2f":
+        if final_width is None:
+            raise ValueError("head 'infopro_1c2f' needs final_width (the backbone's last feature width): "
+                             "pass final_width=..., or build it through mf.schemes.dgl")
+        return heads.infopro_classifier(channels, num_classes, final_width=channels == final_width)
+    raise ValueError(f"unknown head {kind!r}; choose 'linear', 'dgl', 'dgl_wide' or 'infopro_1c2f'")
 
 
 def e2e(backbone: Net) -> list[Objective]:
@@ -60,12 +68,16 @@ def e2e(backbone: Net) -> list[Objective]:
 def dgl(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32),
         head: str = "dgl") -> list[Objective]:
     """DGL (Belilovsky et al.): module ``i < K-1`` trains on ``CE(head_i(E_i(sg h_{i-1})))``;
-    the last module on the backbone's classifier. ``at`` is the split (K = len(at) + 1)."""
+    the last module on the backbone's classifier. ``at`` is the split (K = len(at) + 1).
+    ``head="infopro_1c2f"`` is the released DGL baseline of the InfoPro and MLAAN papers
+    (InfoPro's ``1c2f`` classifier with cross-entropy); ``"dgl"`` is the DGL paper's head."""
     modules = split(backbone, at)
     shapes = module_shapes(modules, input_shape)
     n = num_classes_of(backbone, input_shape)
+    final = _final_width(backbone, input_shape) if head == "infopro_1c2f" else None
     objectives = [
-        local_loss(m, from_module(classifier_head(head, s, n), name=f"head{i}"), cross_entropy, name=f"m{i}")
+        local_loss(m, from_module(classifier_head(head, s, n, final_width=final), name=f"head{i}"),
+                   cross_entropy, name=f"m{i}")
         for i, (m, s) in enumerate(zip(modules[:-1], shapes))
     ]
     objectives.append(local_loss(modules[-1], None, cross_entropy, name="final"))
@@ -75,8 +87,10 @@ def dgl(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32
 HeadFactory = Callable[[int, Sequence[int]], tuple[nn.Module, Callable]]
 """``(module index, feature shape) -> (head module, loss)``."""
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# The released InfoPro/MLAAN constants (as in data.STATS), so that the de-normalised image the
+# decoder reconstructs is the released one; they differ from the usual 0.4914… in the 4th decimal.
+CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 DEFAULT_LAMBDAS = (5.0, 0.5, 0.0, 0.0)
 
 
@@ -85,17 +99,25 @@ def _final_width(backbone: Net, input_shape: Sequence[int]) -> int:
     return output_shape(features, (_PROBE_BATCH, *input_shape))[1]
 
 
-def _stage_fraction(name: str, stages: int = 3) -> float:
+def stage_fraction(name: str, modules: int) -> float:
+    """The released InfoPro+MLAAN's λ interpolation point for the module ending at block
+    ``name``: ``r = stage / (K - 2)`` with stages counted from 1 (0 when K ≤ 2 or for the stem).
+
+    >>> stage_fraction("1.4", 8), stage_fraction("3.0", 15)
+    (0.16666666666666666, 0.23076923076923078)
+    """
     head = name.split(".")[0]
-    return (int(head) - 1) / max(stages - 1, 1) if head.isdigit() else 0.0
+    return int(head) / (modules - 2) if head.isdigit() and modules > 2 else 0.0
 
 
 def infopro_loss(i: int, modules: int, lambdas: Sequence[float], *, contrastive: bool,
-                 mean: Sequence[float], std: Sequence[float], stage_fraction: float | None = None):
+                 mean: Sequence[float], std: Sequence[float], stage_fraction: float | None = None,
+                 supcon_anchors: str = "with_positive"):
     """``λ1(i) · BCE(reconstruction) + λ2(i) · task`` for module ``i`` of ``modules``.
 
-    λ is interpolated by module (``r = i / max(K-2, 1)``) or, with ``stage_fraction``, by
-    stage as the released InfoPro+MLAAN code did.
+    λ is interpolated by module (``r = i / max(K-2, 1)``) or, with ``stage_fraction``, at that
+    ``r`` (the released InfoPro+MLAAN: :func:`stage_fraction`). ``supcon_anchors``: see
+    :func:`mlaan_func.losses.supervised_contrastive` (``"all"`` reproduces the released code).
     """
     ixx_1, ixy_1, ixx_2, ixy_2 = lambdas
     if stage_fraction is None:
@@ -103,7 +125,7 @@ def infopro_loss(i: int, modules: int, lambdas: Sequence[float], *, contrastive:
     else:
         r = stage_fraction
         lam1, lam2 = ixx_1 * (1 - r) + ixx_2 * r, ixy_1 * (1 - r) + ixy_2 * r
-    task = losses.supervised_contrastive(0.07) if contrastive else cross_entropy
+    task = losses.supervised_contrastive(0.07, supcon_anchors) if contrastive else cross_entropy
     return losses.weighted_sum((losses.reconstruction_bce(mean, std), lam1), (task, lam2))
 
 
@@ -117,17 +139,20 @@ def infopro_head(shape: Sequence[int], num_classes: int, input_shape: Sequence[i
 
 def infopro(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32),
             lambdas: Sequence[float] | None = None, contrastive: bool = True,
-            mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD) -> list[Objective]:
+            mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD,
+            supcon_anchors: str = "with_positive") -> list[Objective]:
     """InfoPro (Wang et al.): module ``i < K-1`` trains on ``λ1·BCE(decoder(h_i), image) +
     λ2·task(classifier(h_i))`` (task: supervised contrastive by default); the last module on
-    the backbone's classifier. ``lambdas = (ixx_1, ixy_1, ixx_2, ixy_2)``."""
+    the backbone's classifier. ``lambdas = (ixx_1, ixy_1, ixx_2, ixy_2)``;
+    ``supcon_anchors="all"`` averages the contrastive loss as the released code."""
     modules = split(backbone, at)
     shapes = module_shapes(modules, input_shape)
     n, final = num_classes_of(backbone, input_shape), _final_width(backbone, input_shape)
     lambdas = DEFAULT_LAMBDAS if lambdas is None else tuple(lambdas)
     objectives = [
         local_loss(m, from_module(infopro_head(s, n, input_shape, final, contrastive), name=f"head{i}"),
-                   infopro_loss(i, len(modules), lambdas, contrastive=contrastive, mean=mean, std=std),
+                   infopro_loss(i, len(modules), lambdas, contrastive=contrastive, mean=mean, std=std,
+                                supcon_anchors=supcon_anchors),
                    name=f"m{i}")
         for i, (m, s) in enumerate(zip(modules[:-1], shapes))
     ]
@@ -224,10 +249,12 @@ def dgl_mlaan(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = 
 def infopro_mlaan(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32),
                   width: int | None = None, lambdas: Sequence[float] | None = None,
                   lambda_by: str = "module", mean: Sequence[float] = CIFAR10_MEAN,
-                  std: Sequence[float] = CIFAR10_STD, **options) -> list[Objective]:
+                  std: Sequence[float] = CIFAR10_STD, supcon_anchors: str = "with_positive",
+                  **options) -> list[Objective]:
     """InfoPro + MLAAN: decoder + classifier heads; λ1·BCE + λ2·SupCon on the independent
     path, λ1·BCE + λ2·CE on the cascaded one (W = 3 by default). ``lambda_by="stage"``
-    interpolates λ by stage as the released code did."""
+    interpolates λ by stage as the released code did (:func:`stage_fraction`);
+    ``supcon_anchors="all"`` averages the contrastive loss as the released code."""
     if lambda_by not in ("module", "stage"):
         raise ValueError(f"lambda_by must be 'module' or 'stage', got {lambda_by!r}")
     modules_k = len(at) + 1
@@ -238,10 +265,10 @@ def infopro_mlaan(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int
 
     def factory(contrastive: bool):
         def make(i: int, shape):
-            stage = _stage_fraction(ends[i]) if lambda_by == "stage" else None
+            stage = stage_fraction(ends[i], modules_k) if lambda_by == "stage" else None
             return (infopro_head(shape, n, input_shape, final, contrastive),
                     infopro_loss(i, modules_k, lambdas, contrastive=contrastive, mean=mean, std=std,
-                                 stage_fraction=stage))
+                                 stage_fraction=stage, supcon_anchors=supcon_anchors))
         return make
 
     return multilaminar(backbone, at, input_shape=input_shape, width=w, independent=factory(True),
