@@ -45,6 +45,9 @@ def memory_section(payload: dict) -> list[str]:
              "`ratio` is the scheme's peak over E2E's in this library on the same batch. "
              "Released-code ratios are the issue's measurements of the research code.", ""]
     lines += header(payload, "memory.py")
+    for u in payload.get("updates", []):
+        lines += [f"Rows re-measured later ({u['rows']}): `{u['command']}`, {u['date']}, {u['machine']}, "
+                  f"{u['threads']} thread(s); {u['note']}.", ""]
     rows = payload["rows"]
     base = rows[0]
     lines += [f"Baselines (batch {base['batch_size']}, {base['arch']}): E2E {base['e2e_peak_step_bytes'] / MiB:.1f} MiB, "
