@@ -555,7 +555,7 @@ def partition(transforms: "dict[Any, Optimizer]", labels: Labels) -> Optimizer:
     def groups(tensors: Params) -> dict[Any, list[str]]:
         named = _names_of(labels, tensors, "the partition's labels",
                           f"give every parameter one of the groups {list(transforms)}")
-        unknown = sorted({repr(v) for v in named.values() if v not in transforms})
+        unknown = list(dict.fromkeys(v for v in named.values() if v not in transforms))
         if unknown:
             raise ValueError(f"the partition's labels name groups {unknown} that have no transform; the "
                              f"groups are {list(transforms)}: add a transform for them or fix the labels")
