@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 from torch.func import grad_and_value
-from torch.utils._pytree import tree_map, tree_structure
+from torch.utils._pytree import tree_map, tree_structure, tree_unflatten
 
 from . import hyper
 from .combinators import Objective
@@ -219,9 +219,10 @@ def _check_structure(batch: Any, first: Any) -> Any:
     """The batch's pytree structure, checked against the first one a step function saw."""
     spec = tree_structure(batch)
     if first is not None and spec != first:
-        raise ValueError(f"the batch's structure changed between steps: the first batch was {first}, this one "
-                         f"is {spec}; give every step the same kind of batch (e.g. always (x, y) or always "
-                         "the same dict keys), or build a new step function")
+        shape = lambda s: tree_unflatten(["T"] * s.num_leaves, s)  # noqa: E731
+        raise ValueError(f"the batch's structure changed between steps: the first batch was {shape(first)!r}, "
+                         f"this one is {shape(spec)!r} (T: a tensor); give every step the same kind of batch "
+                         "(e.g. always (x, y) or always the same dict keys), or build a new step function")
     return spec
 
 
