@@ -258,3 +258,19 @@ def test_label_helpers_refuse_unknown_parameters_and_unmatched_names():
         mf.labels.by_objective(scheme)({"nope": torch.ones(1)})
     with pytest.raises(ValueError, match="match none of the patterns.*default="):
         mf.labels.by_name({"a": "x.*"})({"y.w": torch.ones(1)})
+
+
+def test_labels_by_objective_tells_copies_from_trunks_and_refuses_conflicts():
+    net = mf.from_module(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)))
+    first, last = mf.split(net, at=["1"])
+    copied_head = mf.copy(last, "aug")  # an AugLocal-style head: a copy of a later block
+    scheme = [mf.local_loss(first, copied_head, mf.losses.cross_entropy, name="m0"),
+              mf.local_loss(last, None, mf.losses.cross_entropy, name="final")]
+    params, _ = mf.init_params(*scheme)
+    labels = mf.labels.by_objective(scheme)(params)
+    assert labels == {"0.weight": "backbone", "0.bias": "backbone", "aug.2.weight": "copies",
+                      "aug.2.bias": "copies", "2.weight": "backbone", "2.bias": "backbone"}
+    head_on_backbone = [mf.local_loss(first, last, mf.losses.cross_entropy, name="m0"),
+                        mf.local_loss(last, None, mf.losses.cross_entropy, name="final")]
+    with pytest.raises(ValueError, match="'2.weight' is both 'heads' and 'backbone'.*by_name"):
+        mf.labels.by_objective(head_on_backbone)
