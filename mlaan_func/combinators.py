@@ -212,8 +212,8 @@ class Objective:
     ``x`` is the (detached) input ``net`` reads, named by ``input_name``; ``net``'s output
     (and any tapped block output inside it) is what later objectives may read. ``grad_fn``,
     when given, replaces the engine's ``torch.func.grad_and_value`` for this objective and
-    has its signature: ``(params, state, x, batch) -> (grads, (loss, (updates, outputs,
-    metrics)))``.
+    has its signature: ``(params, state, x, batch, step=None) -> (grads, (loss, (updates,
+    outputs, metrics)))``; ``score`` gives the weighted loss at ``step``.
 
     >>> from torch import nn
     >>> from mlaan_func.core import from_module, init_params
