@@ -15,6 +15,7 @@ from .engine import (NonFiniteLossError, TrainState, evaluate, gradients, init, 
 from .losses import Batch
 from .published import infopro_lambda_table, leap_trunk_table, published_split
 from .remat import remat
+from . import hyper, labels
 
 __all__ = [
     "AfterStep", "Batch", "Block", "LeapBlock", "Net", "NonFiniteLossError", "Objective",
@@ -24,3 +25,4 @@ __all__ = [
     "published", "published_split", "remat", "save", "schemes", "split", "step", "to_module",
     "trunks",
 ]
+__all__ += ["hyper", "labels"]

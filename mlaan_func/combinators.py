@@ -22,6 +22,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from . import hyper
 from .core import AfterStep, Net, Params, State, copy
 
 
@@ -85,6 +86,11 @@ def cascade(*nets: Net) -> Net:
 
 
 def _decay_tensor(decay: float | Tensor) -> Tensor:
+    if isinstance(decay, hyper.Held):
+        _decay_tensor(decay.value)
+        return decay
+    if hyper.is_schedule(decay):
+        return decay
     value = torch.as_tensor(decay, dtype=torch.float32).detach().clone()
     if value.ndim != 0 or not bool((value >= 0) & (value <= 1)):
         raise ValueError(f"EMA decay must be a number in [0, 1] (1 freezes the twin, 0 copies the source), got {decay}")
@@ -120,18 +126,20 @@ class LeapBlock:
 
     @property
     def state_names(self) -> tuple[str, ...]:
-        return self.copy.state_names + self.twin.param_names + self.twin.state_names
+        held = (self.decay.key,) if isinstance(self.decay, hyper.Held) else ()
+        return self.copy.state_names + self.twin.param_names + self.twin.state_names + held
 
     @property
     def after_steps(self) -> tuple[AfterStep, ...]:
         twin_keys, source_keys, decay = self.twin.param_names, self.source.param_names, self.decay
 
-        def ema(params: Params, state: State) -> State:
+        def ema(params: Params, state: State, step: Tensor | None = None) -> State:
             missing = [k for k in source_keys if k not in params]
             if missing:
                 raise KeyError(f"the EMA twin {self.twin.block_names} follows {missing[:3]}, which no "
                                "objective of the scheme trains; include the source blocks in the scheme")
-            m = decay.to(params[source_keys[0]].device) if source_keys else decay
+            m = hyper.resolve(decay, state, step, f"the EMA decay of twin {self.twin.block_names}")
+            m = m.to(params[source_keys[0]].device) if source_keys else m
             twins = [state[k] for k in twin_keys]
             new = torch._foreach_add(torch._foreach_mul(twins, m),
                                      torch._foreach_mul([params[k] for k in source_keys], 1 - m))
@@ -155,6 +163,8 @@ class LeapBlock:
             p, s = block.init(seed)
             state.update(p)
             state.update(s)
+        if isinstance(self.decay, hyper.Held):
+            state[self.decay.key] = self.decay.value.clone()
         return params, state
 
     def renamed(self, prefix: str) -> "LeapBlock":
@@ -167,7 +177,8 @@ def leap_ema(copy_net: Net, source: Net, decay: float | Tensor = 0.995, *, twin:
     After each optimizer update the engine runs the net's ``after_steps``:
     ``twin ← decay · twin + (1 − decay) · source`` on parameters; the twin's BatchNorm
     statistics follow its own forward passes. Twins are keyed ``"<twin>.<source key>"``,
-    so two leap nets with the same ``twin`` prefix and source share one twin.
+    so two leap nets with the same ``twin`` prefix and source share one twin. ``decay`` may
+    also be a schedule of the step or ``mlaan_func.hyper.held(m)`` (see ``mlaan_func.hyper``).
 
     >>> from torch import nn
     >>> from mlaan_func.core import copy, from_module
@@ -182,7 +193,11 @@ def leap_ema(copy_net: Net, source: Net, decay: float | Tensor = 0.995, *, twin:
         raise ValueError("leap_ema's first argument must be a copy of its source "
                          "(mlaan_func.copy(source, prefix)); got blocks "
                          f"{copy_net.block_names} for source {source.block_names}")
-    block = LeapBlock(copy=copy_net, twin=copy(source, twin), source=source, decay=_decay_tensor(decay))
+    twin_net = copy(source, twin)
+    decay = _decay_tensor(decay)
+    if isinstance(decay, hyper.Held):
+        decay = attrs.evolve(decay, key=hyper.decay_key(twin_net.block_names))
+    block = LeapBlock(copy=copy_net, twin=twin_net, source=source, decay=decay)
     return Net((block,), input_name=copy_net.input_name)
 
 
@@ -197,8 +212,8 @@ class Objective:
     ``x`` is the (detached) input ``net`` reads, named by ``input_name``; ``net``'s output
     (and any tapped block output inside it) is what later objectives may read. ``grad_fn``,
     when given, replaces the engine's ``torch.func.grad_and_value`` for this objective and
-    has its signature: ``(params, state, x, batch) -> (grads, (loss, (updates, outputs,
-    metrics)))``.
+    has its signature: ``(params, state, x, batch, step=None) -> (grads, (loss, (updates,
+    outputs, metrics)))``; ``score`` gives the weighted loss at ``step``.
 
     >>> from torch import nn
     >>> from mlaan_func.core import from_module, init_params
@@ -220,6 +235,10 @@ class Objective:
     loss: LossFn
     weight: Tensor
     grad_fn: Callable | None = None
+    loss_takes_step: bool = attrs.field(init=False)
+
+    def __attrs_post_init__(self):
+        object.__setattr__(self, "loss_takes_step", hyper.takes_step(self.loss))
 
     @property
     def nets(self) -> tuple[Net, ...]:
@@ -239,16 +258,26 @@ class Objective:
 
     @property
     def state_names(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(k for n in self.nets for k in n.state_names))
+        held = (self.weight.key,) if isinstance(self.weight, hyper.Held) else ()
+        return tuple(dict.fromkeys(k for n in self.nets for k in n.state_names)) + held
 
     @property
     def after_steps(self) -> tuple[AfterStep, ...]:
         return tuple(a for n in self.nets for a in n.after_steps)
 
+    def score(self, z: Any, batch: Any, state: State, step: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(weight · loss(z, batch), metrics)`` at ``step``: the loss gets ``step=`` when it
+        takes one; the weight is a number, a schedule of the step or held in ``state``."""
+        loss, metrics = self.loss(z, batch, step=step) if self.loss_takes_step else self.loss(z, batch)
+        weight = hyper.resolve(self.weight, state, step, f"objective {self.name!r}'s weight")
+        return weight * loss, metrics
+
     def forward(self, params: Params, state: State, x: Tensor, batch: Any, *, train: bool = True,
-                taps: tuple[str, ...] = ()) -> tuple[Tensor, State, dict[str, Tensor], dict[str, Tensor]]:
+                taps: tuple[str, ...] = (), step: Tensor | None = None
+                ) -> tuple[Tensor, State, dict[str, Tensor], dict[str, Tensor]]:
         """``(loss, state updates, outputs, metrics)``; ``outputs`` maps ``output_name`` and
-        each block named in ``taps`` to its output."""
+        each block named in ``taps`` to its output. ``step`` (the train state's step) reaches
+        schedules and losses that take it."""
         outputs = dict.fromkeys(taps)
         h, updates = self.net.run(params, state, x, train=train, taps=outputs)
         outputs[self.output_name] = h
@@ -256,14 +285,18 @@ class Objective:
         if self.head is not None:
             z, head_updates = self.head.run(params, state, h, train=train)
             updates = {**updates, **head_updates}
-        loss, metrics = self.loss(z, batch)
-        return self.weight * loss, updates, outputs, metrics
+        loss, metrics = self.score(z, batch, state, step)
+        return loss, updates, outputs, metrics
 
 
 def local_loss(net: Net, head: Net | None, loss: LossFn, weight: float | Tensor = 1.0, *,
                name: str | None = None) -> Objective:
     """An objective: ``weight · loss(head(net(x)), batch)``; with ``head=None`` the net's own
     output is scored (the last module's classifier).
+
+    ``weight`` is a number, a schedule (a function of the step tensor) or
+    ``mlaan_func.hyper.held(w)``, a value kept in the train state. ``loss(output, batch)``
+    may also take a ``step`` keyword to receive the step.
 
     >>> from torch import nn
     >>> from mlaan_func.core import from_module
@@ -275,8 +308,15 @@ def local_loss(net: Net, head: Net | None, loss: LossFn, weight: float | Tensor 
     """
     if not isinstance(net, Net) or (head is not None and not isinstance(head, Net)):
         raise TypeError("local_loss takes nets (from_module / split / cascade) for net and head")
+    default = f"{net.output_name}" if head is None else f"{net.output_name}/{head.output_name}"
+    name = name or default
+    if isinstance(weight, hyper.Held):
+        return Objective(name=name, net=net, head=head, loss=loss,
+                         weight=attrs.evolve(weight, key=hyper.weight_key(name)))
+    if hyper.is_schedule(weight):
+        return Objective(name=name, net=net, head=head, loss=loss, weight=weight)
     w = torch.as_tensor(weight, dtype=torch.float32).detach().clone()
     if w.ndim != 0 or not bool(torch.isfinite(w)):
-        raise ValueError(f"a loss weight must be a finite number, got {weight}")
-    default = f"{net.output_name}" if head is None else f"{net.output_name}/{head.output_name}"
-    return Objective(name=name or default, net=net, head=head, loss=loss, weight=w)
+        raise ValueError(f"a loss weight must be a finite number, a schedule of the step or "
+                         f"mlaan_func.hyper.held(w), got {weight}")
+    return Objective(name=name, net=net, head=head, loss=loss, weight=w)

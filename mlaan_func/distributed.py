@@ -284,7 +284,7 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
             for i in mine:
                 o = objectives[i]
                 p = {k: ts.params[k] for k in sub_keys[i]}
-                g, (loss, (new, outputs, met)) = fns[i](p, state, acts[o.input_name], mb)
+                g, (loss, (new, outputs, met)) = fns[i](p, state, acts[o.input_name], mb, ts.step)
                 for k, v in g.items():
                     grads[k] = grads[k] + v if k in grads else v
                 for k, v in new.items():

@@ -27,12 +27,13 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 from torch.func import grad_and_value
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_map, tree_structure, tree_unflatten
 
+from . import hyper
 from .combinators import Objective
 from .core import INPUT, AfterStep, Params, State, check_keys, init_params
-from .losses import Batch
-from .optim import Optimizer, apply_updates
+from .losses import Batch, input_of
+from .optim import Optimizer, apply_updates, state_metrics
 
 
 class TrainState(NamedTuple):
@@ -129,14 +130,17 @@ def init(objectives: Sequence[Objective], optimizer: Optimizer, *, seed: int = 0
     """
     plan_routes(objectives)
     params, state = init_params(*objectives, seed=seed, device=device, dtype=dtype)
+    held = {o.weight.key: o.weight.value.to(device) for o in objectives if isinstance(o.weight, hyper.Held)}
+    state = {**state, **held}
     return TrainState(params, state, optimizer.init(params),
                       torch.zeros((), dtype=torch.int64, device=device))
 
 
 def objective_fn(objective: Objective, taps: tuple[str, ...] = ()) -> Callable:
-    """``(params, state, x, batch) -> (loss, (updates, outputs, metrics))`` in training mode."""
-    def objective_loss(params: Params, state: State, x: Tensor, batch: Batch):
-        loss, updates, outputs, metrics = objective.forward(params, state, x, batch, train=True, taps=taps)
+    """``(params, state, x, batch, step) -> (loss, (updates, outputs, metrics))`` in training mode."""
+    def objective_loss(params: Params, state: State, x: Tensor, batch: Any, step: Tensor | None = None):
+        loss, updates, outputs, metrics = objective.forward(params, state, x, batch, train=True, taps=taps,
+                                                            step=step)
         return loss, (updates, outputs, metrics)
 
     return objective_loss
@@ -177,7 +181,7 @@ def _detach(x: Any) -> Any:
 
 def gradient_fns(objectives: Sequence[Objective], routes: Sequence[Route], *, compile: bool = False,
                  backend: str = "inductor") -> list[Callable]:
-    """Per objective: ``(params, state, x, batch) -> (grads, (loss, (updates, outputs, metrics)))``.
+    """Per objective: ``(params, state, x, batch, step) -> (grads, (loss, (updates, outputs, metrics)))``.
 
     Eager: ``autograd_grad_and_value``; compiled: ``torch.func.grad_and_value`` under
     ``torch.compile``. An objective's own ``grad_fn(objective, taps)`` builds its function
@@ -195,15 +199,38 @@ def gradient_fns(objectives: Sequence[Objective], routes: Sequence[Route], *, co
     return fns
 
 
-def _as_batch(batch: Any) -> Batch:
-    if isinstance(batch, Batch):
-        return batch
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError("a batch is a pair (inputs, labels)")
-    x, y = batch
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"the batch has {x.shape[0]} inputs but {y.shape[0]} labels")
-    return Batch(x, y)
+def _as_batch(batch: Any) -> Any:
+    """A ``Batch`` for ``Batch`` and ``(x, y)`` pairs; any other pytree whose first leaf is the
+    input tensor as it is (``{"x", "y", "x2"}``, ``(x, y, mask)``). Checks the lengths of
+    inputs and labels where it can tell them apart."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
+        batch = Batch(*batch)
+    x = input_of(batch)
+    if x.dim() == 0:
+        raise ValueError("the batch's input is a 0-d tensor; its first dimension must be the samples")
+    y = batch.y if isinstance(batch, Batch) else batch.get("y") if isinstance(batch, dict) else \
+        batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+    if isinstance(y, Tensor) and y.dim() > 0 and x.shape[0] != y.shape[0]:
+        raise ValueError(f"the batch has {x.shape[0]} inputs but {y.shape[0]} labels; pass one label per input")
+    return batch
+
+
+def _check_structure(batch: Any, first: Any) -> Any:
+    """The batch's pytree structure, checked against the first one a step function saw."""
+    spec = tree_structure(batch)
+    if first is not None and spec != first:
+        shape = lambda s: tree_unflatten(["T"] * s.num_leaves, s)  # noqa: E731
+        raise ValueError(f"the batch's structure changed between steps: the first batch was {shape(first)!r}, "
+                         f"this one is {shape(spec)!r} (T: a tensor); give every step the same kind of batch "
+                         "(e.g. always (x, y) or always the same dict keys), or build a new step function")
+    return spec
+
+
+def _check_device(x: Tensor, params: Params) -> None:
+    device = next(iter(params.values())).device if params else x.device
+    if x.device != device:
+        raise ValueError(f"the batch is on {x.device} but the parameters are on {device}; move the batch "
+                         f"with .to({str(device)!r}) (or build the train state with init(..., device=))")
 
 
 class Gradients(NamedTuple):
@@ -236,18 +263,24 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     param_keys, state_keys = scheme_names(objectives)
     sub_keys = [o.param_names for o in objectives]
 
+    first_structure = None
+
     def run(ts: TrainState, batch: Any) -> Gradients:
+        nonlocal first_structure
         check_keys("the train state's params", ts.params, param_keys)
         check_keys("the train state's state", ts.state, state_keys)
         batch = _as_batch(batch)
-        acts: dict[str, Tensor] = {INPUT: batch.x}
+        first_structure = _check_structure(batch, first_structure)
+        x = input_of(batch)
+        _check_device(x, ts.params)
+        acts: dict[str, Tensor] = {INPUT: x}
         grads: Params = {}
         updates: State = {}
         losses: dict[str, Tensor] = {}
         metrics: dict[str, dict[str, Tensor]] = {}
         for i, o in enumerate(objectives):
             p = {k: ts.params[k] for k in sub_keys[i]}
-            g, (loss, (new, outputs, m)) = fns[i](p, ts.state, acts[o.input_name], batch)
+            g, (loss, (new, outputs, m)) = fns[i](p, ts.state, acts[o.input_name], batch, ts.step)
             for k, v in g.items():
                 if k in grads:
                     grads[k].add_(v)
@@ -274,18 +307,25 @@ def apply_gradients(ts: TrainState, grads: Params, state: State, optimizer: Opti
     updates, opt_state = optimizer.update({k: grads[k] for k in ts.params}, ts.opt_state, ts.params)
     params = apply_updates(ts.params, updates)
     for a in post:
-        state = a.fn(params, state)
+        state = a.fn(params, state, step=ts.step) if hyper.takes_step(a.fn) else a.fn(params, state)
     return TrainState(params, state, opt_state, ts.step + 1)
 
 
 def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool = False,
          backend: str = "inductor", check_finite: bool = True
          ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, dict[str, Tensor]]]]:
-    """A pure training step ``(train_state, (x, y)) -> (train_state, metrics)``.
+    """A pure training step ``(train_state, batch) -> (train_state, metrics)``.
+
+    A batch is ``(x, y)``, a ``Batch``, or any pytree whose first leaf is the input (every
+    loss gets the whole batch); every step must get the same structure. ``metrics`` holds
+    each objective's metrics under its name, and what the optimizer state reports
+    (``optim.state_metrics``: skipped updates, injected hyper-parameters), when anything,
+    under ``"optimizer"``.
 
     ``compile=True`` compiles each objective's gradient function with ``torch.compile``.
     A non-finite loss raises ``NonFiniteLossError`` (one flag per step, checked outside
-    compiled code) and nothing is updated.
+    compiled code) and nothing is updated; with ``check_finite=False`` the step goes on
+    (use ``optim.apply_if_finite`` to skip such updates).
 
     >>> from torch import nn
     >>> import mlaan_func as mf
@@ -314,15 +354,31 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
                 "Lower the learning rate, add gradient clipping (mlaan_func.optim.clip_by_global_norm), "
                 "or check the inputs for NaN.")
         metrics = {n: {**m, "weighted_loss": g.losses[n]} for n, m in g.metrics.items()}
-        return apply_gradients(ts, g.grads, g.state, optimizer, post), metrics
+        ts = apply_gradients(ts, g.grads, g.state, optimizer, post)
+        reported = state_metrics(ts.opt_state)
+        if reported:
+            if "optimizer" in metrics:
+                raise ValueError("an objective is named 'optimizer', where the step reports the optimizer's "
+                                 "metrics; rename it (local_loss(..., name=))")
+            metrics["optimizer"] = reported
+        return ts, metrics
 
     return train_step
 
 
 @torch.no_grad()
-def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[Any]) -> dict[str, float]:
-    """Accuracy of every objective that reports one (the final classifier and each
-    auxiliary head), in eval mode, averaged over samples. Keys are objective names.
+def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[Any], *,
+             metrics: dict[str, Callable] | None = None, select: str | None = "accuracy"
+             ) -> dict[str, Any]:
+    """Every metric the objectives report (and the user ``metrics``), in eval mode, averaged
+    over samples.
+
+    ``select="accuracy"`` (the default) returns ``{objective: accuracy}`` for the objectives
+    that report one (the final classifier and each auxiliary head); ``select=None`` returns
+    ``{name: {metric: value}}`` for every objective and every function in ``metrics``. A
+    metric function ``fn(outputs, batch) -> {metric: 0-d tensor}`` gets ``outputs``, the
+    output of every boundary the scheme produced (``"input"``, then each objective's net
+    output and tapped blocks, by block name), e.g. for a linear probe on a module's output.
 
     >>> from torch import nn
     >>> import mlaan_func as mf
@@ -332,28 +388,55 @@ def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[
     >>> acc = evaluate(scheme, ts, [(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]))])
     >>> list(acc), 0.0 <= acc["final"] <= 1.0
     (['final'], True)
+    >>> mean_logit = lambda outputs, batch: {"mean": outputs["fc"].mean()}
+    >>> every = evaluate(scheme, ts, [(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]))],
+    ...                  metrics={"logits": mean_logit}, select=None)
+    >>> sorted(every), sorted(every["final"])
+    (['final', 'logits'], ['accuracy', 'loss'])
     """
     objectives = list(objectives)
     routes = plan_routes(objectives)
-    correct: dict[str, Tensor] = {}
-    seen = 0
+    metrics = dict(metrics or {})
+    clash = [n for n in metrics if n in {o.name for o in objectives}]
+    if clash:
+        raise ValueError(f"metric functions {clash} share a name with objectives; rename them")
+    sums: dict[str, dict[str, Tensor]] = {}
+
+    def add(name: str, reported: dict[str, Tensor], n: int) -> None:
+        into = sums.setdefault(name, {})
+        for k, v in reported.items():
+            if not isinstance(v, Tensor) or v.dim() != 0:
+                raise ValueError(f"{name!r} reports metric {k!r} as {type(v).__name__}"
+                                 f"{tuple(v.shape) if isinstance(v, Tensor) else ''}; a metric is a 0-d tensor")
+            into[k] = into.get(k, 0.0) + v.double() * n
+
+    seen, structure = 0, None
     for batch in batches:
         batch = _as_batch(batch)
-        n = batch.y.shape[0]
-        acts = {INPUT: batch.x}
+        structure = _check_structure(batch, structure)
+        x = input_of(batch)
+        n = x.shape[0]
+        acts = {INPUT: x}
+        produced = {INPUT: x}
         for i, o in enumerate(objectives):
             _, _, outputs, m = o.forward(ts.params, ts.state, acts[o.input_name], batch, train=False,
-                                         taps=routes[i].taps)
+                                         taps=routes[i].taps, step=ts.step)
             for name, out in outputs.items():
                 acts.setdefault(name, out)
+                if metrics:
+                    produced.setdefault(name, out)
             for name in routes[i].free_after:
                 acts.pop(name, None)
-            if "accuracy" in m:
-                correct[o.name] = correct.get(o.name, 0.0) + m["accuracy"].double() * n
+            add(o.name, m, n)
+        for name, fn in metrics.items():
+            add(name, fn(produced, batch), n)
         seen += n
     if seen == 0:
         raise ValueError("evaluate got no batches")
-    return {k: float(v / seen) for k, v in correct.items()}
+    averaged = {name: {k: float(v / seen) for k, v in m.items()} for name, m in sums.items()}
+    if select is None:
+        return averaged
+    return {name: m[select] for name, m in averaged.items() if select in m}
 
 
 def save(path: str | os.PathLike, ts: TrainState, extra: dict | None = None) -> None:

@@ -1,8 +1,11 @@
 """Local losses: pure ``loss(output, batch) -> (loss, metrics)``.
 
 ``loss`` is a 0-d tensor; ``metrics`` maps names to detached 0-d tensors (never Python
-numbers, so a compiled step never syncs). ``batch`` is a ``Batch(x, y)``: the normalised
-images and their int64 labels.
+numbers, so a compiled step never syncs). ``batch`` is what the step was given: a
+``Batch(x, y)`` (normalised images and int64 labels; a plain ``(x, y)`` becomes one) or any
+pytree whose first leaf is the input (``{"x": ..., "y": ..., "x2": ...}``, ``(x, y, mask)``).
+The losses here read the labels with ``target_of``. A loss that takes a ``step`` keyword
+also receives the train state's step.
 
 >>> import torch
 >>> batch = Batch(torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]))
@@ -13,12 +16,13 @@ images and their int64 labels.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+from torch.utils._pytree import tree_leaves
 
 Metrics = dict[str, Tensor]
 LossFn = Callable[[object, "Batch"], tuple[Tensor, Metrics]]
@@ -38,6 +42,60 @@ class Batch(NamedTuple):
     y: Tensor
 
 
+def input_of(batch: Any) -> Tensor:
+    """A batch's input: its first leaf (``x`` of a ``Batch`` or ``(x, y, ...)``, the first
+    value of a dict).
+
+    >>> input_of({"x": torch.zeros(2, 3), "y": torch.tensor([0, 1])}).shape
+    torch.Size([2, 3])
+    """
+    leaves = tree_leaves(batch)
+    if not leaves or not isinstance(leaves[0], Tensor):
+        raise TypeError(f"a batch is (inputs, labels, ...), a Batch, or any pytree whose first leaf is the "
+                        f"input tensor; got {type(batch).__name__} whose first leaf is "
+                        f"{type(leaves[0]).__name__ if leaves else 'missing'}")
+    return leaves[0]
+
+
+def target_of(batch: Any) -> Tensor:
+    """A batch's labels: ``batch.y``, ``batch["y"]``, or the second item of a tuple.
+
+    >>> target_of((torch.zeros(2, 3), torch.tensor([0, 1]), torch.ones(2))).tolist()
+    [0, 1]
+    """
+    if hasattr(batch, "y"):
+        return batch.y
+    if isinstance(batch, dict):
+        if "y" not in batch:
+            raise KeyError(f"this loss reads the labels under 'y'; the batch has keys {list(batch)}: "
+                           "name the labels 'y' or write a loss that reads your key")
+        return batch["y"]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    raise TypeError(f"this loss reads labels from batch.y, batch['y'] or batch[1]; got a {type(batch).__name__}")
+
+
+def _check_labels(y: Tensor, num_logits: int | None, what: str) -> Tensor:
+    """``y`` as int64 class indices, or a ``ValueError`` that says how to fix them."""
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{what} takes integer class indices as labels, got {y.dtype} labels of shape "
+                         f"{tuple(y.shape)}; for one-hot labels pass y.argmax(dim=1), for soft labels "
+                         "write a loss on probabilities (F.cross_entropy accepts them)")
+    if y.dim() != 1:
+        raise ValueError(f"{what} takes labels of shape (N,), got {tuple(y.shape)}; one-hot labels "
+                         "become class indices with y.argmax(dim=1)")
+    if y.dtype != torch.int64:
+        y = y.long()
+    if num_logits is not None and y.numel() and not torch.compiler.is_compiling():
+        low, high = torch.aminmax(y)
+        low, high = int(low), int(high)
+        if low < 0 or high >= num_logits:
+            raise ValueError(f"{what}: labels must lie in [0, {num_logits}) for {num_logits} logits, got "
+                             f"labels from {low} to {high}; build the classifier and heads with "
+                             f"num_classes={max(high + 1, num_logits)} or remap the labels")
+    return y
+
+
 def _check_rows(output: Tensor, y: Tensor, what: str) -> None:
     if output.dim() != 2:
         raise ValueError(f"{what} takes (N, features) outputs, got shape {tuple(output.shape)}")
@@ -52,9 +110,11 @@ def cross_entropy(output: Tensor, batch: Batch) -> tuple[Tensor, Metrics]:
     >>> round(float(loss), 4)
     2.3026
     """
-    _check_rows(output, batch.y, "cross_entropy")
-    loss = F.cross_entropy(output, batch.y)
-    accuracy = (output.detach().argmax(dim=1) == batch.y).to(output.dtype).mean()
+    y = target_of(batch)
+    _check_rows(output, y, "cross_entropy")
+    y = _check_labels(y, output.shape[1], "cross_entropy")
+    loss = F.cross_entropy(output, y)
+    accuracy = (output.detach().argmax(dim=1) == y).to(output.dtype).mean()
     return loss, {"loss": loss.detach(), "accuracy": accuracy}
 
 
@@ -74,7 +134,7 @@ def reconstruction_bce(mean: Sequence[float], std: Sequence[float]) -> LossFn:
         raise ValueError(f"std must be positive, got {std}")
 
     def reconstruction_bce(output: Tensor, batch: Batch) -> tuple[Tensor, Metrics]:
-        x = batch.x
+        x = input_of(batch)
         if output.shape != x.shape:
             raise ValueError(f"reconstruction_bce: reconstruction of shape {tuple(output.shape)} "
                              f"for images of shape {tuple(x.shape)}")
@@ -131,8 +191,9 @@ def supervised_contrastive(temperature: float = 0.07, anchors: str = "with_posit
     over_all = anchors == "all"
 
     def supervised_contrastive(output: Tensor, batch: Batch) -> tuple[Tensor, Metrics]:
-        y = batch.y
+        y = target_of(batch)
         _check_rows(output, y, "supervised_contrastive")
+        y = _check_labels(y, None, "supervised_contrastive")
         f = F.normalize(output, dim=1)
         n = f.shape[0]
         self_mask = torch.eye(n, dtype=torch.bool, device=f.device)

@@ -64,23 +64,37 @@ class ScaleByAdamState(NamedTuple):
 # --------------------------------------------------------------------------- helpers
 
 
-def _number(name: str, value: Any) -> float:
+def _number(name: str, value: Any) -> "float | Tensor":
+    if _is_hyperparameter(value):
+        return value  # injected: checked once by inject_hyperparams / set_hyperparams
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
     return float(value)
 
 
-def _non_negative(name: str, value: Any) -> float:
+def _is_hyperparameter(value: Any) -> bool:
+    """A 0-d floating tensor: a hyper-parameter held in an optimizer state (``inject_hyperparams``)."""
+    return isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point()
+
+
+def _non_negative(name: str, value: Any) -> "float | Tensor":
     value = _number(name, value)
-    if value < 0:
+    if not isinstance(value, Tensor) and value < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     return value
 
 
-def _unit_interval(name: str, value: Any) -> float:
+def _unit_interval(name: str, value: Any) -> "float | Tensor":
     value = _number(name, value)
-    if not 0.0 <= value < 1.0:
+    if not isinstance(value, Tensor) and not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+def _static(name: str, value: Any) -> float:
+    if isinstance(value, Tensor):
+        raise ValueError(f"{name} cannot be a tensor hyper-parameter; pass it through "
+                         f"inject_hyperparams(factory, static_args=({name!r},))")
     return value
 
 
@@ -209,6 +223,8 @@ def add_decayed_weights(weight_decay: float) -> Optimizer:
         if not keys:
             return {}, state
         ps = _take(params, keys, "params")
+        if isinstance(weight_decay, Tensor):
+            return dict(zip(keys, torch._foreach_add(list(grads.values()), torch._foreach_mul(ps, weight_decay)))), state
         return dict(zip(keys, torch._foreach_add(list(grads.values()), ps, alpha=weight_decay))), state
 
     return Optimizer(lambda params: EmptyState(), update)
@@ -229,7 +245,7 @@ def trace(momentum: float, nesterov: bool = False) -> Optimizer:
     tensor([1.5000])
     """
     momentum = _unit_interval("momentum", momentum)
-    if nesterov and momentum == 0.0:
+    if nesterov and not isinstance(momentum, Tensor) and momentum == 0.0:
         raise ValueError("nesterov=True needs momentum in (0, 1), got momentum=0")
 
     def init(params):
@@ -241,8 +257,13 @@ def trace(momentum: float, nesterov: bool = False) -> Optimizer:
         if not keys:
             return {}, state
         gs = list(grads.values())
-        bufs = torch._foreach_add(gs, _take(state.momentum_buffer, keys, "momentum state"), alpha=momentum)
-        out = torch._foreach_add(gs, bufs, alpha=momentum) if nesterov else bufs
+        old = _take(state.momentum_buffer, keys, "momentum state")
+        if isinstance(momentum, Tensor):
+            bufs = torch._foreach_add(gs, torch._foreach_mul(old, momentum))
+            out = torch._foreach_add(gs, torch._foreach_mul(bufs, momentum)) if nesterov else bufs
+        else:
+            bufs = torch._foreach_add(gs, old, alpha=momentum)
+            out = torch._foreach_add(gs, bufs, alpha=momentum) if nesterov else bufs
         return dict(zip(keys, out)), TraceState(_merge(state.momentum_buffer, keys, bufs))
 
     return Optimizer(init, update)
@@ -257,9 +278,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Opti
     >>> opt.update({"w": torch.tensor([3.0, -0.5])}, state)[0]["w"]
     tensor([ 1.0000, -1.0000])
     """
-    b1 = _unit_interval("b1", b1)
-    b2 = _unit_interval("b2", b2)
-    eps = _non_negative("eps", eps)
+    b1 = _unit_interval("b1", _static("b1", b1))
+    b2 = _unit_interval("b2", _static("b2", b2))
+    eps = _non_negative("eps", _static("eps", eps))
     # 1 - b**t as -expm1(t log b): exact enough in float32 where 1 - 0.999 is not.
     log_b1 = math.log(b1) if b1 > 0 else -math.inf
     log_b2 = math.log(b2) if b2 > 0 else -math.inf
@@ -299,7 +320,7 @@ def clip_by_global_norm(max_norm: float) -> Optimizer:
     >>> opt.update({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, opt.init({}))[0]
     {'a': tensor([0.6000]), 'b': tensor([0.8000])}
     """
-    max_norm = _number("max_norm", max_norm)
+    max_norm = _number("max_norm", _static("max_norm", max_norm))
     if max_norm <= 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
 
@@ -385,12 +406,14 @@ def sgd(learning_rate: "float | Schedule", momentum: float = 0.0, nesterov: bool
     learning_rate = _learning_rate(learning_rate)
     momentum = _unit_interval("momentum", momentum)
     weight_decay = _non_negative("weight_decay", weight_decay)
-    if nesterov and momentum == 0.0:
+    if nesterov and not isinstance(momentum, Tensor) and momentum == 0.0:
         raise ValueError("nesterov=True needs momentum in (0, 1), got momentum=0")
     parts = []
-    if weight_decay:
+    # an injected (tensor) hyper-parameter keeps its transform whatever its value, so the
+    # state keeps one structure for the whole run
+    if isinstance(weight_decay, Tensor) or weight_decay:
         parts.append(add_decayed_weights(weight_decay))
-    if momentum:
+    if isinstance(momentum, Tensor) or momentum:
         parts.append(trace(momentum, nesterov))
     parts.append(scale_by_learning_rate(learning_rate))
     return chain(*parts)
@@ -463,8 +486,409 @@ def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,
     return schedule
 
 
+# --------------------------------------------------------------------------- combinators
+
+Labels = "dict[str, Any] | Callable[[Params], dict[str, Any]]"
+
+
+def _no_update(t: Tensor) -> Tensor:
+    # -0.0, not 0.0: p + (-0.0) == p bitwise for every p, including p = -0.0
+    return torch.full_like(t, -0.0)
+
+
+def _select(flag: Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``flag`` else ``old``, leaf by leaf over two states of one structure."""
+    if isinstance(new, Tensor):
+        return torch.where(flag.to(new.device), new, old)
+    if isinstance(new, dict):
+        return {k: _select(flag, v, old[k]) for k, v in new.items()}
+    if isinstance(new, tuple):
+        parts = [_select(flag, n, o) for n, o in zip(new, old)]
+        return type(new)(*parts) if hasattr(new, "_fields") else tuple(parts)
+    return new
+
+
+def _names_of(spec: Any, tensors: Params, what: str, fix: str) -> dict[str, Any]:
+    """``spec`` (a dict or a function of the tensors) checked to name exactly ``tensors``' keys."""
+    given = spec(tensors) if callable(spec) else spec
+    if not isinstance(given, dict):
+        raise ValueError(f"{what} must be a dict from parameter names, or a function params -> "
+                         f"such a dict; got {type(given).__name__}")
+    missing = [k for k in tensors if k not in given]
+    unknown = [k for k in given if k not in tensors]
+    if missing:
+        raise ValueError(f"{what} gives nothing for parameters {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all); {fix}")
+    if unknown:
+        raise ValueError(f"{what} names unknown parameters {unknown[:5]}"
+                         f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)} in all); the parameters "
+                         f"are {list(tensors)[:5]}{' ...' if len(tensors) > 5 else ''}: check the spelling")
+    return {k: given[k] for k in tensors}
+
+
+class PartitionState(NamedTuple):
+    inner: dict  # group label -> that group's transform state
+
+
+def partition(transforms: "dict[Any, Optimizer]", labels: Labels) -> Optimizer:
+    """Each parameter group its own transform (optax's ``multi_transform``).
+
+    ``labels`` maps every parameter name to a key of ``transforms``: a dict, or a function
+    ``params -> dict`` (called on the params at ``init`` and on the gradients, which have the
+    same names and shapes, at each update; see ``mlaan_func.labels``).
+
+    >>> import torch
+    >>> params = {"head.w": torch.ones(1), "body.w": torch.ones(1)}
+    >>> opt = partition({"head": sgd(0.5), "body": set_to_zero()},
+    ...                 lambda p: {k: k.split(".")[0] for k in p})
+    >>> u, _ = opt.update({"head.w": torch.ones(1), "body.w": torch.ones(1)}, opt.init(params), params)
+    >>> apply_updates(params, u)
+    {'head.w': tensor([0.5000]), 'body.w': tensor([1.])}
+    """
+    if not isinstance(transforms, dict) or not transforms:
+        raise ValueError("partition takes a non-empty dict {group label: Optimizer}")
+    for label, t in transforms.items():
+        if not isinstance(t, Optimizer):
+            raise ValueError(f"partition: the transform for group {label!r} is a {type(t).__name__}, "
+                             "not an Optimizer")
+
+    def groups(tensors: Params) -> dict[Any, list[str]]:
+        named = _names_of(labels, tensors, "the partition's labels",
+                          f"give every parameter one of the groups {list(transforms)}")
+        unknown = list(dict.fromkeys(v for v in named.values() if v not in transforms))
+        if unknown:
+            raise ValueError(f"the partition's labels name groups {unknown} that have no transform; the "
+                             f"groups are {list(transforms)}: add a transform for them or fix the labels")
+        out: dict[Any, list[str]] = {label: [] for label in transforms}
+        for k, label in named.items():
+            out[label].append(k)
+        return out
+
+    def init(params):
+        return PartitionState({label: transforms[label].init({k: params[k] for k in keys})
+                               for label, keys in groups(params).items()})
+
+    def update(grads, state, params=None):
+        updates: Updates = {}
+        inner = dict(state.inner)
+        for label, keys in groups(params if params is not None else grads).items():
+            sub = {k: grads[k] for k in keys if k in grads}
+            sub_params = None if params is None else {k: params[k] for k in keys}
+            u, inner[label] = transforms[label].update(sub, state.inner[label], sub_params)
+            updates.update(u)
+        return {k: updates[k] for k in grads}, PartitionState(inner)
+
+    return Optimizer(init, update)
+
+
+class MaskedState(NamedTuple):
+    inner_state: OptState
+
+
+def masked(transform: Optimizer, mask: "dict[str, bool] | Callable[[Params], dict[str, bool]]") -> Optimizer:
+    """``transform`` on the parameters whose ``mask`` is true; the others' updates pass
+    through unchanged. ``mask`` names every parameter (a dict, or a function ``params -> dict``).
+
+    >>> import torch
+    >>> params = {"w": torch.ones(1), "b": torch.ones(1)}
+    >>> opt = masked(add_decayed_weights(0.5), {"w": True, "b": False})
+    >>> opt.update({"w": torch.zeros(1), "b": torch.zeros(1)}, opt.init(params), params)[0]
+    {'w': tensor([0.5000]), 'b': tensor([0.])}
+    """
+    if not isinstance(transform, Optimizer):
+        raise ValueError(f"masked takes an Optimizer, got {type(transform).__name__}")
+
+    def chosen(tensors: Params) -> list[str]:
+        named = _names_of(mask, tensors, "the mask", "give every parameter True or False")
+        bad = [k for k, v in named.items() if not isinstance(v, bool)]
+        if bad:
+            raise ValueError(f"the mask must be True or False per parameter; {bad[:5]} are not")
+        return [k for k, v in named.items() if v]
+
+    def init(params):
+        return MaskedState(transform.init({k: params[k] for k in chosen(params)}))
+
+    def update(grads, state, params=None):
+        keys = chosen(params if params is not None else grads)
+        sub_params = None if params is None else {k: params[k] for k in keys}
+        u, inner = transform.update({k: grads[k] for k in keys}, state.inner_state, sub_params)
+        return {k: u.get(k, g) for k, g in grads.items()}, MaskedState(inner)
+
+    return Optimizer(init, update)
+
+
+def set_to_zero() -> Optimizer:
+    """Updates that leave the parameters exactly as they are: a frozen group.
+
+    >>> import torch
+    >>> params = {"w": torch.tensor([-0.0, 2.0])}
+    >>> opt = set_to_zero()
+    >>> u, _ = opt.update({"w": torch.ones(2)}, opt.init(params), params)
+    >>> apply_updates(params, u)["w"]
+    tensor([-0., 2.])
+    """
+    def update(grads, state, params=None):
+        return {k: _no_update(g) for k, g in grads.items()}, state
+
+    return Optimizer(lambda params: EmptyState(), update)
+
+
+class ApplyIfFiniteState(NamedTuple):
+    notfinite_count: Tensor  # 0-d int64: non-finite updates in a row
+    last_finite: Tensor  # 0-d bool: whether the last update was applied
+    total_notfinite: Tensor  # 0-d int64: non-finite updates skipped in all
+    inner_state: OptState
+
+
+def _all_finite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    if not tensors:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all()
+
+
+def apply_if_finite(transform: Optimizer, max_consecutive_errors: int) -> Optimizer:
+    """``transform``, skipping any update whose gradients are not all finite: the parameters
+    and ``transform``'s state stay bitwise as they were and the skip is counted.
+
+    More than ``max_consecutive_errors`` skips in a row raise ``FloatingPointError`` (the run
+    has diverged). ``optim.state_metrics(opt_state)`` reports the counts; ``mlaan_func.step``
+    puts them in its metrics under ``"optimizer"``. Pass ``check_finite=False`` to
+    ``mlaan_func.step``, which otherwise stops at the first non-finite loss.
+
+    >>> import torch
+    >>> params = {"w": torch.ones(1)}
+    >>> opt = apply_if_finite(sgd(0.1), max_consecutive_errors=3)
+    >>> u, state = opt.update({"w": torch.tensor([float("nan")])}, opt.init(params), params)
+    >>> apply_updates(params, u)["w"], int(state.total_notfinite)
+    (tensor([1.]), 1)
+    """
+    if not isinstance(transform, Optimizer):
+        raise ValueError(f"apply_if_finite takes an Optimizer, got {type(transform).__name__}")
+    max_consecutive_errors = _count("max_consecutive_errors", max_consecutive_errors, 0)
+
+    def init(params):
+        zero = _zero_count(params)
+        return ApplyIfFiniteState(zero, torch.ones((), dtype=torch.bool, device=zero.device), zero,
+                                  transform.init(params))
+
+    def update(grads, state, params=None):
+        finite = _all_finite(list(grads.values()), state.notfinite_count.device)
+        u, inner = transform.update(grads, state.inner_state, params)
+        count = torch.where(finite, torch.zeros_like(state.notfinite_count), state.notfinite_count + 1)
+        if int(count) > max_consecutive_errors:
+            raise FloatingPointError(
+                f"{int(count)} updates in a row had non-finite gradients (apply_if_finite allows "
+                f"{max_consecutive_errors}); the run has diverged: lower the learning rate, clip the "
+                "gradients (optim.clip_by_global_norm) or check the data for NaN")
+        updates = {k: torch.where(finite.to(v.device), v, _no_update(v)) for k, v in u.items()}
+        return updates, ApplyIfFiniteState(count, finite, state.total_notfinite + (~finite).long(),
+                                           _select(finite, inner, state.inner_state))
+
+    return Optimizer(init, update)
+
+
+class MultiStepsState(NamedTuple):
+    mini_step: Tensor  # 0-d int64: gradients accumulated since the last update
+    acc_grads: dict[str, Tensor]  # their sum
+    inner_state: OptState
+
+
+def multi_steps(transform: Optimizer, every_k: int) -> Optimizer:
+    """Gradient accumulation: ``transform`` runs every ``every_k``-th call on the mean of the
+    ``every_k`` gradients since its last update; the calls between leave the parameters as
+    they are. With mean losses and equal micro-batches, one update equals one step on the
+    ``every_k`` times larger batch (BatchNorm statistics and EMA twins still move every call).
+
+    >>> import torch
+    >>> params = {"w": torch.zeros(1)}
+    >>> opt = multi_steps(sgd(1.0), every_k=2)
+    >>> state = opt.init(params)
+    >>> for g in (1.0, 3.0):
+    ...     u, state = opt.update({"w": torch.tensor([g])}, state, params)
+    ...     params = apply_updates(params, u)
+    >>> params["w"]
+    tensor([-2.])
+    """
+    if not isinstance(transform, Optimizer):
+        raise ValueError(f"multi_steps takes an Optimizer, got {type(transform).__name__}")
+    if isinstance(every_k, bool) or not isinstance(every_k, numbers.Integral) or every_k < 1:
+        raise ValueError(f"every_k must be an int >= 1 (the number of micro-batches per update; 1 "
+                         f"updates every call), got {every_k!r}")
+    every_k = int(every_k)
+
+    def init(params):
+        return MultiStepsState(_zero_count(params), {k: torch.zeros_like(p) for k, p in params.items()},
+                               transform.init(params))
+
+    def update(grads, state, params=None):
+        keys = list(grads)
+        acc = dict(zip(keys, torch._foreach_add(_take(state.acc_grads, keys, "multi_steps state"),
+                                                list(grads.values())))) if keys else {}
+        mini = state.mini_step + 1
+        emit = mini == every_k
+        mean = dict(zip(keys, torch._foreach_div(list(acc.values()), float(every_k)))) if keys else {}
+        u, inner = transform.update(mean, state.inner_state, params)
+        updates = {k: torch.where(emit.to(v.device), v, _no_update(v)) for k, v in u.items()}
+        acc = {k: torch.where(emit.to(v.device), torch.zeros_like(v), v) for k, v in acc.items()}
+        return updates, MultiStepsState(torch.where(emit, torch.zeros_like(mini), mini),
+                                        {**state.acc_grads, **acc}, _select(emit, inner, state.inner_state))
+
+    return Optimizer(init, update)
+
+
+class InjectHyperparamsState(NamedTuple):
+    hyperparams: dict[str, Tensor]  # name -> 0-d float tensor, read at every update
+    inner_state: OptState
+
+
+def _hyper_tensor(name: str, value: Any, like: "Tensor | None" = None, device=None) -> Tensor:
+    if isinstance(value, Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"hyper-parameter {name} must be a number or a 0-d tensor, got shape "
+                             f"{tuple(value.shape)}")
+        number = float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise ValueError(f"hyper-parameter {name} must be a finite number, got {value!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"hyper-parameter {name} was set to {number}; set it to a finite number "
+                         "(a schedule can go to 0 but never to NaN or infinity)")
+    if like is not None:
+        return torch.full((), number, dtype=like.dtype, device=like.device)
+    return torch.full((), number, dtype=torch.float32, device=device)
+
+
+def inject_hyperparams(factory: Callable[..., Optimizer], static_args: Sequence[str] = ()
+                       ) -> Callable[..., Optimizer]:
+    """``inject_hyperparams(factory)(**values)``: the optimizer ``factory(**values)`` whose
+    numeric hyper-parameters live in its state as 0-d tensors, changed between steps with
+    ``set_hyperparams`` (no rebuild, no recompile). Other values (booleans, schedules, and
+    the names in ``static_args``) stay fixed.
+
+    >>> import torch
+    >>> params = {"w": torch.ones(1)}
+    >>> opt = inject_hyperparams(sgd)(learning_rate=0.1, momentum=0.9)
+    >>> state = set_hyperparams(opt.init(params), learning_rate=0.5)
+    >>> u, state = opt.update({"w": torch.ones(1)}, state, params)
+    >>> u["w"], float(state.hyperparams["learning_rate"])
+    (tensor([-0.5000]), 0.5)
+    """
+    if not callable(factory):
+        raise ValueError(f"inject_hyperparams takes an optimizer factory such as optim.sgd, got {factory!r}")
+    static_args = tuple(static_args)
+
+    def injected(**values) -> Optimizer:
+        dynamic = [k for k, v in values.items() if k not in static_args
+                   and (isinstance(v, Tensor) or (isinstance(v, numbers.Real) and not isinstance(v, bool)))]
+        fixed = {k: v for k, v in values.items() if k not in dynamic}
+        factory(**values)  # the factory's own checks, on the starting values
+
+        def init(params):
+            device = _device(params)
+            hyper = {k: _hyper_tensor(k, values[k], device=device) for k in dynamic}
+            return InjectHyperparamsState(hyper, factory(**fixed, **hyper).init(params))
+
+        def update(grads, state, params=None):
+            missing = [k for k in dynamic if k not in state.hyperparams]
+            if missing:
+                raise KeyError(f"the optimizer state has no hyper-parameters {missing}; use the state "
+                               "from this optimizer's init")
+            u, inner = factory(**fixed, **state.hyperparams).update(grads, state.inner_state, params)
+            return u, InjectHyperparamsState(state.hyperparams, inner)
+
+        return Optimizer(init, update)
+
+    return injected
+
+
+def _map_states(state: Any, fn: Callable[[Any], Any]) -> Any:
+    """``state`` with ``fn`` applied to every sub-state, innermost first (NamedTuples,
+    tuples and dicts are walked)."""
+    if isinstance(state, dict):
+        state = {k: _map_states(v, fn) for k, v in state.items()}
+    elif isinstance(state, tuple):
+        parts = [_map_states(v, fn) for v in state]
+        state = type(state)(*parts) if hasattr(state, "_fields") else tuple(parts)
+    return fn(state)
+
+
+def set_hyperparams(opt_state: OptState, **values) -> OptState:
+    """A new optimizer state with the injected hyper-parameters ``values`` replaced,
+    wherever they occur in it (every ``inject_hyperparams`` part that has them).
+
+    Values keep their tensor's dtype and device, so a compiled step never recompiles.
+
+    >>> import torch
+    >>> opt = partition({"a": inject_hyperparams(sgd)(learning_rate=0.1)},
+    ...                 lambda p: dict.fromkeys(p, "a"))
+    >>> state = set_hyperparams(opt.init({"w": torch.ones(1)}), learning_rate=0.01)
+    >>> round(float(state.inner["a"].hyperparams["learning_rate"]), 4)
+    0.01
+    """
+    found: set[str] = set()
+    available: set[str] = set()
+
+    def replace(s):
+        if not isinstance(s, InjectHyperparamsState):
+            return s
+        available.update(s.hyperparams)
+        hyper = dict(s.hyperparams)
+        for k, v in values.items():
+            if k in hyper:
+                hyper[k] = _hyper_tensor(k, v, like=hyper[k])
+                found.add(k)
+        return InjectHyperparamsState(hyper, s.inner_state)
+
+    new = _map_states(opt_state, replace)
+    unknown = [k for k in values if k not in found]
+    if unknown:
+        raise KeyError(f"no injected hyper-parameter {unknown} in this optimizer state (it has "
+                       f"{sorted(available)}); build the optimizer with "
+                       "optim.inject_hyperparams(factory)(name=value, ...)")
+    return new
+
+
+def state_metrics(opt_state: OptState) -> dict[str, Tensor]:
+    """What the optimizer state reports: ``apply_if_finite``'s ``skipped`` flag and counts,
+    ``multi_steps``' ``mini_step``, and every injected hyper-parameter, keyed by the
+    partition groups they sit in (``"heads/learning_rate"``).
+
+    >>> import torch
+    >>> opt = apply_if_finite(inject_hyperparams(sgd)(learning_rate=0.1), max_consecutive_errors=2)
+    >>> sorted(state_metrics(opt.init({"w": torch.ones(1)})))
+    ['learning_rate', 'notfinite_count', 'skipped', 'total_notfinite']
+    """
+    out: dict[str, Tensor] = {}
+
+    def walk(s, path):
+        if isinstance(s, ApplyIfFiniteState):
+            out[path + "skipped"] = (~s.last_finite).long()
+            out[path + "notfinite_count"] = s.notfinite_count
+            out[path + "total_notfinite"] = s.total_notfinite
+        elif isinstance(s, MultiStepsState):
+            out[path + "mini_step"] = s.mini_step
+        elif isinstance(s, InjectHyperparamsState):
+            out.update({path + k: v for k, v in s.hyperparams.items()})
+        if isinstance(s, PartitionState):
+            for label, v in s.inner.items():
+                walk(v, f"{path}{label}/")
+        elif isinstance(s, dict):
+            for v in s.values():
+                walk(v, path)
+        elif isinstance(s, tuple):
+            for v in s:
+                walk(v, path)
+
+    walk(opt_state, "")
+    return out
+
+
 __all__ = [
-    "EmptyState", "Optimizer", "ScaleByAdamState", "ScaleByScheduleState", "TraceState",
+    "ApplyIfFiniteState", "EmptyState", "InjectHyperparamsState", "MaskedState", "MultiStepsState",
+    "Optimizer", "PartitionState", "ScaleByAdamState", "ScaleByScheduleState", "TraceState",
+    "apply_if_finite", "inject_hyperparams", "masked", "multi_steps", "partition", "set_hyperparams",
+    "set_to_zero", "state_metrics",
     "add_decayed_weights", "adamw", "apply_updates", "chain", "clip_by_global_norm", "constant",
     "scale", "scale_by_adam", "scale_by_learning_rate", "scale_by_schedule", "sgd", "trace",
     "warmup_cosine",

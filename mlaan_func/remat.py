@@ -71,7 +71,7 @@ def remat_grad_fn(every: int = 1) -> Callable:
         segments = [blocks[i:i + every] for i in range(0, len(blocks), every)]
         wanted = (*taps, objective.output_name)
 
-        def grad_and_value(params: Params, state: State, x: Tensor, batch: Any):
+        def grad_and_value(params: Params, state: State, x: Tensor, batch: Any, step: Tensor | None = None):
             devices = _rng_devices(x)
             inputs, rngs, updates = [], [], {}
             outputs: dict[str, Tensor | None] = dict.fromkeys(wanted)
@@ -90,8 +90,8 @@ def remat_grad_fn(every: int = 1) -> Callable:
 
             def last_fn(p: Params, inp: Tensor):
                 z, new = _run_segment(segments[-1], p, state, inp, seg_taps)
-                loss, metrics = objective.loss(z, batch)
-                return objective.weight * loss, (new, metrics)
+                loss, metrics = objective.score(z, batch, state, step)
+                return loss, (new, metrics)
 
             loss, (new, metrics), grads, cotangent = _vjp(last_fn, last_params, h, None, len(segments) > 1)
             for k, v in new.items():

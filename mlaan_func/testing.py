@@ -20,6 +20,7 @@ from torch import Tensor
 from .combinators import Objective, cascade, split
 from .core import INPUT, Net, Params, State
 from .engine import TrainState, _as_batch, plan_routes
+from .losses import input_of
 
 RTOL = 1e-5
 
@@ -102,10 +103,10 @@ def reference_losses(objectives: Sequence[Objective], ts: TrainState, batch: Any
     routes = plan_routes(objectives)
     batch = _as_batch(batch)
     params = ts.params if params is None else params
-    acts, losses, updates = {INPUT: batch.x}, [], {}
+    acts, losses, updates = {INPUT: input_of(batch)}, [], {}
     for o, route in zip(objectives, routes):
         loss, new, outputs, _ = o.forward(params, ts.state, acts[o.input_name].detach(), batch,
-                                          taps=route.taps)
+                                          taps=route.taps, step=ts.step)
         losses.append(loss)
         for k, v in new.items():
             updates.setdefault(k, v)
