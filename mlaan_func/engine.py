@@ -19,6 +19,7 @@ update and then the objectives' ``after_steps`` (EMA twins).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import types
@@ -31,6 +32,9 @@ from torch.utils._pytree import tree_map
 
 from .combinators import Objective
 from .core import INPUT, AfterStep, Params, State, check_keys, init_params
+from .identity import check_identity
+from .randomness import key_from_seed, seed_block, seeded
+from .routing import accumulate, fold
 from .losses import Batch
 from .optim import Optimizer, apply_updates
 
@@ -43,14 +47,19 @@ class TrainState(NamedTuple):
     >>> scheme = [mf.local_loss(mf.from_module(nn.Linear(2, 3), name="fc"), None,
     ...                         mf.losses.cross_entropy, name="final")]
     >>> ts = mf.init(scheme, mf.optim.sgd(0.1, momentum=0.9))
-    >>> ts._fields, sorted(ts.params), int(ts.step)
-    (('params', 'state', 'opt_state', 'step'), ['fc.bias', 'fc.weight'], 0)
+    >>> ts._fields, sorted(ts.params), int(ts.step), int(ts.key)
+    (('params', 'state', 'opt_state', 'step', 'key'), ['fc.bias', 'fc.weight'], 0, 0)
+
+    ``key`` (int64, 0-d) is the randomness input: every random draw of a step derives from
+    ``(key, step, block)`` (see ``mlaan_func.randomness``). ``None`` (a train state built by
+    hand) leaves randomness to the global generator.
     """
 
     params: Params
     state: State
     opt_state: Any
     step: Tensor
+    key: Tensor | None = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -130,7 +139,7 @@ def init(objectives: Sequence[Objective], optimizer: Optimizer, *, seed: int = 0
     plan_routes(objectives)
     params, state = init_params(*objectives, seed=seed, device=device, dtype=dtype)
     return TrainState(params, state, optimizer.init(params),
-                      torch.zeros((), dtype=torch.int64, device=device))
+                      torch.zeros((), dtype=torch.int64, device=device), key_from_seed(seed, device))
 
 
 def objective_fn(objective: Objective, taps: tuple[str, ...] = ()) -> Callable:
@@ -232,6 +241,7 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     """
     objectives = list(objectives)
     routes = plan_routes(objectives)
+    check_identity(objectives)
     fns = gradient_fns(objectives, routes, compile=compile, backend=backend)
     param_keys, state_keys = scheme_names(objectives)
     sub_keys = [o.param_names for o in objectives]
@@ -240,31 +250,36 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
         check_keys("the train state's params", ts.params, param_keys)
         check_keys("the train state's state", ts.state, state_keys)
         batch = _as_batch(batch)
-        acts: dict[str, Tensor] = {INPUT: batch.x}
         grads: Params = {}
         updates: State = {}
         losses: dict[str, Tensor] = {}
         metrics: dict[str, dict[str, Tensor]] = {}
-        for i, o in enumerate(objectives):
+
+        def run_objective(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
+            nonlocal grads
             p = {k: ts.params[k] for k in sub_keys[i]}
-            g, (loss, (new, outputs, m)) = fns[i](p, ts.state, acts[o.input_name], batch)
-            for k, v in g.items():
-                if k in grads:
-                    grads[k].add_(v)
-                else:
-                    grads[k] = v
+            seed_block(o.name)
+            g, (loss, (new, outputs, m)) = fns[i](p, ts.state, x, batch)
+            grads = accumulate(grads, g)
             for k, v in new.items():
                 updates.setdefault(k, v)
-            for name, out in outputs.items():
-                acts.setdefault(name, out)
-            for name in routes[i].free_after:
-                acts.pop(name, None)
             losses[o.name], metrics[o.name] = loss, m
+            return outputs
+
+        with _step_randomness(ts, batch.x):
+            fold(objectives, routes, batch.x, run_objective)
         finite = torch.stack([torch.isfinite(v) for v in losses.values()]).all()
         grads = {k: grads[k] for k in ts.params}
         return Gradients(grads, {**ts.state, **updates}, losses, metrics, finite)
 
     return run
+
+
+def _step_randomness(ts: TrainState, x: Tensor):
+    """The step's random draws derive from ``(ts.key, ts.step)``; no key: the global generator."""
+    if ts.key is None:
+        return contextlib.nullcontext()
+    return seeded(ts.key, ts.step, x.device)
 
 
 def apply_gradients(ts: TrainState, grads: Params, state: State, optimizer: Optimizer,
@@ -275,7 +290,7 @@ def apply_gradients(ts: TrainState, grads: Params, state: State, optimizer: Opti
     params = apply_updates(ts.params, updates)
     for a in post:
         state = a.fn(params, state)
-    return TrainState(params, state, opt_state, ts.step + 1)
+    return ts._replace(params=params, state=state, opt_state=opt_state, step=ts.step + 1)
 
 
 def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool = False,
@@ -340,16 +355,14 @@ def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[
     for batch in batches:
         batch = _as_batch(batch)
         n = batch.y.shape[0]
-        acts = {INPUT: batch.x}
-        for i, o in enumerate(objectives):
-            _, _, outputs, m = o.forward(ts.params, ts.state, acts[o.input_name], batch, train=False,
-                                         taps=routes[i].taps)
-            for name, out in outputs.items():
-                acts.setdefault(name, out)
-            for name in routes[i].free_after:
-                acts.pop(name, None)
+
+        def run_objective(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
+            _, _, outputs, m = o.forward(ts.params, ts.state, x, batch, train=False, taps=routes[i].taps)
             if "accuracy" in m:
                 correct[o.name] = correct.get(o.name, 0.0) + m["accuracy"].double() * n
+            return outputs
+
+        fold(objectives, routes, batch.x, run_objective)
         seen += n
     if seen == 0:
         raise ValueError("evaluate got no batches")
