@@ -24,3 +24,8 @@ __all__ = [
     "published", "published_split", "remat", "save", "schemes", "split", "step", "to_module",
     "trunks",
 ]
+
+from . import identity, randomness, routing  # noqa: E402
+from .core import DeviceMismatchError  # noqa: E402
+
+__all__ += ["DeviceMismatchError", "identity", "randomness", "routing"]
