@@ -38,10 +38,12 @@ def _describe(block: Any, user: str) -> str:
 
 def _claims(block: Any, user: str) -> Iterator[tuple[str, tuple, str]]:
     """``(key, signature, description)`` for every key a block (or composite) holds."""
-    if hasattr(block, "module"):
+    if hasattr(block, "module") and hasattr(block, "local_params"):
         sig, text = _signature(block), _describe(block, user)
-        for key in (*block.param_names, *block.state_names):
-            yield key, sig, text
+        local = dict([*block.module.named_parameters(), *block.module.named_buffers()])
+        names = (*block.local_params, *block.local_state)
+        for key, name in zip((*block.param_names, *block.state_names), names):
+            yield key, sig, f"{text}, where it has shape {tuple(local[name].shape)}"
         return
     for part in ("copy", "twin", "source"):
         net = getattr(block, part, None)
