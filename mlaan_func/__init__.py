@@ -26,3 +26,8 @@ __all__ = [
     "trunks",
 ]
 __all__ += ["hyper", "labels"]
+
+from . import identity, randomness, routing  # noqa: E402
+from .core import DeviceMismatchError  # noqa: E402
+
+__all__ += ["DeviceMismatchError", "identity", "randomness", "routing"]

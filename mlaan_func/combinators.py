@@ -24,6 +24,15 @@ from torch import Tensor
 
 from . import hyper
 from .core import AfterStep, Net, Params, State, copy
+from .randomness import seed_block
+
+
+def _require_net(net: Any, what: str) -> None:
+    if not isinstance(net, Net):
+        hint = (" (an nn.Module: wrap it first, mlaan_func.from_module(module))"
+                if isinstance(net, torch.nn.Module) else "")
+        raise TypeError(f"{what} takes nets made by from_module / split / cascade, got "
+                        f"{type(net).__name__}{hint}")
 
 
 def split(net: Net, at: Sequence[str]) -> tuple[Net, ...]:
@@ -37,6 +46,7 @@ def split(net: Net, at: Sequence[str]) -> tuple[Net, ...]:
     >>> [m.block_names for m in split(from_module(nn.Sequential(*[nn.ReLU() for _ in range(4)])), ["0", "2"])]
     [('0',), ('1', '2'), ('3',)]
     """
+    _require_net(net, "split")
     if isinstance(at, str):
         raise TypeError(f"split's cut points are a list of block names, e.g. [{at!r}], not a string")
     names = net.block_names
@@ -80,8 +90,7 @@ def cascade(*nets: Net) -> Net:
     if not nets:
         raise ValueError("cascade needs at least one net")
     for n in nets:
-        if not isinstance(n, Net):
-            raise TypeError(f"cascade takes nets, got {type(n).__name__}; wrap a module with from_module")
+        _require_net(n, "cascade")
     return Net(tuple(b for n in nets for b in n.blocks), input_name=nets[0].input_name)
 
 
@@ -193,6 +202,13 @@ def leap_ema(copy_net: Net, source: Net, decay: float | Tensor = 0.995, *, twin:
         raise ValueError("leap_ema's first argument must be a copy of its source "
                          "(mlaan_func.copy(source, prefix)); got blocks "
                          f"{copy_net.block_names} for source {source.block_names}")
+    shared = sorted(set(copy_net.param_names + copy_net.state_names)
+                    & set(source.param_names + source.state_names))
+    if shared:
+        raise ValueError(
+            f"leap_ema's copy shares names with its source ({shared[:3]}…): the loss would train "
+            "the source block itself. Pass a renamed copy: leap_ema(mlaan_func.copy(source, "
+            "'trunk3'), source=source)")
     twin_net = copy(source, twin)
     decay = _decay_tensor(decay)
     if isinstance(decay, hyper.Held):
@@ -285,6 +301,8 @@ class Objective:
         if self.head is not None:
             z, head_updates = self.head.run(params, state, h, train=train)
             updates = {**updates, **head_updates}
+        if train:
+            seed_block("loss:" + self.name)
         loss, metrics = self.score(z, batch, state, step)
         return loss, updates, outputs, metrics
 

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .randomness import seed_block
+
 Params = dict[str, Tensor]
 """Trainable tensors: a flat dict from dotted names (``"1.0.conv1.weight"``) to tensors."""
 
@@ -72,13 +74,63 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _reset(module: nn.Module) -> None:
-    """Re-initialise ``module``: the outermost submodule that defines ``reset_parameters``
-    owns the initialisation of everything below it."""
+    """Re-initialise ``module``: a submodule that defines ``reset_parameters`` owns the
+    initialisation of everything below it; otherwise its children are re-initialised first
+    and then its own ``_reset_parameters`` (``nn.MultiheadAttention``), if any, runs, as in
+    a constructor."""
     if hasattr(module, "reset_parameters"):
         module.reset_parameters()
         return
     for child in module.children():
         _reset(child)
+    if hasattr(module, "_reset_parameters"):
+        module._reset_parameters()
+
+
+def reinitialise(module: nn.Module, seed: int) -> nn.Module:
+    """``module`` with every parameter drawn again under a generator seeded with ``seed``.
+
+    The rule: ``reset_parameters`` (or ``_reset_parameters``) of the module and its
+    submodules must write every parameter. A parameter that nothing writes (a bare
+    ``nn.Parameter`` such as a class token) is an error, because its value would come from
+    whatever the global generator held when the module was built; give its module a
+    ``reset_parameters`` that initialises it.
+
+    >>> class WithToken(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.token = nn.Parameter(torch.zeros(1, 4))
+    ...         self.fc = nn.Linear(4, 4)
+    ...     def forward(self, x):
+    ...         return self.fc(x + self.token)
+    >>> try:
+    ...     reinitialise(WithToken(), seed=0)
+    ... except ValueError as err:
+    ...     print(str(err).split(";")[0])
+    WithToken: nothing re-initialises parameter(s) ['token']
+    >>> class Fixed(WithToken):
+    ...     def reset_parameters(self):
+    ...         nn.init.normal_(self.token, std=0.02)
+    ...         self.fc.reset_parameters()
+    >>> a, b = reinitialise(Fixed(), seed=3), reinitialise(Fixed(), seed=3)
+    >>> torch.equal(a.token, b.token)
+    True
+    """
+    module = _copy.deepcopy(module)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(float("nan"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _reset(module)
+    missed = [n for n, p in module.named_parameters() if bool(torch.isnan(p).any())]
+    if missed:
+        raise ValueError(
+            f"{type(module).__name__}: nothing re-initialises parameter(s) {missed[:8]}; "
+            "mlaan_func draws every tensor from the seed, by calling reset_parameters / "
+            "_reset_parameters. Give the module that holds them a reset_parameters() that "
+            "initialises them (e.g. nn.init.normal_(self.token, std=0.02)) and its children.")
+    return module
 
 
 def _seed_for(seed: int, root: str) -> int:
@@ -140,10 +192,7 @@ class Block:
         return attrs.evolve(self, name=_join(prefix, self.name), prefix=_join(prefix, self.prefix))
 
     def init(self, seed: int) -> tuple[Params, State]:
-        module = _copy.deepcopy(self.module)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_for(seed, self.root))
-            _reset(module)
+        module = reinitialise(self.module, _seed_for(seed, self.root))
         params = {_join(self.prefix, n): p.detach().clone() for n, p in module.named_parameters()}
         state = {_join(self.prefix, n): b.detach().clone() for n, b in module.named_buffers()}
         return params, state
@@ -167,19 +216,61 @@ class Block:
     def apply(self, params: Params, state: State, x: Tensor, *, train: bool) -> tuple[Tensor, State]:
         p, s = self.gather(params, state, train)
         template = self.train_template if train else self.eval_template
+        if train:
+            seed_block(self.name)
         if torch.compiler.is_compiling():
             y = functional_call(template, (p, s), (x,), strict=True)
         else:
             try:
                 y = functional_call(template, (p, s), (x,), strict=True)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError as err:
-                raise ShapeError(
-                    f"block '{self.name}' ({type(self.module).__name__}) cannot run on an input of "
-                    f"shape {tuple(x.shape)}: {err}. If this is a head or a trunk, build it for the "
-                    "channels and spatial size its module actually outputs."
-                ) from err
+                raise _explain(self, x, p, err) from err
         new_state = {_join(self.prefix, n): v for n, v in s.items()} if train else {}
         return y, new_state
+
+
+_SHAPE_WORDS = ("shape", "size", "dimension", "channels", "mat1 and mat2", "must match",
+                "expected input", "out of bounds", "too small", "number of elements")
+
+
+def _explain(block: "Block", x: Tensor, params: Params, err: RuntimeError) -> Exception:
+    """The error a block's failure should raise: a device or dtype mismatch names both sides
+    and the fix; a shape error becomes ``ShapeError``; anything else passes unchanged."""
+    where = f"block '{block.name}' ({type(block.module).__name__})"
+    tensors = [t for t in params.values() if isinstance(t, Tensor)]
+    devices = {t.device for t in tensors} - {x.device}
+    if devices:
+        return DeviceMismatchError(
+            f"{where} got its input on {x.device} but its parameters are on "
+            f"{sorted(map(str, devices))[0]}; move the batch to the parameters' device "
+            "(x.to(device)) or build the train state there (mlaan_func.init(..., device=...)).")
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()} - {x.dtype}
+    if x.is_floating_point() and dtypes:
+        return DeviceMismatchError(
+            f"{where} got a {x.dtype} input but its parameters are {sorted(map(str, dtypes))[0]}; "
+            "cast the batch (x.to(dtype)) or build the train state in the input's dtype "
+            "(mlaan_func.init(..., dtype=...)).")
+    message = str(err)
+    if any(word in message.lower() for word in _SHAPE_WORDS):
+        return ShapeError(
+            f"{where} cannot run on an input of shape {tuple(x.shape)}: {message}. If this is a "
+            "head or a trunk, build it for the channels and spatial size its module actually outputs.")
+    return err
+
+
+class DeviceMismatchError(TypeError):
+    """A block's input and parameters live on different devices or have different dtypes.
+
+    >>> net = from_module(nn.Linear(4, 2), name="fc")
+    >>> params, state = init_params(net)
+    >>> try:
+    ...     net(params, state, torch.ones(3, 4, dtype=torch.float64))
+    ... except DeviceMismatchError as err:
+    ...     print(str(err).split(";")[0])
+    block 'fc' (Linear) got a torch.float64 input but its parameters are torch.float32
+    """
 
 
 class ShapeError(ValueError):
@@ -298,8 +389,8 @@ def from_module(module: nn.Module, *, name: str | None = None) -> Net:
 def copy(net: Net, prefix: str) -> Net:
     """The same function under new names: every key gets ``prefix + "."`` in front.
 
-    A copy starts equal to its source (``init_params`` gives both the same values) and is
-    trained as a separate set of parameters.
+    A copy starts equal to its source (``init_params`` gives both the same values), is
+    trained as a separate set of parameters, and reads the same boundary as its source.
 
     >>> from torch import nn
     >>> copy(from_module(nn.Linear(2, 3), name="fc"), "trunk").param_names
@@ -307,7 +398,7 @@ def copy(net: Net, prefix: str) -> Net:
     """
     if not prefix:
         raise ValueError("copy needs a non-empty prefix, e.g. copy(net, 'trunk3')")
-    return Net(tuple(b.renamed(prefix) for b in net.blocks), input_name=INPUT)
+    return Net(tuple(b.renamed(prefix) for b in net.blocks), input_name=net.input_name)
 
 
 def init_params(*nets: Any, seed: int = 0, device: torch.device | str | None = None,
@@ -315,7 +406,8 @@ def init_params(*nets: Any, seed: int = 0, device: torch.device | str | None = N
     """Fresh ``(params, state)`` for every block of ``nets`` (nets, heads or objectives).
 
     Each block is initialised from ``(seed, block root name)`` alone, so a block gets the
-    same values whichever nets it appears in, and a copy equals its source.
+    same values whichever nets it appears in, and a copy equals its source. Two different
+    blocks under one name are refused (``mlaan_func.identity.check_identity``).
 
     >>> fc = from_module(nn.Linear(2, 2), name="fc")
     >>> params, state = init_params(fc, copy(fc, "trunk"), seed=1)
@@ -324,6 +416,9 @@ def init_params(*nets: Any, seed: int = 0, device: torch.device | str | None = N
     >>> torch.equal(params["fc.weight"], params["trunk.fc.weight"])
     True
     """
+    from .identity import check_identity
+
+    check_identity(*nets)
     params: Params = {}
     state: State = {}
     for block in _unique_blocks(nets):

@@ -31,13 +31,16 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .combinators import Objective
 from .core import INPUT, Params, State
-from .engine import (NonFiniteLossError, TrainState, _as_batch, after_steps, apply_gradients,
-                     gradient_fns, plan_routes, scheme_names)
+from .engine import (NonFiniteLossError, TrainState, _as_batch, _step_randomness, after_steps,
+                     apply_gradients, gradient_fns, plan_routes, scheme_names)
 from .losses import Batch
 from .optim import Optimizer
+from .randomness import fold_in
+from .routing import accumulate, fold
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -103,6 +106,53 @@ def all_reduce_tree(tensors: dict[str, Tensor], op=dist.ReduceOp.SUM, group=None
     return {k: out[k] for k in tensors}
 
 
+def group_device(group=None) -> torch.device:
+    """The device collectives of ``group`` run on: the current CUDA device for NCCL, else CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_train_state(ts: TrainState, group=None, src: int = 0) -> TrainState:
+    """Every rank gets rank ``src``'s train state (params, state, optimizer state, step, key):
+    replicas start equal whatever each rank's seed or global generator was."""
+    leaves, spec = tree_flatten(ts)
+    tensors = {str(i): t for i, t in enumerate(leaves) if isinstance(t, Tensor)}
+    by_kind: dict[tuple, list[str]] = {}
+    for k, v in tensors.items():
+        by_kind.setdefault((v.dtype, v.device), []).append(k)
+    root = dist.get_global_rank(group, src) if group is not None else src
+    for keys in by_kind.values():
+        flat = torch.cat([tensors[k].reshape(-1) for k in keys])
+        _guard("broadcasting the train state", dist.broadcast, flat, root, group=group)
+        offset = 0
+        for k in keys:
+            n = tensors[k].numel()
+            leaves[int(k)] = flat[offset:offset + n].view_as(tensors[k]).clone()
+            offset += n
+    return tree_unflatten(leaves, spec)
+
+
+def check_replicas(ts: TrainState, group=None) -> None:
+    """Raise ``DistributedError`` naming the first parameter or state key whose checksum
+    differs between ranks (two float64 sums per tensor, two small all-reduces)."""
+    tensors = {**{f"params[{k!r}]": v for k, v in ts.params.items()},
+               **{f"state[{k!r}]": v for k, v in ts.state.items()}}
+    device = group_device(group)
+    sums = torch.stack([torch.stack([v.double().sum(), v.double().square().sum()]).to(device)
+                        for v in tensors.values()]) if tensors else torch.zeros(0, 2, device=device)
+    high, low = sums.clone(), sums.clone()
+    _guard("comparing replicas", dist.all_reduce, high, op=dist.ReduceOp.MAX, group=group)
+    _guard("comparing replicas", dist.all_reduce, low, op=dist.ReduceOp.MIN, group=group)
+    differs = (high != low).any(dim=1).nonzero()
+    if len(differs):
+        key = list(tensors)[int(differs[0])]
+        raise DistributedError(
+            f"the replicas differ at step {int(ts.step)}, first in {key}: some rank changed its "
+            "train state outside the data-parallel step, or runs other code. Start every rank from "
+            "the same checkpoint; data_parallel_step broadcasts rank 0's state at step 0.")
+
+
 def _finish_step(ts: TrainState, grads: Params, state: State, finite: Tensor, losses: dict,
                  metrics: dict, optimizer: Optimizer, post, check_finite: bool):
     if check_finite and not bool(finite):
@@ -124,11 +174,15 @@ def shard(batch: Any, rank: int, world: int) -> Batch:
 
 
 def data_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, *, group=None,
-                       compile: bool = False, backend: str = "inductor", check_finite: bool = True):
+                       compile: bool = False, backend: str = "inductor", check_finite: bool = True,
+                       check_every: int = 100):
     """A data-parallel training step over the global batch: ``(ts, (x, y)) -> (ts, metrics)``.
 
     Every rank passes the same global batch (or its own shard with ``sharded=True`` in the
-    call); see the module docstring for what is averaged.
+    call); see the module docstring for what is averaged. At step 0 every rank takes rank
+    0's train state (``broadcast_train_state``); every ``check_every`` steps the replicas'
+    checksums are compared (``check_replicas``; 0 turns it off). Random draws use the key
+    folded with the rank, so shards get independent dropout masks.
     """
     from .engine import gradients
 
@@ -137,8 +191,13 @@ def data_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, *,
 
     def train_step(ts: TrainState, batch: Any, *, sharded: bool = False):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
+        at = int(ts.step)
+        if at == 0:
+            ts = broadcast_train_state(ts, group)
+        elif check_every and at % check_every == 0:
+            check_replicas(ts, group)
         local = _as_batch(batch) if sharded else shard(batch, rank, world)
-        g = grad_step(ts, local)
+        g = grad_step(ts if ts.key is None else ts._replace(key=fold_in(ts.key, rank)), local)
         grads = all_reduce_tree(g.grads, group=group)
         grads = {k: v / world for k, v in grads.items()}
         floats = {k: v for k, v in g.state.items() if v.is_floating_point()}
@@ -215,14 +274,19 @@ def plan_modules(objectives: Sequence[Objective], module_ends: Sequence[str], ow
 
 def _gather_metrics(objectives, losses, metrics, group):
     """Every objective's loss (and accuracy, where it has one) on every rank; each rank ran
-    only its own objectives."""
+    only its own objectives. Reduced on the group's device (NCCL cannot reduce CPU tensors)."""
     flat = {}
+    device = group_device(group)
+
+    def on_device(v):
+        return torch.as_tensor(v, dtype=torch.float32).to(device)
+
     for o in objectives:
         mine = metrics.get(o.name, {})
-        flat[f"{o.name}/weighted_loss"] = torch.as_tensor(losses.get(o.name, 0.0), dtype=torch.float32)
-        flat[f"{o.name}/loss"] = torch.as_tensor(mine.get("loss", 0.0), dtype=torch.float32)
-        flat[f"{o.name}/accuracy"] = torch.as_tensor(mine.get("accuracy", 0.0), dtype=torch.float32)
-        flat[f"{o.name}/has_accuracy"] = torch.tensor(float("accuracy" in mine))
+        flat[f"{o.name}/weighted_loss"] = on_device(losses.get(o.name, 0.0))
+        flat[f"{o.name}/loss"] = on_device(mine.get("loss", 0.0))
+        flat[f"{o.name}/accuracy"] = on_device(mine.get("accuracy", 0.0))
+        flat[f"{o.name}/has_accuracy"] = on_device(float("accuracy" in mine))
     flat = {k: v[0] for k, v in all_reduce_tree({k: v.reshape(1) for k, v in flat.items()}, group=group).items()}
     gathered = {}
     for o in objectives:
@@ -251,7 +315,6 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
     for i, o in enumerate(objectives):
         for k in o.state_names:
             first_writer.setdefault(k, plan.rank_of_objective[i])
-    shapes: dict[str, tuple] = {}
 
     def train_step(ts: TrainState, batch: Any):
         batch = _as_batch(batch)
@@ -259,11 +322,13 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
         if n % micro_batches:
             raise ValueError(f"the batch of {n} does not split into {micro_batches} equal micro-batches")
         per = n // micro_batches
+        shapes: dict[str, tuple] = {}  # micro-batches of one step share their boundary shapes
+        device = group_device(group)
         grads: Params = {}
         state = dict(ts.state)
         losses: dict[str, Tensor] = {}
         metrics: dict[str, dict[str, Tensor]] = {}
-        finite = torch.ones((), dtype=torch.bool)
+        finite = torch.ones((), dtype=torch.bool, device=device)
         busy = wait = 0.0
         pending: list = []
         for m in range(micro_batches):
@@ -281,20 +346,23 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
             wait += time.perf_counter() - tic
             tic = time.perf_counter()
             updates: State = {}
-            for i in mine:
-                o = objectives[i]
+
+            def run_objective(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
+                nonlocal grads, finite
                 p = {k: ts.params[k] for k in sub_keys[i]}
-                g, (loss, (new, outputs, met)) = fns[i](p, state, acts[o.input_name], mb, ts.step)
-                for k, v in g.items():
-                    grads[k] = grads[k] + v if k in grads else v
+                g, (loss, (new, outputs, met)) = fns[i](p, state, x, mb, ts.step)
+                grads = accumulate(grads, g)
                 for k, v in new.items():
                     if first_writer[k] == rank:
                         updates.setdefault(k, v)
-                for name, out in outputs.items():
-                    acts.setdefault(name, out)
                 losses[o.name] = losses.get(o.name, 0) + loss / micro_batches
                 metrics[o.name] = {k: metrics.get(o.name, {}).get(k, 0) + v / micro_batches for k, v in met.items()}
-                finite = finite & torch.isfinite(loss)
+                finite = finite & torch.isfinite(loss).to(device)
+                return outputs
+
+            micro_ts = ts if ts.key is None else ts._replace(key=fold_in(ts.key, m))
+            with _step_randomness(micro_ts, mb.x):
+                acts = fold(objectives, routes, None, run_objective, acts=acts, only=mine, free=False)
             state.update(updates)
             busy += time.perf_counter() - tic
             for name in plan.sends[rank]:

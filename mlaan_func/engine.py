@@ -19,6 +19,7 @@ update and then the objectives' ``after_steps`` (EMA twins).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import types
@@ -32,8 +33,11 @@ from torch.utils._pytree import tree_map, tree_structure, tree_unflatten
 from . import hyper
 from .combinators import Objective
 from .core import INPUT, AfterStep, Params, State, check_keys, init_params
+from .identity import check_identity
 from .losses import Batch, input_of
 from .optim import Optimizer, apply_updates, state_metrics
+from .randomness import key_from_seed, seed_block, seeded
+from .routing import accumulate, fold
 
 
 class TrainState(NamedTuple):
@@ -44,14 +48,19 @@ class TrainState(NamedTuple):
     >>> scheme = [mf.local_loss(mf.from_module(nn.Linear(2, 3), name="fc"), None,
     ...                         mf.losses.cross_entropy, name="final")]
     >>> ts = mf.init(scheme, mf.optim.sgd(0.1, momentum=0.9))
-    >>> ts._fields, sorted(ts.params), int(ts.step)
-    (('params', 'state', 'opt_state', 'step'), ['fc.bias', 'fc.weight'], 0)
+    >>> ts._fields, sorted(ts.params), int(ts.step), int(ts.key)
+    (('params', 'state', 'opt_state', 'step', 'key'), ['fc.bias', 'fc.weight'], 0, 0)
+
+    ``key`` (int64, 0-d) is the randomness input: every random draw of a step derives from
+    ``(key, step, block)`` (see ``mlaan_func.randomness``). ``None`` (a train state built by
+    hand) leaves randomness to the global generator.
     """
 
     params: Params
     state: State
     opt_state: Any
     step: Tensor
+    key: Tensor | None = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -133,7 +142,7 @@ def init(objectives: Sequence[Objective], optimizer: Optimizer, *, seed: int = 0
     held = {o.weight.key: o.weight.value.to(device) for o in objectives if isinstance(o.weight, hyper.Held)}
     state = {**state, **held}
     return TrainState(params, state, optimizer.init(params),
-                      torch.zeros((), dtype=torch.int64, device=device))
+                      torch.zeros((), dtype=torch.int64, device=device), key_from_seed(seed, device))
 
 
 def objective_fn(objective: Objective, taps: tuple[str, ...] = ()) -> Callable:
@@ -259,6 +268,7 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     """
     objectives = list(objectives)
     routes = plan_routes(objectives)
+    check_identity(objectives)
     fns = gradient_fns(objectives, routes, compile=compile, backend=backend)
     param_keys, state_keys = scheme_names(objectives)
     sub_keys = [o.param_names for o in objectives]
@@ -273,31 +283,36 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
         first_structure = _check_structure(batch, first_structure)
         x = input_of(batch)
         _check_device(x, ts.params)
-        acts: dict[str, Tensor] = {INPUT: x}
         grads: Params = {}
         updates: State = {}
         losses: dict[str, Tensor] = {}
         metrics: dict[str, dict[str, Tensor]] = {}
-        for i, o in enumerate(objectives):
+
+        def run_objective(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
+            nonlocal grads
             p = {k: ts.params[k] for k in sub_keys[i]}
-            g, (loss, (new, outputs, m)) = fns[i](p, ts.state, acts[o.input_name], batch, ts.step)
-            for k, v in g.items():
-                if k in grads:
-                    grads[k].add_(v)
-                else:
-                    grads[k] = v
+            seed_block(o.name)
+            g, (loss, (new, outputs, m)) = fns[i](p, ts.state, x, batch, ts.step)
+            grads = accumulate(grads, g)
             for k, v in new.items():
                 updates.setdefault(k, v)
-            for name, out in outputs.items():
-                acts.setdefault(name, out)
-            for name in routes[i].free_after:
-                acts.pop(name, None)
             losses[o.name], metrics[o.name] = loss, m
+            return outputs
+
+        with _step_randomness(ts, x):
+            fold(objectives, routes, x, run_objective)
         finite = torch.stack([torch.isfinite(v) for v in losses.values()]).all()
         grads = {k: grads[k] for k in ts.params}
         return Gradients(grads, {**ts.state, **updates}, losses, metrics, finite)
 
     return run
+
+
+def _step_randomness(ts: TrainState, x: Tensor):
+    """The step's random draws derive from ``(ts.key, ts.step)``; no key: the global generator."""
+    if ts.key is None:
+        return contextlib.nullcontext()
+    return seeded(ts.key, ts.step, x.device)
 
 
 def apply_gradients(ts: TrainState, grads: Params, state: State, optimizer: Optimizer,
@@ -308,7 +323,7 @@ def apply_gradients(ts: TrainState, grads: Params, state: State, optimizer: Opti
     params = apply_updates(ts.params, updates)
     for a in post:
         state = a.fn(params, state, step=ts.step) if hyper.takes_step(a.fn) else a.fn(params, state)
-    return TrainState(params, state, opt_state, ts.step + 1)
+    return ts._replace(params=params, state=state, opt_state=opt_state, step=ts.step + 1)
 
 
 def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool = False,
@@ -416,18 +431,18 @@ def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[
         structure = _check_structure(batch, structure)
         x = input_of(batch)
         n = x.shape[0]
-        acts = {INPUT: x}
         produced = {INPUT: x}
-        for i, o in enumerate(objectives):
-            _, _, outputs, m = o.forward(ts.params, ts.state, acts[o.input_name], batch, train=False,
+
+        def run_objective(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
+            _, _, outputs, m = o.forward(ts.params, ts.state, x, batch, train=False,
                                          taps=routes[i].taps, step=ts.step)
-            for name, out in outputs.items():
-                acts.setdefault(name, out)
-                if metrics:
+            if metrics:
+                for name, out in outputs.items():
                     produced.setdefault(name, out)
-            for name in routes[i].free_after:
-                acts.pop(name, None)
             add(o.name, m, n)
+            return outputs
+
+        fold(objectives, routes, x, run_objective)
         for name, fn in metrics.items():
             add(name, fn(produced, batch), n)
         seen += n

@@ -22,6 +22,8 @@ import torch
 from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
+from .core import ShapeError
+
 FEATURE_DIM = 128
 """Width of the InfoPro classifier's hidden layer and of its contrastive output."""
 
@@ -83,7 +85,16 @@ class Head(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        _check_maps(self, x)
         return self.layers(x)
+
+
+def _check_maps(head: nn.Module, x: Tensor) -> None:
+    if x.ndim != 4:
+        raise ShapeError(
+            f"{type(head).__name__} takes (N, C, H, W) feature maps, got a tensor of shape "
+            f"{tuple(x.shape)} ({x.ndim} dims); for (N, D) vectors use a linear head made from "
+            "nn.Linear(D, classes), for (N, T, D) tokens pool the tokens first")
 
 
 class LinearHead(Head):
@@ -170,6 +181,7 @@ class InfoProHead(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        _check_maps(self, x)
         return self.decoder(x), self.classifier(x)
 
 

@@ -5,8 +5,9 @@ without keeping a graph, storing only the input of every n-th block, then walks 
 by segment, recomputing each segment just before its backward (``torch.autograd.grad``, which
 frees each saved tensor as soon as it is used). The
 loss, gradients and new state are those of the plain objective: BatchNorm statistics come
-from the first (stored) forward and are never touched by a recomputation, and the random
-number generator is replayed so dropout draws the same masks.
+from the first (stored) forward and are never touched by a recomputation, and random draws
+repeat (each block reseeds from the step's key inside a step; outside one the generator's
+state is replayed).
 
 >>> import torch
 >>> from torch import nn
@@ -26,7 +27,8 @@ import torch
 from torch import Tensor
 
 from .combinators import Objective
-from .core import Params, State
+from .core import Net, Params, State
+from .randomness import seed_block
 
 
 def _rng_devices(x: Tensor) -> list[int]:
@@ -35,13 +37,7 @@ def _rng_devices(x: Tensor) -> list[int]:
 
 def _run_segment(blocks: Sequence[Any], params: Params, state: State, x: Tensor,
                  taps: dict[str, Tensor] | None = None) -> tuple[Tensor, State]:
-    updates: State = {}
-    for block in blocks:
-        x, new = block.apply(params, state, x, train=True)
-        updates.update(new)
-        if taps is not None and block.name in taps:
-            taps[block.name] = x
-    return x, updates
+    return Net(tuple(blocks)).run(params, state, x, train=True, taps=taps)
 
 
 def _vjp(fn: Callable, params: Params, inp: Tensor, cotangent: Tensor | None, input_grad: bool):
@@ -90,6 +86,7 @@ def remat_grad_fn(every: int = 1) -> Callable:
 
             def last_fn(p: Params, inp: Tensor):
                 z, new = _run_segment(segments[-1], p, state, inp, seg_taps)
+                seed_block("loss:" + objective.name)
                 loss, metrics = objective.score(z, batch, state, step)
                 return loss, (new, metrics)
 

@@ -11,16 +11,19 @@ property tests as the built-in ones (DESIGN.md §5).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+import contextlib
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from hypothesis import strategies as st
-from torch import Tensor
+from torch import Tensor, nn
 
-from .combinators import Objective, cascade, split
-from .core import INPUT, Net, Params, State
+from .combinators import LeapBlock, Objective, cascade, split
+from .core import INPUT, Block, Net, Params, State, to_module
 from .engine import TrainState, _as_batch, plan_routes
 from .losses import input_of
+from .randomness import seed_block, seeded
+from .routing import fold
 
 RTOL = 1e-5
 
@@ -98,56 +101,202 @@ def check_split_identity(net: Net, at: Sequence[str], params: Params, state: Sta
 
 def reference_losses(objectives: Sequence[Objective], ts: TrainState, batch: Any,
                      params: Params | None = None) -> tuple[list[Tensor], State]:
-    """Each objective's loss with ordinary autograd (inputs detached at module boundaries)
-    and the new state, first writer wins. Pass ``params`` that require grad to differentiate."""
+    """Each objective's loss through the library's own ``Objective.forward`` (inputs
+    detached at module boundaries) and the new state, first writer wins. Pass ``params``
+    that require grad to differentiate. (It checks routing, not gradients: for an oracle
+    independent of the library's forward, use ``reference_gradients``.)"""
     routes = plan_routes(objectives)
     batch = _as_batch(batch)
     params = ts.params if params is None else params
-    acts, losses, updates = {INPUT: input_of(batch)}, [], {}
-    for o, route in zip(objectives, routes):
-        loss, new, outputs, _ = o.forward(params, ts.state, acts[o.input_name].detach(), batch,
-                                          taps=route.taps, step=ts.step)
+    losses, updates = [], {}
+
+    def run(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
+        loss, new, outputs, _ = o.forward(params, ts.state, x.detach(), batch, taps=routes[i].taps,
+                                          step=ts.step)
         losses.append(loss)
         for k, v in new.items():
             updates.setdefault(k, v)
-        for name, out in outputs.items():
-            acts.setdefault(name, out)
+        return outputs
+
+    fold(objectives, routes, input_of(batch), run, free=False)
     return losses, {**ts.state, **updates}
 
 
-def check_isolation(objectives: Sequence[Objective], ts: TrainState, batch: Any) -> None:
-    """Each objective's loss has exactly zero gradient on every parameter it does not own,
-    and reaches every block it owns (some nonzero gradient per block)."""
+def expected_reach(objectives: Sequence[Objective]) -> list[frozenset[str]]:
+    """The parameters each objective's loss may reach, from the scheme's structure: the
+    blocks of its net (from its input boundary to its output) and the blocks of its head
+    that no objective's net owns (its own head, trunk copies). A head that runs a block of
+    another objective's net (a forgotten ``copy``) is outside the reach.
+
+    >>> import mlaan_func as mf
+    >>> from torch import nn
+    >>> a, b = mf.split(mf.from_module(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))), ["0"])
+    >>> leaky = mf.local_loss(a, b, mf.losses.cross_entropy, name="leaky")   # head = block 1 itself
+    >>> [sorted(r) for r in expected_reach([leaky, mf.local_loss(b, None, mf.losses.cross_entropy)])]
+    [['0.bias', '0.weight'], ['1.bias', '1.weight']]
+    """
+    in_nets = {k for o in objectives for k in o.net.param_names}
+    reach = []
+    for o in objectives:
+        head = set(o.head.param_names) if o.head is not None else set()
+        reach.append(frozenset(set(o.net.param_names) | (head - in_nets)))
+    return reach
+
+
+def check_isolation(objectives: Sequence[Objective], ts: TrainState, batch: Any,
+                    expect: Sequence[Any] | None = None) -> None:
+    """Each objective's loss reaches exactly its expected parameters.
+
+    ``expect[i]`` is the set of parameter names objective ``i`` may reach (default:
+    ``expected_reach(objectives)``). The check fails if the loss has a nonzero gradient on
+    any other parameter, or if some block inside its reach is not connected to the loss at
+    all. Connection, not a nonzero value, is what counts inside the reach, so a head that
+    starts at zero passes.
+
+    >>> import mlaan_func as mf
+    >>> from torch import nn
+    >>> a, b = mf.split(mf.from_module(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))), ["0"])
+    >>> leaky = [mf.local_loss(a, b, mf.losses.cross_entropy, name="leaky"),
+    ...          mf.local_loss(b, None, mf.losses.cross_entropy)]
+    >>> ts = mf.init(leaky, mf.optim.sgd(0.1))
+    >>> try:
+    ...     check_isolation(leaky, ts, (torch.randn(4, 2), torch.tensor([0, 1, 0, 1])))
+    ... except AssertionError as err:
+    ...     print(err)
+    objective 'leaky' leaks gradient into '1.weight', outside its reach
+    """
+    expect = expected_reach(objectives) if expect is None else [frozenset(e) for e in expect]
+    if len(expect) != len(objectives):
+        raise ValueError(f"expect has {len(expect)} entries for {len(objectives)} objectives")
     params = {k: v.detach().clone().requires_grad_(True) for k, v in ts.params.items()}
     losses, _ = reference_losses(objectives, ts, batch, params)
     keys = list(params)
-    for o, loss in zip(objectives, losses):
+    for o, loss, reach in zip(objectives, losses, expect):
         grads = torch.autograd.grad(loss, [params[k] for k in keys], allow_unused=True, retain_graph=False)
-        owned = set(o.param_names)
-        reached: set[str] = set()
+        connected: set[str] = set()
         for k, g in zip(keys, grads):
             if g is None:
                 continue
-            if k not in owned:
-                assert not bool(g.abs().max() > 0), f"objective {o.name!r} leaks gradient into {k!r}"
-            elif bool(g.abs().max() > 0):
-                reached.add(k)
-        for net in o.nets:
-            for block in net.blocks:
-                names = set(block.param_names)
-                if names:
-                    assert names & reached, f"objective {o.name!r} does not reach block {block.name!r}"
+            connected.add(k)
+            if k not in reach and bool(g.abs().max() > 0):
+                raise AssertionError(f"objective {o.name!r} leaks gradient into {k!r}, outside its reach")
+        for block in (b for net in o.nets for b in net.blocks):
+            names = set(block.param_names) & reach
+            if names and not names & connected:
+                raise AssertionError(f"objective {o.name!r} does not reach block {block.name!r}")
+
+
+class _Leap(nn.Module):
+    """``z ↦ copy(z) + twin(z)`` as plain modules; the twin's tensors are frozen."""
+
+    def __init__(self, copy: nn.Module, twin: nn.Module):
+        super().__init__()
+        self.copy, self.twin = copy, twin
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.copy(z) + self.twin(z)
+
+
+class _Exported(NamedTuple):
+    module: nn.Module
+    params: dict[str, nn.Parameter]   # scheme key -> the module's own parameter
+    buffers: dict[str, Tensor]        # scheme key -> the module's buffer (updated in place)
+
+
+def _export(block: Any, params: Params, state: State) -> _Exported:
+    """An ordinary module for a block, holding copies of its tensors (``to_module``)."""
+    if isinstance(block, Block):
+        module = to_module(Net((block,)), params, state).blocks[0]
+        local = dict(module.named_parameters())
+        bufs = dict(module.named_buffers())
+        return _Exported(module, {k: local[n] for k, n in zip(block.param_names, block.local_params)},
+                         {k: bufs[n] for k, n in zip(block.state_names, block.local_state)})
+    if isinstance(block, LeapBlock):
+        copies = [_export(b, params, state) for b in block.copy.blocks]
+        twins = [_export(b, {**state}, state) for b in block.twin.blocks]
+        for t in twins:
+            t.module.requires_grad_(False)
+        module = _Leap(nn.Sequential(*(c.module for c in copies)), nn.Sequential(*(t.module for t in twins)))
+        return _Exported(module, {k: v for c in copies for k, v in c.params.items()},
+                         {k: v for part in copies + twins for k, v in part.buffers.items()})
+    raise TypeError(f"reference_gradients exports plain and leap blocks; {block.name!r} is a "
+                    f"{type(block).__name__}: pass your own reference to check_oracle")
+
+
+def reference_gradients(objectives: Sequence[Objective]) -> Callable[..., tuple[Params, State]]:
+    """The scheme written as ordinary ``nn.Module`` code, for ``check_oracle``:
+    ``reference(params, state, batch, key=None, step=0) -> (grads, new_state)``.
+
+    Each objective gets its own modules (``to_module`` copies of its blocks, in training
+    mode), reads the boundary it names with an explicit ``.detach()``, and the weighted sum
+    of every objective's loss gets one ``.backward()``; a name's gradient is the sum over
+    every module that holds it, and a state key takes the value of its first writer. Only
+    the user's loss functions and weights are shared with the library, not
+    ``Objective.forward``. With ``key``, each block is seeded as in a step.
+
+    >>> import mlaan_func as mf
+    >>> from torch import nn
+    >>> net = mf.from_module(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+    ...                                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)))
+    >>> scheme = mf.schemes.dgl(net, ["1"], input_shape=(3, 8, 8))
+    >>> ts = mf.init(scheme, mf.optim.sgd(0.1))
+    >>> check_oracle(scheme, ts, (torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])))
+    """
+    objectives = list(objectives)
+    plan_routes(objectives)
+
+    def reference(params: Params, state: State, batch: Any, key: Tensor | None = None,
+                  step: Tensor | int = 0) -> tuple[Params, State]:
+        batch = _as_batch(batch)
+        acts: dict[str, Tensor] = {INPUT: input_of(batch)}
+        held: list[tuple[str, nn.Parameter]] = []
+        new_state: State = {}
+        total = None
+        scope = seeded(key, step, input_of(batch).device) if key is not None else contextlib.nullcontext()
+        with scope, torch.enable_grad():
+            for o in objectives:
+                h = acts[o.input_name].detach()
+                for part, net in (("net", o.net), ("head", o.head)):
+                    for block in (net.blocks if net is not None else ()):
+                        exported = _export(block, params, state)
+                        exported.module.train()
+                        held += list(exported.params.items())
+                        seed_block(block.name)
+                        h = exported.module(h)
+                        if part == "net":
+                            acts.setdefault(block.name, h)
+                        for k, v in exported.buffers.items():
+                            new_state.setdefault(k, v)
+                    if part == "net":
+                        z = h
+                seed_block("loss:" + o.name)
+                term, _ = o.score(h, batch, state, torch.as_tensor(step))
+                total = term if total is None else total + term
+                del z
+            total.backward()
+        grads: Params = {k: torch.zeros_like(v) for k, v in params.items()}
+        for k, p in held:
+            if p.grad is not None:
+                grads[k] = grads[k] + p.grad
+        return grads, {**state, **{k: v.detach() for k, v in new_state.items()}}
+
+    return reference
 
 
 def check_oracle(objectives: Sequence[Objective], ts: TrainState, batch: Any,
-                 reference: Callable[[Params, State, Any], tuple[Params, State]],
+                 reference: Callable[[Params, State, Any], tuple[Params, State]] | None = None,
                  *, rtol: float = RTOL, compile: bool = False, backend: str = "aot_eager") -> None:
-    """The engine's summed gradients and new state equal ``reference(params, state, batch)``,
-    typically one ``backward()`` of the summed local losses through plain ``nn.Module`` code."""
+    """The engine's summed gradients and new state equal ``reference(params, state, batch)``:
+    by default ``reference_gradients(objectives)``, the scheme as plain ``nn.Module`` code
+    with one ``backward()`` of the summed local losses; or a reference written by hand."""
     from .engine import gradients
 
     got = gradients(objectives, compile=compile, backend=backend)(ts, batch)
-    want_grads, want_state = reference(ts.params, ts.state, batch)
+    if reference is None:
+        want_grads, want_state = reference_gradients(objectives)(ts.params, ts.state, batch,
+                                                                 key=ts.key, step=ts.step)
+    else:
+        want_grads, want_state = reference(ts.params, ts.state, batch)
     assert_close(got.grads, want_grads, rtol, "gradient")
     assert_close(got.state, want_state, rtol, "state")
 

@@ -33,23 +33,31 @@ def run(rank, world, port, mode, method, out, steps, die):
                             timeout=__import__("datetime").timedelta(seconds=10))
     net, objectives = scheme(method)
     opt = optimizer()
-    ts = mf.init(objectives, opt, seed=0)
-    if mode == "data":
-        step = mfd.data_parallel_step(objectives, opt)
+    # "data_seeded": every rank seeds differently, as in the usual seed + rank idiom
+    seed = rank if mode == "data_seeded" else 0
+    torch.manual_seed(100 + seed)
+    ts = mf.init(objectives, opt, seed=seed)
+    data = batches(steps)
+    if mode.startswith("data"):
+        step = mfd.data_parallel_step(objectives, opt, check_every=1)
     else:
         ends = [m.output_name for m in mf.split(net, AT)]
         step = mfd.module_parallel_step(objectives, opt, ends, micro_batches=3)
+        if mode == "modules_ragged":  # a smaller last batch, as at the end of an epoch
+            data[-1] = (data[-1][0][:6], data[-1][1][:6])
     try:
-        for i, b in enumerate(batches(steps)):
+        for i, b in enumerate(data):
             if die and rank == world - 1 and i == 1:
                 sys.exit(3)
+            if mode == "data_diverge" and rank == 1 and i == 1:
+                ts = ts._replace(params={**ts.params, "2.0.bn1.weight": ts.params["2.0.bn1.weight"] + 1})
             ts, _ = step(ts, b)
     except mfd.DistributedError as err:
         with open(out + f".error{rank}", "w") as f:
             f.write(str(err))
         return
-    if rank == 0:
-        mf.save(out, ts)
+    if rank == 0 or mode == "data_seeded":
+        mf.save(out + (f".rank{rank}" if mode == "data_seeded" else ""), ts)
     dist.barrier()
     dist.destroy_process_group()
 

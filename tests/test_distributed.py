@@ -105,6 +105,35 @@ def test_a_dead_rank_is_reported_within_the_timeout(tmp_path):
     assert errors and "rank" in errors[0].read_text()
 
 
+@pytest.mark.slow
+def test_data_parallel_ranks_seeded_differently_end_identical(tmp_path):
+    out = tmp_path / "seeded.pt"
+    procs = launch(2, "data_seeded", "dgl", out, steps=3)
+    assert all(p.returncode == 0 for p in procs), [p.stderr.read().decode()[-2000:] for p in procs]
+    a, b = mf.load(f"{out}.rank0"), mf.load(f"{out}.rank1")
+    mt.assert_identical(a.params, b.params)
+    mt.assert_identical(a.state, b.state)
+    want = data_parallel_reference("dgl", 2, steps=3)   # started from rank 0's seed
+    mt.assert_close(a.params, want.params, 1e-4, "params")
+
+
+@pytest.mark.slow
+def test_diverged_replicas_are_reported_naming_the_key(tmp_path):
+    out = tmp_path / "diverge.pt"
+    launch(2, "data_diverge", "dgl", out, steps=3)
+    errors = sorted(tmp_path.glob("diverge.pt.error*"))
+    assert errors and "2.0.bn1.weight" in errors[0].read_text()
+
+
+@pytest.mark.slow
+def test_module_parallel_takes_a_smaller_last_batch(tmp_path):
+    out = tmp_path / "ragged.pt"
+    procs = launch(2, "modules_ragged", "dgl", out, steps=2)
+    assert all(p.returncode == 0 for p in procs), [p.stderr.read().decode()[-2000:] for p in procs]
+    assert not list(tmp_path.glob("ragged.pt.error*"))
+    assert int(mf.load(out).step) == 2
+
+
 def test_plan_assigns_contiguous_modules_and_refuses_too_many_ranks():
     assert mfd.assign_modules(5, 2) == [0, 0, 0, 1, 1]
     assert mfd.assign_modules(3, 3) == [0, 1, 2]
