@@ -204,7 +204,8 @@ def gradient_fns(objectives: Sequence[Objective], routes: Sequence[Route], *, co
             fn = grad_and_value(objective_fn(o, r.taps), has_aux=True)
         else:
             fn = autograd_grad_and_value(objective_fn(o, r.taps))
-        fns.append(torch.compile(_own_code(fn, str(len(fns))), backend=backend) if compile else fn)
+        fns.append(torch.compile(_own_code(fn, str(len(fns))), backend=backend, dynamic=False)
+                   if compile else fn)
     return fns
 
 

@@ -94,9 +94,23 @@ def check_identity(*items: Any) -> None:
         if twin is not None and decay is not None:
             names = twin.param_names + twin.state_names
             seen_decay = decays.setdefault(names, (decay, f"{block.name!r} in {user}"))
-            if not torch.equal(seen_decay[0], decay):
+            if not _same_decay(seen_decay[0], decay):
                 raise ValueError(
                     f"the EMA twin {twin.block_names} is one twin shared by {seen_decay[1]} "
-                    f"(decay {float(seen_decay[0])}) and {block.name!r} in {user} (decay "
-                    f"{float(decay)}); use one decay, or give one leap_ema its own twin prefix "
+                    f"(decay {_decay_text(seen_decay[0])}) and {block.name!r} in {user} (decay "
+                    f"{_decay_text(decay)}); use one decay, or give one leap_ema its own twin prefix "
                     "(leap_ema(..., twin='twin_b')).")
+
+
+def _same_decay(a, b) -> bool:
+    """Numbers compare by value; a schedule or a held decay is the same only as itself (a
+    held decay is keyed by its twin, so two held decays of one twin are one value)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.equal(a, b)
+    if type(a).__name__ == "Held" and type(b).__name__ == "Held":
+        return a.key == b.key
+    return a is b
+
+
+def _decay_text(decay) -> str:
+    return f"{float(decay)}" if isinstance(decay, torch.Tensor) else type(decay).__name__
