@@ -134,6 +134,22 @@ def accuracy_section(payload: dict) -> list[str]:
     return lines
 
 
+PAPERS_TITLES = {
+    "accuracy_papers": "## Accuracy at the papers' configuration (`bench/accuracy.py --papers`)",
+    "accuracy_supcon": "## InfoPro: the two SupCon averagings (`bench/accuracy.py --papers`, batch 32)",
+}
+
+
+def papers_sections() -> list[str]:
+    """The ``--papers`` runs (``accuracy_papers.json``, ``accuracy_supcon.json``), when present."""
+    lines = []
+    for name, title in PAPERS_TITLES.items():
+        payload = load(name)
+        if payload:
+            lines += [title] + accuracy_section(payload)[1:]
+    return lines
+
+
 def distributed_section(payload: dict) -> list[str]:
     lines = ["## Scale-out on one CPU machine (`bench/distributed.py`)", "",
              f"{payload['ranks']} gloo processes on 127.0.0.1, one thread each, {payload['method']} on "
@@ -167,6 +183,8 @@ def main() -> int:
                           ("distributed", distributed_section)):
         payload = load(name)
         out += section(payload) if payload else [f"## {name}", "", f"Not run yet: `python bench/{name}.py`.", ""]
+        if name == "accuracy":
+            out += papers_sections()
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(out))
     print(f"wrote {ROOT / 'docs' / 'benchmarks.md'}", file=sys.stderr)
     return 0

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 import mlaan_func as mf
 from mlaan_func import testing as mt
-from mlaan_func.core import DeviceMismatchError, ShapeError
+from mlaan_func.core import ShapeError
 from mlaan_func.models.resnet import CifarResNet
 
 SETTINGS = settings(deadline=None, max_examples=6)
@@ -236,7 +236,7 @@ def test_out_of_memory_and_other_runtime_errors_pass_untouched():
 def test_dtype_mismatch_names_both_dtypes_and_the_fix():
     net = mf.from_module(nn.Linear(4, 2), name="fc")
     params, state = mf.init_params(net)
-    with pytest.raises(DeviceMismatchError, match=r"float64.*float32.*dtype"):
+    with pytest.raises(mf.core.DeviceMismatchError, match=r"float64.*float32.*dtype"):
         net(params, state, torch.ones(3, 4, dtype=torch.float64))
 
 
