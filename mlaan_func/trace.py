@@ -41,21 +41,22 @@ class TraceError(ValueError):
 
 
 class _CutTracer(fx.Tracer):
-    """A tracer that keeps the chosen submodules as single calls."""
+    """A tracer that steps only into the modules that contain a cut: every other submodule
+    (the cuts included) stays one call, so its own code need not be traceable."""
 
-    def __init__(self, leaves: set[int]):
+    def __init__(self, cuts: Sequence[str]):
         super().__init__()
-        self.leaves = leaves
+        self.enclosing = {c.rsplit(".", i)[0] for c in cuts for i in range(1, c.count(".") + 1)}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return id(m) in self.leaves or super().is_leaf_module(m, qualname)
+        return qualname not in self.enclosing
 
 
-def _trace(model: nn.Module, leaves: set[int], train: bool) -> fx.Graph:
+def _trace(model: nn.Module, cuts: Sequence[str], train: bool) -> fx.Graph:
     was_training = model.training
     model.train(train)
     try:
-        return _CutTracer(leaves).trace(model)
+        return _CutTracer(cuts).trace(model)
     except fx.proxy.TraceError as err:
         raise TraceError(
             f"{type(model).__name__}.forward cannot be traced with torch.fx ({err}). Make the "
@@ -224,8 +225,7 @@ def split_module(model: nn.Module, blocks: BlockSelector, *, train: bool = True
     ['0', '2']
     """
     names = _select(model, blocks)
-    leaves = {id(model.get_submodule(n)) for n in names}
-    graph = _trace(model, leaves, train)
+    graph = _trace(model, names, train)
     cuts = _cut_nodes(graph, names, predicate_order=callable(blocks))
     names = [c.target for c in cuts]
     segment, placeholder, output = _segments(graph, cuts)
@@ -262,7 +262,12 @@ def check_chain(model: nn.Module, named: Sequence[tuple[str, nn.Module]]) -> Non
     mlaan_func.trace.TraceError: Two.forward does not just run its named_blocks() in order: it also computes ['relu'] ...
     """
     by_id = {id(m): n for n, m in named}
-    graph = _trace(model, set(by_id), model.training)
+    paths = {id(m): p for p, m in model.named_modules()}
+    unknown = [n for n, m in named if id(m) not in paths]
+    if unknown:
+        raise TraceError(f"named_blocks() of {type(model).__name__} returns blocks {unknown} that are not "
+                         "its submodules; return the submodules forward calls")
+    graph = _trace(model, [paths[id(m)] for _, m in named], model.training)
     ran, extra = [], []
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
