@@ -87,7 +87,7 @@ def check_rank(head: nn.Module, x: Tensor, ranks: Sequence[int]) -> None:
         from .core import ShapeError
 
         takes = " or ".join(_RANK_NAMES.get(r, f"rank-{r} tensors") for r in ranks)
-        use = _HEAD_FOR_RANK.get(x.dim(), "a head of your own")
+        use = _HEAD_FOR_RANK.get(x.dim(), "einops.rearrange to one of those ranks, or a head of your own")
         raise ShapeError(f"{type(head).__name__} takes {takes}, got features of shape {tuple(x.shape)}; "
                          f"use {use} (heads.for_shape picks one from the feature shape)")
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -59,6 +60,17 @@ def block_shapes(backbone: Net, input_shape: Sequence[int]) -> list[tuple[tuple[
     return shapes
 
 
+@functools.lru_cache(maxsize=8)
+def _stages(backbone: Net, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Each block's stage: the first block alone, then a new stage at the second block and
+    at every block that changes the feature shape (nets are immutable, so this is cached)."""
+    shapes = block_shapes(backbone, input_shape)
+    stage = [0]
+    for j in range(1, len(shapes)):
+        stage.append(stage[-1] + (1 if j == 1 or shapes[j][0] != shapes[j][1] else 0))
+    return tuple(stage)
+
+
 def leap_trunk_blocks(backbone: Net, after: str, depth: int = 4, *, input_shape: Sequence[int],
                       exact: bool = False) -> list[str]:
     """The leap-trunk rule for any backbone: the blocks a trunk copies after module-ending
@@ -84,10 +96,7 @@ def leap_trunk_blocks(backbone: Net, after: str, depth: int = 4, *, input_shape:
         raise ValueError(f"trunk depth must be a positive int, got {depth!r}")
     if after not in names:
         raise ValueError(f"unknown block {after!r}; blocks are {names}")
-    shapes = block_shapes(backbone, input_shape)
-    stage = [0]
-    for j in range(1, len(names)):
-        stage.append(stage[-1] + (1 if j == 1 or shapes[j][0] != shapes[j][1] else 0))
+    stage = _stages(backbone, tuple(input_shape))
     index = names.index(after)
     later = list(range(index + 1, len(names) - 1))
     if exact and len(later) < depth:
