@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modules", type=int, default=3, help="K for DGL and MLAAN (near-equal cost)")
     p.add_argument("--steps", type=int, default=100, help="training steps per scheme")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, or synthetic for a smoke run")
     p.add_argument("--method", action="append", choices=METHODS, help="default: all three")
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
             "--dataset", args.dataset, "--arch", args.arch, "--method", method,
             "--modules", str(args.modules), "--epochs", "1", "--max-steps", str(args.steps),
             "--subset", str(args.steps * args.batch_size), "--batch-size", str(args.batch_size),
-            "--lr", str(args.lr), "--warmup-epochs", "0.1", "--seed", str(args.seed),
+            "--lr", str(args.lr), "--warmup-epochs", "0.2", "--seed", str(args.seed),
             "--out", str(run), "--overwrite", "--no-progress"])
         if code != 0:
             return code

@@ -456,3 +456,67 @@ def test_a_compiled_vit_scheme_compiles_once_per_objective():
         b, _ = compiled(b, vit_batch(seed=i))
     mt.assert_close(b.params, a.params, 1e-4)
     assert counter.frame_count == len(scheme)
+
+
+# ----------------------------------------------------------------------------- program, example, benchmarks
+
+def _run(script, *args, timeout=600):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, str(root / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=root)
+
+
+def test_every_model_name_is_an_arch_and_gets_a_near_equal_cost_split():
+    assert {"resnet32", "resnet110", "vit_tiny", "vit_mini", "vit_micro"} <= set(mf.models.arch_names())
+    net = mf.from_module(mf.models.create("vit_tiny", num_classes=10, in_channels=3, image_size=32))
+    for k in (1, 2, 3, 5, 12):
+        at = mf.splits.default_split("vit_tiny", net, k, (3, 32, 32))
+        assert len(at) == k - 1
+        modules = _module_costs(net, at)
+        costs, largest = [sum(c) for c in modules], max(max(c) for c in modules)
+        assert max(costs) <= sum(costs) / k + largest  # within one block of the ideal
+    resnet = mf.from_module(mf.models.resnet32())
+    assert mf.splits.default_split("resnet32", resnet, 3, (3, 32, 32)) == \
+        mf.published.split_for("resnet32", resnet.block_names, 3)
+
+
+def _module_costs(net, at):
+    costs = mf.splits.block_costs(net, (3, 32, 32))
+    names = list(net.block_names)
+    ends = [names.index(a) for a in at] + [len(names) - 1]
+    return [costs[(ends[j - 1] + 1 if j else 0):ends[j] + 1] for j in range(len(ends))]
+
+
+@pytest.mark.slow
+def test_program_trains_a_vit_and_the_vit_example_reports_three_accuracies(tmp_path):
+    import json
+
+    r = _run("examples/cifar_mlaan.py", "--dataset", "synthetic", "--synthetic-size", "64", "--arch", "vit_micro",
+             "--method", "mlaan", "--modules", "3", "--epochs", "1", "--max-steps", "2", "--batch-size", "16",
+             "--lr", "0.05", "--no-progress", "--out", str(tmp_path / "prog"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "prog" / "summary.json").read_text())["arch"] == "vit_micro"
+    r = _run("examples/vit_mlaan.py", "--dataset", "synthetic", "--arch", "vit_micro", "--steps", "2",
+             "--batch-size", "16", "--out", str(tmp_path / "vit"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [line.split()[0] for line in r.stdout.splitlines() if "test accuracy" in line][-3:] == ["e2e", "dgl", "mlaan"]
+    for method in ("e2e", "dgl", "mlaan"):
+        assert (tmp_path / "vit" / method / "metrics.jsonl").exists()
+        assert (tmp_path / "vit" / method / "curves.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["bench/memory.py", "bench/speed.py"])
+def test_benchmarks_take_a_vit_arch(tmp_path, script):
+    import json
+
+    out = tmp_path / "bench.json"
+    r = _run(script, "--quick", "--arch", "vit_micro", "--method", "mlaan", "--modules", "3", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(out.read_text())["rows"][0]["arch"] == "vit_micro"
