@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, or synthetic for a smoke run")
     p.add_argument("--method", action="append", choices=METHODS, help="default: all three")
     p.add_argument("--out", default="runs/vit")
+    p.add_argument("--json", default=None, help="also write the summary to this path")
     return p.parse_args(argv)
 
 
@@ -58,10 +59,13 @@ def main(argv=None) -> int:
     for method, r in results.items():
         print(f"{method:6s} K={r['modules']}: test accuracy {r['test_accuracy']:.4f} "
               f"({r['seconds']:.0f} s, peak step {r['peak_step_bytes'] / 2**20:.1f} MiB)")
-    (out / "summary.json").write_text(json.dumps({"arch": args.arch, "dataset": args.dataset,
-                                                  "steps": args.steps, "batch_size": args.batch_size,
-                                                  "lr": args.lr, "seed": args.seed, "results": results},
-                                                 indent=1))
+    summary = {"arch": args.arch, "dataset": args.dataset, "modules": args.modules, "steps": args.steps,
+               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+               "command": " ".join(["python", "examples/vit_mlaan.py", *(sys.argv[1:] if argv is None else argv)]),
+               "results": results}
+    for path in [out / "summary.json"] + ([Path(args.json)] if args.json else []):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=1))
     return 0
 
 

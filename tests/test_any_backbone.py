@@ -520,3 +520,15 @@ def test_benchmarks_take_a_vit_arch(tmp_path, script):
     r = _run(script, "--quick", "--arch", "vit_micro", "--method", "mlaan", "--modules", "3", "--json", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(out.read_text())["rows"][0]["arch"] == "vit_micro"
+
+
+def test_a_traced_net_exports_and_loads_the_models_own_state_dict():
+    model = TorchvisionResNet().eval()
+    net = mf.from_module(model, blocks=TV_BLOCKS)
+    own = model.state_dict()
+    params = {k: own[k] for k in net.param_names}
+    state = {k: own[k] for k in net.state_names}
+    x = images(3)
+    exported = mf.to_module(net, params, state).eval()
+    mt.assert_close(exported(x), model(x))
+    mt.assert_close(net(params, state, x, train=False)[0], model(x))
