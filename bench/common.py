@@ -20,7 +20,17 @@ from mlaan_func.combinators import LeapBlock
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 METHODS = ("e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan")
-ARCHS = {"resnet32": mf.models.resnet32, "resnet110": mf.models.resnet110}
+ARCHS = tuple(mf.models.arch_names())  # every backbone factory in mf.models
+
+
+def model_for(arch: str) -> nn.Module:
+    """The backbone ``arch`` for 10-class 3×32×32 images."""
+    return mf.models.create(arch, num_classes=10, in_channels=3, image_size=32)
+
+
+def default_modules(arch: str) -> list[int]:
+    """K when --modules is not given: 16 on the CIFAR ResNets (the published table), 4 else."""
+    return [16] if arch.startswith("resnet") else [4]
 
 
 def set_threads(n: int) -> None:
@@ -32,7 +42,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU intra-op threads (1: stable ratios on a shared machine)")
     p.add_argument("--method", action="append", help="scheme (repeatable); default: all six")
-    p.add_argument("--arch", action="append", help="resnet32 or resnet110 (repeatable)")
+    p.add_argument("--arch", action="append", help=f"one of {', '.join(ARCHS)} (repeatable)")
     p.add_argument("--modules", type=int, action="append", help="K (repeatable)")
     p.add_argument("--batch-size", type=int, action="append", help="batch size (repeatable)")
     p.add_argument("--device", default="cpu")
@@ -56,7 +66,7 @@ def method_name(m: str) -> str:
 
 
 def split_for(arch: str, backbone: mf.Net, k: int) -> list[str]:
-    return mf.published.split_for(arch, backbone.block_names, k)
+    return mf.splits.default_split(arch, backbone, k, (3, 32, 32))
 
 
 def mlaan_k(method: str, k: int) -> int:
@@ -65,7 +75,7 @@ def mlaan_k(method: str, k: int) -> int:
 
 
 def build(method: str, arch: str, k: int, *, remat: bool = False, head: str | None = None):
-    backbone = mf.from_module(ARCHS[arch](num_classes=10))
+    backbone = mf.from_module(model_for(arch))
     at = [] if method == "e2e" else split_for(arch, backbone, k)
     options = {}
     if head is not None and method in ("dgl", "mlaan", "dgl_mlaan"):
@@ -189,7 +199,7 @@ def checkpointed_e2e_step(arch: str, device: str):
     """E2E with ``torch.utils.checkpoint`` around every block, as plain nn.Module code."""
     from torch.utils.checkpoint import checkpoint
 
-    model = ARCHS[arch](num_classes=10).to(device).train()
+    model = model_for(arch).to(device).train()
     blocks = [b for _, b in model.named_blocks()]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
@@ -207,7 +217,7 @@ def checkpointed_e2e_step(arch: str, device: str):
 
 def plain_e2e_step(arch: str, device: str):
     """E2E as plain nn.Module code, without checkpointing."""
-    model = ARCHS[arch](num_classes=10).to(device).train()
+    model = model_for(arch).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
     def step(batch):

@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     remats = {"off": [False], "on": [True], "both": [False, True], None: [False, True]}[args.remat]
     rows, baselines = [], {}
     for arch in archs:
-        ks = args.modules or ({"resnet32": [2, 4, 8, 16], "resnet110": [8, 16, 32, 54]}[arch]
-                              if args.full else [16])
+        ks = args.modules or ({"resnet32": [2, 4, 8, 16], "resnet110": [8, 16, 32, 54]}.get(arch, [2, 4, 8])
+                              if args.full else common.default_modules(arch))
         for batch_size in batches:
             for method in methods:
                 for k in ([1] if method == "e2e" else ks):

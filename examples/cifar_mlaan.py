@@ -26,7 +26,7 @@ from mlaan_func import data as datasets
 from mlaan_func.memory import persistent_bytes, track_memory
 
 METHODS = ("e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan")
-ARCHS = {"resnet32": mf.models.resnet32, "resnet110": mf.models.resnet110}
+ARCHS = tuple(mf.models.arch_names())  # every backbone factory in mf.models
 DATASETS = ("cifar10", "svhn", "stl10", "fashion-mnist", "synthetic")
 CHECKPOINT, SUMMARY, METRICS, CONFIG = "checkpoint.pt", "summary.json", "metrics.jsonl", "config.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", default="dgl_mlaan", help=f"scheme: {', '.join(METHODS)} (- or _)")
-    p.add_argument("--arch", default="resnet32", help="resnet32 or resnet110")
+    p.add_argument("--arch", default="resnet32", help=f"backbone: {', '.join(ARCHS)}")
     p.add_argument("--modules", type=int, default=15, help="K, the real number of modules")
     p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-dir", default="data", help="where datasets live or are downloaded to")
@@ -101,18 +101,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def split_points(arch: str, backbone: mf.Net, modules: int) -> list[str]:
-    """The published split for ``arch``/K when there is one, else modules of near-equal size."""
+def split_points(arch: str, backbone: mf.Net, modules: int, shape) -> list[str]:
+    """The published split for ``arch``/K when there is one, else modules of near-equal cost."""
     try:
-        return mf.published.split_for(arch, backbone.block_names, modules)
+        return mf.splits.default_split(arch, backbone, modules, shape)
     except ValueError as err:
         raise UsageError(str(err)) from None
 
 
 def build_scheme(args, dataset) -> tuple[mf.Net, list]:
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
-    backbone = mf.from_module(ARCHS[args.arch](num_classes=dataset.num_classes, in_channels=dataset.channels))
-    at = [] if args.method == "e2e" else split_points(args.arch, backbone, args.modules)
+    backbone = mf.from_module(mf.models.create(args.arch, num_classes=dataset.num_classes,
+                                               in_channels=dataset.channels, image_size=dataset.image_size))
+    at = [] if args.method == "e2e" else split_points(args.arch, backbone, args.modules, shape)
     options = {}
     if args.method in ("mlaan", "dgl_mlaan", "infopro_mlaan"):
         options = {"width": args.window, "ema_update": args.ema_update}
@@ -339,7 +340,8 @@ def main(argv=None) -> int:
         train_step = mfd.data_parallel_step(scheme, optimizer, compile=args.compile)
     elif args.parallel == "modules":
         from mlaan_func import distributed as mfd
-        ends = [m.output_name for m in mf.split(backbone, split_points(args.arch, backbone, args.modules))]
+        ends = [m.output_name for m in mf.split(backbone, split_points(args.arch, backbone, args.modules,
+                                                                       (dataset.channels, dataset.image_size, dataset.image_size)))]
         train_step = mfd.module_parallel_step(scheme, optimizer, ends, micro_batches=args.micro_batches)
     else:
         train_step = mf.step(scheme, optimizer, compile=args.compile)

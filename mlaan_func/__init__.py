@@ -6,7 +6,7 @@
 16
 """
 
-from . import heads, losses, models, optim, published, schemes, trunks
+from . import heads, losses, models, optim, published, schemes, splits, trace, trunks
 from .combinators import LeapBlock, Objective, cascade, leap_ema, local_loss, split
 from .core import (AfterStep, Block, Net, Params, ShapeError, State, copy, from_module,
                    init_params, output_shape, to_module)
@@ -22,7 +22,7 @@ __all__ = [
     "Params", "ShapeError", "State", "TrainState", "cascade", "copy", "evaluate", "from_module",
     "gradients", "heads", "infopro_lambda_table", "init", "init_params", "leap_ema",
     "leap_trunk_table", "load", "local_loss", "losses", "models", "optim", "output_shape",
-    "published", "published_split", "remat", "save", "schemes", "split", "step", "to_module",
+    "published", "published_split", "remat", "save", "schemes", "split", "splits", "step", "to_module", "trace",
     "trunks",
 ]
 __all__ += ["hyper", "labels"]

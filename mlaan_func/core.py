@@ -189,7 +189,7 @@ class Block:
         return ()
 
     def renamed(self, prefix: str) -> "Block":
-        return attrs.evolve(self, name=_join(prefix, self.name), prefix=_join(prefix, self.prefix))
+        return attrs.evolve(self, name=_join(prefix, self.name), prefix=_join(prefix, self.prefix) if self.prefix else prefix)
 
     def init(self, seed: int) -> tuple[Params, State]:
         module = reinitialise(self.module, _seed_for(seed, self.root))
@@ -352,6 +352,40 @@ class Net:
                 taps[block.name] = x
         return x, updates
 
+    def block(self, name: str) -> "Net":
+        """The one-block net of block ``name``; it reads the boundary before that block.
+
+        >>> net = from_module(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1)))
+        >>> net.block("1").block_names, net.block("1").input_name
+        (('1',), '0')
+        """
+        return self[name:name]
+
+    def __getitem__(self, names: "slice | str") -> "Net":
+        """Blocks by name: ``net["1.0":"2.0"]`` runs from block ``"1.0"`` through ``"2.0"``
+        (both included, like a label slice; either end may be left out); ``net["1.0"]`` is
+        ``net.block("1.0")``. The result reads the boundary before its first block.
+
+        >>> net = from_module(nn.Sequential(*[nn.ReLU() for _ in range(4)]))
+        >>> net["1":"2"].block_names, net["1":].block_names, net[:"0"].input_name
+        (('1', '2'), ('1', '2', '3'), 'input')
+        """
+        if isinstance(names, str):
+            names = slice(names, names)
+        if not isinstance(names, slice) or names.step is not None:
+            raise TypeError("index a net by block name (net['1.0']) or a name slice (net['1.0':'2.0'])")
+        index = {n: i for i, n in enumerate(self.block_names)}
+        for end in (names.start, names.stop):
+            if end is not None and end not in index:
+                raise KeyError(f"no block {end!r} in this net; its blocks are {list(self.block_names)}")
+        start = 0 if names.start is None else index[names.start]
+        stop = len(self.blocks) - 1 if names.stop is None else index[names.stop]
+        if stop < start:
+            raise ValueError(f"block {names.stop!r} comes before {names.start!r}; a slice runs in "
+                             f"block order: {list(self.block_names)}")
+        reads = self.input_name if start == 0 else self.blocks[start - 1].name
+        return Net(self.blocks[start:stop + 1], input_name=reads)
+
     def apply(self, params: Params, state: State, x: Tensor, *, train: bool = True) -> tuple[Tensor, State]:
         """Run the chain; returns the output and ``state`` with this net's entries replaced."""
         y, updates = self.run(params, state, x, train=train)
@@ -360,11 +394,15 @@ class Net:
     __call__ = apply
 
 
-def from_module(module: nn.Module, *, name: str | None = None) -> Net:
+def from_module(module: nn.Module, *, name: str | None = None, blocks: Any = None) -> Net:
     """A net over ``module``'s blocks.
 
-    Blocks are ``module.named_blocks()`` when the module offers it, the children of an
-    ``nn.Sequential``, or else the whole module as one block called ``name`` (default
+    Blocks are, in this order of preference: the submodules named in ``blocks`` (dotted
+    paths in execution order, or a predicate ``(name, module) -> bool``), cut out of the
+    module's real ``forward`` with ``torch.fx`` (see ``mlaan_func.trace``; parameters keep
+    the module's own keys); ``module.named_blocks()`` when the module offers it (its traced
+    ``forward`` must run exactly those blocks in order, or this refuses it); the children of
+    an ``nn.Sequential``; or else the whole module as one block called ``name`` (default
     ``"net"``). Parameters are keyed ``"<block>.<parameter path>"``.
 
     >>> from torch import nn
@@ -372,9 +410,16 @@ def from_module(module: nn.Module, *, name: str | None = None) -> Net:
     ('0', '1')
     >>> from_module(nn.Linear(2, 3), name="head").param_names
     ('head.weight', 'head.bias')
+    >>> from_module(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), blocks=["1", "2"]).param_names
+    ('0.weight', '0.bias', '2.weight', '2.bias')
     """
+    if blocks is not None:
+        return _traced_net(module, blocks, name)
     if hasattr(module, "named_blocks"):
+        from .trace import check_chain
+
         named = list(module.named_blocks())
+        check_chain(module, named)
     elif isinstance(module, nn.Sequential) and name is None:
         named = list(module.named_children())
     else:
@@ -386,19 +431,49 @@ def from_module(module: nn.Module, *, name: str | None = None) -> Net:
     return Net(tuple(Block.of(n, m) for n, m in named))
 
 
-def copy(net: Net, prefix: str) -> Net:
+def _traced_net(module: nn.Module, blocks: Any, name: str | None) -> Net:
+    from .trace import split_module
+
+    train_pieces = split_module(module, blocks, train=True)
+    eval_pieces = split_module(module, blocks, train=False)
+    out = []
+    for (block_name, piece), (_, eval_piece) in zip(train_pieces, eval_pieces):
+        block = attrs.evolve(Block.of(block_name, piece), prefix="")
+        if eval_piece.code != piece.code:  # forward branches on self.training
+            block = attrs.evolve(block, eval_template=_meta_template(eval_piece, False))
+        out.append(block.renamed(name) if name else block)
+    return Net(tuple(out))
+
+
+def copy(net: Net, prefix: str, *, fresh: bool = False) -> Net:
     """The same function under new names: every key gets ``prefix + "."`` in front.
 
     A copy starts equal to its source (``init_params`` gives both the same values), is
     trained as a separate set of parameters, and reads the same boundary as its source.
+    With ``fresh=True`` it gets its own initialisation instead (seeded by its new name), as
+    AugLocal's auxiliary nets do.
 
     >>> from torch import nn
     >>> copy(from_module(nn.Linear(2, 3), name="fc"), "trunk").param_names
     ('trunk.fc.weight', 'trunk.fc.bias')
+    >>> fc = from_module(nn.Linear(2, 3), name="fc")
+    >>> params, _ = init_params(fc, copy(fc, "aux", fresh=True))
+    >>> torch.equal(params["fc.weight"], params["aux.fc.weight"])
+    False
     """
     if not prefix:
         raise ValueError("copy needs a non-empty prefix, e.g. copy(net, 'trunk3')")
-    return Net(tuple(b.renamed(prefix) for b in net.blocks), input_name=net.input_name)
+    blocks = tuple(b.renamed(prefix) for b in net.blocks)
+    if fresh:
+        blocks = tuple(_fresh(b) for b in blocks)
+    return Net(blocks, input_name=net.input_name)
+
+
+def _fresh(block: Any) -> Any:
+    if not isinstance(block, Block):
+        raise TypeError(f"copy(..., fresh=True) re-initialises plain blocks; {block.name!r} is a "
+                        f"{type(block).__name__}: make a fresh copy of its source net instead")
+    return attrs.evolve(block, root=block.name)
 
 
 def init_params(*nets: Any, seed: int = 0, device: torch.device | str | None = None,

@@ -6,7 +6,10 @@ re-initialises all of its parameters and buffers: convolutions ~ N(0, sqrt(2 / (
 with zero bias, BatchNorm weight 1, bias 0 and fresh running statistics, Linear layers
 PyTorch's default.
 
-Inputs are (N, C, H, W) feature maps.
+Inputs are (N, C, H, W) feature maps; ``linear`` also takes (N, T, D) tokens and (N, D)
+vectors, and ``dgl_tokens``, ``mlp`` and ``infopro_tokens`` are the DGL and InfoPro heads for
+tokens and vectors. ``for_shape`` picks the head for a feature shape. A head given features
+of a rank it cannot take raises ``ShapeError`` naming the head to use.
 
 >>> import torch
 >>> linear(8, 10)(torch.randn(2, 8, 4, 4)).shape
@@ -19,6 +22,7 @@ import math
 from typing import Sequence
 
 import torch
+from einops import rearrange, reduce
 from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
@@ -69,12 +73,32 @@ def init_weights(module: nn.Module) -> None:
             m.reset_running_stats()
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
+        elif isinstance(m, (nn.Linear, nn.LayerNorm)):
             m.reset_parameters()
 
 
+_RANK_NAMES = {2: "(N, D) vectors", 3: "(N, T, D) tokens", 4: "(N, C, H, W) feature maps"}
+_HEAD_FOR_RANK = {2: "heads.mlp or heads.linear", 3: "heads.dgl_tokens, heads.linear or "
+                  "heads.infopro_tokens", 4: "heads.dgl, heads.linear or heads.infopro"}
+
+
+def check_rank(head: nn.Module, x: Tensor, ranks: Sequence[int]) -> None:
+    """Raise ``ShapeError`` when ``x``'s rank is not one of ``ranks``, naming the heads that
+    take it."""
+    if x.dim() not in ranks:
+        from .core import ShapeError
+
+        takes = " or ".join(_RANK_NAMES.get(r, f"rank-{r} tensors") for r in ranks)
+        use = _HEAD_FOR_RANK.get(x.dim(), "einops.rearrange to one of those ranks, or a head of your own")
+        raise ShapeError(f"{type(head).__name__} takes {takes}, got features of shape {tuple(x.shape)}; "
+                         f"use {use} (heads.for_shape picks one from the feature shape)")
+
+
 class Head(nn.Module):
-    """Base of the heads: a ``layers`` chain, initialised by ``reset_parameters``."""
+    """Base of the heads: a ``layers`` chain, initialised by ``reset_parameters``;
+    ``ranks`` are the feature ranks it takes."""
+
+    ranks: tuple[int, ...] = (4,)
 
     def __init__(self, *layers: nn.Module):
         super().__init__()
@@ -85,23 +109,37 @@ class Head(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_maps(self, x)
+        check_rank(self, x, self.ranks)
         return self.layers(x)
 
 
-def _check_maps(head: nn.Module, x: Tensor) -> None:
-    if x.ndim != 4:
-        raise ShapeError(
-            f"{type(head).__name__} takes (N, C, H, W) feature maps, got a tensor of shape "
-            f"{tuple(x.shape)} ({x.ndim} dims); for (N, D) vectors use a linear head made from "
-            "nn.Linear(D, classes), for (N, T, D) tokens pool the tokens first")
+class FeaturePool(nn.Module):
+    """Features of any rank to (N, C): mean over the map of (N, C, H, W); the cls token
+    (``tokens="cls"``, the first) or the mean over tokens (``"mean"``) of (N, T, D); (N, D)
+    as it is."""
+
+    def __init__(self, tokens: str = "mean"):
+        super().__init__()
+        if tokens not in ("mean", "cls"):
+            raise ValueError(f"tokens must be 'mean' or 'cls', got {tokens!r}")
+        self.tokens = tokens
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_rank(self, x, (2, 3, 4))
+        if x.dim() == 4:
+            return reduce(x, "n c h w -> n c", "mean")
+        if x.dim() == 3:
+            return x[:, 0] if self.tokens == "cls" else reduce(x, "n t d -> n d", "mean")
+        return x
 
 
 class LinearHead(Head):
-    """Global average pool, Linear(C, n)."""
+    """Pool (maps: global mean; tokens: cls token or mean), Linear(C, n)."""
 
-    def __init__(self, in_channels: int, num_classes: int):
-        super().__init__(_global_pool(), nn.Linear(in_channels, num_classes))
+    ranks = (2, 3, 4)
+
+    def __init__(self, in_channels: int, num_classes: int, tokens: str = "mean"):
+        super().__init__(FeaturePool(tokens), nn.Linear(in_channels, num_classes))
 
 
 class DGLHead(Head):
@@ -181,17 +219,19 @@ class InfoProHead(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        _check_maps(self, x)
+        check_rank(self, x, (4,))
         return self.decoder(x), self.classifier(x)
 
 
-def linear(in_channels: int, num_classes: int) -> LinearHead:
-    """Global average pool, Linear(C, n).
+def linear(in_channels: int, num_classes: int, tokens: str = "mean") -> LinearHead:
+    """Pool, Linear(C, n), for maps (N, C, H, W), tokens (N, T, D; ``tokens`` = ``"mean"``
+    or ``"cls"``) and vectors (N, D).
 
-    >>> linear(4, 3)(torch.randn(2, 4, 5, 5)).shape
-    torch.Size([2, 3])
+    >>> linear(4, 3)(torch.randn(2, 4, 5, 5)).shape, linear(4, 3)(torch.randn(2, 7, 4)).shape
+    (torch.Size([2, 3]), torch.Size([2, 3]))
     """
-    return LinearHead(_positive_int(in_channels, "in_channels"), _positive_int(num_classes, "num_classes"))
+    return LinearHead(_positive_int(in_channels, "in_channels"), _positive_int(num_classes, "num_classes"),
+                      tokens)
 
 
 def dgl(in_channels: int, num_classes: int, spatial_size: int | Sequence[int]) -> DGLHead:
@@ -249,3 +289,139 @@ def infopro(in_channels: int, num_classes: int, image_channels: int, image_size:
     out = FEATURE_DIM if contrastive else num_classes
     return InfoProHead(infopro_decoder(in_channels, image_channels, image_size),
                        infopro_classifier(in_channels, out, final_width))
+
+
+class DGLTokenHead(Head):
+    """DGL's head for (N, T, D) tokens: two token-wise pre-norm MLP layers (LayerNorm,
+    Linear D→D, GELU) in place of the 1×1 convs, mean over tokens, then Linear(D, D) + GELU,
+    Linear(D, n)."""
+
+    ranks = (3,)
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__(
+            nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(),
+            nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(),
+            Reduce("n t d -> n d", "mean"),
+            nn.Linear(dim, dim), nn.GELU(),
+            nn.Linear(dim, num_classes),
+        )
+
+
+class MLPHead(Head):
+    """DGL's head for (N, D) vectors: Linear(D, D) + ReLU twice, Linear(D, n)."""
+
+    ranks = (2,)
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(),
+                         nn.Linear(dim, num_classes))
+
+
+class PatchDecoder(Head):
+    """InfoPro's decoder for tokens: each patch token predicts its patch's pixels (LayerNorm,
+    Linear D → p²·C), arranged into the image, sigmoid. A leading cls token is dropped."""
+
+    ranks = (3,)
+
+    def __init__(self, dim: int, image_channels: int, image_size: tuple[int, int], patch_size: int,
+                 cls_token: bool):
+        self.grid = (image_size[0] // patch_size, image_size[1] // patch_size)
+        self.patch_size, self.cls_token = patch_size, cls_token
+        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, patch_size * patch_size * image_channels),
+                         nn.Sigmoid())
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_rank(self, x, self.ranks)
+        pixels = self.layers(x[:, 1:] if self.cls_token else x)
+        return rearrange(pixels, "n (h w) (p q c) -> n c (h p) (w q)", h=self.grid[0], w=self.grid[1],
+                         p=self.patch_size, q=self.patch_size)
+
+
+class TokenInfoProClassifier(Head):
+    """InfoPro's auxiliary classifier for tokens: mean over tokens, Linear→128, ReLU,
+    Linear→out."""
+
+    ranks = (3,)
+
+    def __init__(self, dim: int, out_features: int):
+        super().__init__(Reduce("n t d -> n d", "mean"), nn.Linear(dim, FEATURE_DIM), nn.ReLU(),
+                         nn.Linear(FEATURE_DIM, out_features))
+
+
+def dgl_tokens(dim: int, num_classes: int) -> DGLTokenHead:
+    """The DGL-like head for (N, T, D) tokens.
+
+    >>> dgl_tokens(8, 3)(torch.randn(2, 5, 8)).shape
+    torch.Size([2, 3])
+    """
+    return DGLTokenHead(_positive_int(dim, "dim"), _positive_int(num_classes, "num_classes"))
+
+
+def mlp(dim: int, num_classes: int) -> MLPHead:
+    """The DGL-like head for (N, D) vectors.
+
+    >>> mlp(8, 3)(torch.randn(2, 8)).shape
+    torch.Size([2, 3])
+    """
+    return MLPHead(_positive_int(dim, "dim"), _positive_int(num_classes, "num_classes"))
+
+
+def patch_layout(tokens: int, image_size: int | Sequence[int]) -> tuple[int, bool]:
+    """``(patch size, cls token?)`` of ``tokens`` tokens over an image of ``image_size``:
+    square patches tiling the image, with or without one leading cls token.
+
+    >>> patch_layout(50, 28), patch_layout(49, 28), patch_layout(16, 32)
+    ((4, True), (4, False), (8, False))
+    """
+    height, width = _pair(image_size, "image_size")
+    for cls_token in (True, False):
+        patches = tokens - int(cls_token)
+        side = math.isqrt(height * width // max(patches, 1))
+        if patches > 0 and side > 0 and height % side == 0 and width % side == 0 and \
+                (height // side) * (width // side) == patches:
+            return side, cls_token
+    raise ValueError(f"{tokens} tokens are not square patches of a {height}x{width} image (with or without "
+                     "a cls token); the InfoPro decoder for tokens needs patch tokens: give "
+                     "infopro_tokens the right image_size, or use a head without a decoder")
+
+
+def infopro_tokens(dim: int, num_classes: int, image_channels: int, image_size: int | Sequence[int],
+                   tokens: int, contrastive: bool = True) -> "InfoProHead":
+    """InfoPro's decoder + classifier for (N, T, D) patch tokens: ``h -> (reconstruction,
+    task_output)``; the patch size and cls token are read from ``tokens`` and ``image_size``.
+
+    >>> recon, task = infopro_tokens(8, 10, 1, 28, tokens=50)(torch.randn(2, 50, 8))
+    >>> recon.shape, task.shape
+    (torch.Size([2, 1, 28, 28]), torch.Size([2, 128]))
+    """
+    size = _pair(image_size, "image_size")
+    patch, cls_token = patch_layout(tokens, size)
+    dim = _positive_int(dim, "dim")
+    out = FEATURE_DIM if contrastive else _positive_int(num_classes, "num_classes")
+    return InfoProHead(PatchDecoder(dim, _positive_int(image_channels, "image_channels"), size, patch, cls_token),
+                       TokenInfoProClassifier(dim, out))
+
+
+def for_shape(kind: str, shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The auxiliary classifier ``kind`` (``"linear"`` or ``"dgl"``) for features of
+    ``shape`` (batch excluded): (C, H, W) maps, (T, D) tokens or (D,) vectors.
+
+    >>> type(for_shape("dgl", (5, 8), 3)).__name__, type(for_shape("dgl", (8,), 3)).__name__
+    ('DGLTokenHead', 'MLPHead')
+    """
+    shape = tuple(shape)
+    if kind == "linear" and len(shape) in (1, 2, 3):
+        return linear(shape[0] if len(shape) != 2 else shape[1], num_classes)
+    if kind == "dgl" and len(shape) == 3:
+        return dgl(shape[0], num_classes, shape[1:])
+    if kind == "dgl" and len(shape) == 2:
+        return dgl_tokens(shape[1], num_classes)
+    if kind == "dgl" and len(shape) == 1:
+        return mlp(shape[0], num_classes)
+    if kind == "dgl_wide" and len(shape) == 3:
+        return dgl_wide(shape[0], num_classes)
+    if kind not in ("linear", "dgl", "dgl_wide"):
+        raise ValueError(f"unknown head {kind!r}; choose 'linear', 'dgl' or 'dgl_wide'")
+    raise ValueError(f"head {kind!r} takes (C, H, W) feature maps; features of shape {shape} need "
+                     "'linear' or 'dgl' (which have token and vector forms)")

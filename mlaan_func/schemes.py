@@ -43,8 +43,8 @@ def classifier_head(kind: str, shape: Sequence[int], num_classes: int, *,
     for a feature map of ``shape`` = (C, H, W). ``"infopro_1c2f"`` (InfoPro's classifier with
     ``num_classes`` logits, the released DGL baseline's head) needs the backbone's
     ``final_width``: a map of that width keeps its width and resolution."""
-    if len(shape) != 3:
-        raise ValueError(f"auxiliary heads take (C, H, W) feature maps, got a module output of shape {shape}")
+    if len(shape) != 3:  # tokens (T, D) or vectors (D,)
+        return heads.for_shape(kind, shape, num_classes)
     channels, height, width = shape
     if kind == "linear":
         return heads.linear(channels, num_classes)
@@ -131,7 +131,11 @@ def infopro_loss(i: int, modules: int, lambdas: Sequence[float], *, contrastive:
 
 def infopro_head(shape: Sequence[int], num_classes: int, input_shape: Sequence[int], final_width: int,
                  contrastive: bool) -> nn.Module:
-    """Decoder + classifier on a (C, H, W) feature map, for images of ``input_shape``."""
+    """Decoder + classifier on a (C, H, W) feature map or (T, D) patch tokens, for images of
+    ``input_shape``."""
+    if len(shape) == 2:
+        return heads.infopro_tokens(shape[1], num_classes, input_shape[0], tuple(input_shape[1:]),
+                                    tokens=shape[0], contrastive=contrastive)
     channels = shape[0]
     return heads.infopro(channels, num_classes, input_shape[0], tuple(input_shape[1:]),
                          final_width=channels == final_width, contrastive=contrastive)
@@ -187,7 +191,7 @@ def multilaminar(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int]
     (row ``i`` for the window ending at module ``i``), or ``None`` (MLM without LAM).
     A factory is ``(i, feature shape) -> (head module, loss)``.
     """
-    from .trunks import leap_trunk, leap_trunk_rule
+    from .trunks import leap_trunk, leap_trunk_blocks
 
     modules = split(backbone, at)
     k = len(modules)
@@ -203,7 +207,7 @@ def multilaminar(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int]
         window = cascade(*modules[i - width + 1:i + 1])
         z_shape = shapes[i]
         rows = [] if trunks is None else (
-            leap_trunk_rule(backbone.block_names, modules[i].output_name, trunk_depth)
+            leap_trunk_blocks(backbone, modules[i].output_name, trunk_depth, input_shape=input_shape)
             if trunks == "rule" else list(trunks[i]))
         if not rows:  # MLM without LAM, or a window that already ends at the last block
             chain = None

@@ -328,3 +328,66 @@ def image_batches(channels: int = 3, size: int = 8, num_classes: int = 10,
 
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
 """Seeds for ``init``."""
+
+
+def _model_keys(model: "torch.nn.Module", net: Net) -> dict[str, str]:
+    """Net key -> the model's own key for the same tensor."""
+    own = set(model.state_dict(keep_vars=True))
+    keys = [*net.param_names, *net.state_names]
+    if all(k in own for k in keys):
+        return {k: k for k in keys}
+    if not hasattr(model, "named_blocks"):
+        raise ValueError("check_equivalent: the net's keys are not the model's; build the net with "
+                         "from_module(model) or from_module(model, blocks=[...]) from this model")
+    paths = {id(m): p for p, m in model.named_modules()}
+    mapping = {}
+    for name, module in model.named_blocks():
+        for local in module.state_dict(keep_vars=True):
+            mapping[f"{name}.{local}"] = f"{paths[id(module)]}.{local}".lstrip(".")
+    missing = [k for k in keys if k not in mapping]
+    if missing:
+        raise ValueError(f"check_equivalent: net keys {missing[:3]} are not tensors of the model; build "
+                         "the net with from_module from this model")
+    return {k: mapping[k] for k in keys}
+
+
+def check_equivalent(model: "torch.nn.Module", net: Net, inputs: Tensor | Sequence[Tensor], *,
+                     rtol: float = RTOL, seed: int = 0) -> None:
+    """``net`` (and ``cascade(*net.blocks)``) computes what ``model`` does: on each input,
+    in eval and in training mode, the outputs agree and, in training, the new state equals
+    the model's buffers after its forward. The net runs on the model's own tensors.
+
+    Use it on a net from ``from_module(model, blocks=[...])`` or from ``named_blocks()``
+    (which ``from_module`` already checks structurally), with inputs drawn by hypothesis.
+
+    >>> from torch import nn
+    >>> import mlaan_func as mf
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU())
+    >>> check_equivalent(model, mf.from_module(model, blocks=["1", "2"]), torch.randn(5, 3))
+    >>> other = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sigmoid())
+    >>> check_equivalent(model, mf.from_module(other), torch.randn(5, 3))
+    Traceback (most recent call last):
+    ...
+    AssertionError: output (eval): relative error ...
+    """
+    import copy
+
+    keys = _model_keys(model, net)
+    own = model.state_dict()
+    params = {k: own[keys[k]].detach() for k in net.param_names}
+    state = {k: own[keys[k]].detach().clone() for k in net.state_names}
+    chained = cascade(*(Net((b,)) for b in net.blocks))
+    for x in ([inputs] if isinstance(inputs, Tensor) else list(inputs)):
+        for train in (False, True):
+            reference = copy.deepcopy(model).train(train)
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                want = reference(x)
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                got, new_state = chained(params, state, x, train=train)
+            assert_close(got, want, rtol, f"output ({'train' if train else 'eval'})")
+            if train:
+                after = reference.state_dict()
+                assert_close({k: new_state[k] for k in net.state_names},
+                             {k: after[keys[k]] for k in net.state_names}, rtol, "buffers after forward")

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -46,6 +47,73 @@ def leap_trunk_rule(block_names: Sequence[str], after: str, depth: int = 4) -> l
     else:
         chosen = [candidates[math.ceil((j + 1) * len(candidates) / places) - 1] for j in range(places)]
     return [n for n in later if n in set(firsts) | set(chosen)]
+
+
+def block_shapes(backbone: Net, input_shape: Sequence[int]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``(input shape, output shape)`` of each block of ``backbone`` (batch excluded) for one
+    input of ``input_shape``, worked out on the meta device."""
+    shape, shapes = (2, *input_shape), []
+    for block in backbone.blocks:
+        out = output_shape(Net((block,)), shape)
+        shapes.append((tuple(shape[1:]), tuple(out[1:])))
+        shape = out
+    return shapes
+
+
+@functools.lru_cache(maxsize=8)
+def _stages(backbone: Net, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Each block's stage: the first block alone, then a new stage at the second block and
+    at every block that changes the feature shape (nets are immutable, so this is cached)."""
+    shapes = block_shapes(backbone, input_shape)
+    stage = [0]
+    for j in range(1, len(shapes)):
+        stage.append(stage[-1] + (1 if j == 1 or shapes[j][0] != shapes[j][1] else 0))
+    return tuple(stage)
+
+
+def leap_trunk_blocks(backbone: Net, after: str, depth: int = 4, *, input_shape: Sequence[int],
+                      exact: bool = False) -> list[str]:
+    """The leap-trunk rule for any backbone: the blocks a trunk copies after module-ending
+    block ``after``.
+
+    Stages are read from shapes: the first block is a stage of its own (the stem), and a new
+    stage opens at the next block and at every later block whose output shape differs from
+    its input (a stride or width change). The final block (the classifier) is never copied.
+    The trunk takes every later block that opens a stage (shape-changing blocks first), then
+    fills up to ``depth`` blocks from the remaining blocks of the last stage after ``after``,
+    spread evenly (positions ceil((j+1)·L/n) − 1). On the CIFAR ResNets this is exactly
+    ``leap_trunk_rule``. With ``exact=True``, asking for more blocks than remain is an error
+    instead of a shorter trunk.
+
+    >>> from mlaan_func import models
+    >>> from mlaan_func.core import from_module
+    >>> vit = from_module(models.vit_micro(10, 1, 28))
+    >>> leap_trunk_blocks(vit, "blocks.0", 2, input_shape=(1, 28, 28))
+    ['blocks.2', 'blocks.3']
+    """
+    names = list(backbone.block_names)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"trunk depth must be a positive int, got {depth!r}")
+    if after not in names:
+        raise ValueError(f"unknown block {after!r}; blocks are {names}")
+    stage = _stages(backbone, tuple(input_shape))
+    index = names.index(after)
+    later = list(range(index + 1, len(names) - 1))
+    if exact and len(later) < depth:
+        raise ValueError(f"a trunk of {depth} blocks after {after!r} was asked for, but only {len(later)} "
+                         f"blocks remain before the classifier ({[names[j] for j in later]}); lower the "
+                         "trunk depth, end the window earlier, or pass exact=False for a shorter trunk")
+    firsts = [j for j in later if stage[j] != stage[j - 1]]
+    last_stage = stage[len(names) - 2] if len(names) > 1 else 0
+    candidates = [j for j in later if stage[j] == last_stage and j not in firsts]
+    places = depth - len(firsts)
+    if places >= len(candidates):
+        chosen = candidates
+    elif places <= 0:
+        chosen = []
+    else:
+        chosen = [candidates[math.ceil((j + 1) * len(candidates) / places) - 1] for j in range(places)]
+    return [names[j] for j in later if j in set(firsts) | set(chosen)]
 
 
 def leap_trunk(backbone: Net, blocks: Sequence[str], prefix: str, decay: float | Tensor,

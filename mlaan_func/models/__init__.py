@@ -7,5 +7,8 @@
 """
 
 from .resnet import BasicBlock, CifarResNet, Classifier, Stem, resnet32, resnet110
+from .vit import ViT, vit_micro, vit_mini, vit_tiny
+from .catalog import arch_names, create  # noqa: E402  (reads the names above)
 
-__all__ = ["BasicBlock", "CifarResNet", "Classifier", "Stem", "resnet32", "resnet110"]
+__all__ = ["BasicBlock", "CifarResNet", "Classifier", "Stem", "resnet32", "resnet110",
+           "ViT", "vit_micro", "vit_mini", "vit_tiny"]
