@@ -219,7 +219,6 @@ class InfoProHead(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        check_rank(self, x, (4,))
         return self.decoder(x), self.classifier(x)
 
 
