@@ -162,3 +162,15 @@ def test_torchrun_two_processes(tmp_path, mode):
 def test_parallel_without_torchrun_is_refused(tmp_path):
     r = run([*QUICK, "--parallel", "modules", "--out", str(tmp_path / "x")])
     assert r.returncode == 2 and "torchrun" in r.stderr
+
+
+def test_published_tables_reject_the_about_entry_and_never_recommend_even_split():
+    for lookup in (mf.published_split, mf.leap_trunk_table):
+        with pytest.raises(ValueError, match="no published") as err:
+            lookup("about", 2)
+        assert "about" not in str(err.value).split("known:")[1]
+    with pytest.raises(ValueError) as err:
+        mf.published_split("resnet32", 7)
+    assert "even_split" not in str(err.value) and "split_for" in str(err.value)
+    assert mf.infopro_lambda_table("about", "resnet32", 4) is None
+    assert mf.infopro_lambda_table("infopro", "about", 4) is None
