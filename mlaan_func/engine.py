@@ -323,6 +323,8 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
 def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[Any]) -> dict[str, float]:
     """Accuracy of every objective that reports one (the final classifier and each
     auxiliary head), in eval mode, averaged over samples. Keys are objective names.
+    Each block runs once per batch: an objective whose window overlaps blocks already run
+    starts from the last of them (in eval mode a block's output depends only on its input).
 
     >>> from torch import nn
     >>> import mlaan_func as mf
@@ -343,7 +345,7 @@ def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[
         acts = {INPUT: batch.x}
         for i, o in enumerate(objectives):
             _, _, outputs, m = o.forward(ts.params, ts.state, acts[o.input_name], batch, train=False,
-                                         taps=routes[i].taps)
+                                         taps=routes[i].taps, known=acts)
             for name, out in outputs.items():
                 acts.setdefault(name, out)
             for name in routes[i].free_after:
