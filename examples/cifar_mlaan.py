@@ -571,6 +571,9 @@ def main(argv=None) -> int:
             ts, extra = mf.load(out / CHECKPOINT, map_location=device, with_extra=True)
         except (CheckpointError, OSError) as err:
             raise CheckpointUnusable(str(err)) from None
+        if not isinstance(extra.get("epoch"), int) or not isinstance(extra.get("batch"), int):
+            raise CheckpointUnusable(f"{out / CHECKPOINT} was not written by this program (it records no epoch "
+                                     "and batch); --resume and --eval-only take this program's checkpoints")
         check_config(out, args, extra.get("args"))
         start_epoch, start_batch, best = extra["epoch"], extra["batch"], extra.get("best", 0.0)
     else:
@@ -692,7 +695,8 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_x, 
                         append(out / TRAIN_LOG, {"step": int(ts.step), "epoch": epoch + 1,
                                                  "loss": {k: float(m["loss"]) for k, m in metrics.items()}})
                     final = metrics["final"]
-                    bar.set_postfix(loss=f"{float(final['loss']):.3f}", acc=f"{float(final.get('accuracy', math.nan)):.3f}",
+                    bar.set_postfix(loss=f"{float(final['loss']):.3f}",
+                                    acc=f"{float(final.get('accuracy', math.nan)):.3f}",
                                     img_s=f"{epoch_images / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
                     bar.update(1)
                     if args.stop_after_steps is not None and int(ts.step) >= args.stop_after_steps:
