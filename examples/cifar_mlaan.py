@@ -638,8 +638,9 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_x, 
         try:
             write()
         except OSError as err:
+            then = "start the run again" if saved["step"] is None else "continue with --resume"
             raise OutputError(f"cannot write {path} ({err.strerror or err}); {kept()}: free space or fix the "
-                              "permissions, then continue with --resume") from None
+                              f"permissions, then {then}") from None
 
     def append(path: Path, row: dict) -> None:
         def write():

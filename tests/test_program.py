@@ -202,10 +202,13 @@ def program_checkpoint(out, *flags):
     return ts
 
 
-def one_line_error(r, code, *needles):
+def one_line_error(r, code, *needles, started=False):
+    """Exit ``code`` and one error line (after the two-line banner of a run that had ``started``)."""
     assert r.returncode == code, (r.returncode, r.stderr[-2000:])
     lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert "Traceback" not in r.stderr and len(errors) == 1 and lines[-1] == errors[0], r.stderr[-2000:]
+    assert len(lines) == (3 if started else 1), r.stderr[-2000:]
     for needle in needles:
         assert needle in r.stderr, (needle, r.stderr)
 
@@ -391,7 +394,7 @@ def test_a_diverging_run_exits_5_and_says_where_the_last_good_checkpoint_is(tmp_
     out = tmp_path / "run"
     r = run([*QUICK, "--method", "dgl", "--lr", "1e12", "--warmup-epochs", "0", "--checkpoint-minutes", "0",
              "--out", str(out)])
-    one_line_error(r, 5, "diverged")
+    one_line_error(r, 5, "diverged", started=True)
     assert str(out / "checkpoint.pt") in r.stderr or "no checkpoint" in r.stderr
     if (out / "checkpoint.pt").exists():
         ts = mf.load(out / "checkpoint.pt")
@@ -409,7 +412,7 @@ def limit_file_size(limit):
 def test_a_full_disk_exits_6_with_one_line_and_leaves_no_partial_file(tmp_path):
     out = tmp_path / "run"
     r = run([*QUICK, "--method", "dgl", "--epochs", "1", "--out", str(out)], preexec_fn=limit_file_size(1 << 20))
-    one_line_error(r, 6, "cannot write", "checkpoint.pt")
+    one_line_error(r, 6, "cannot write", "checkpoint.pt", "start the run again", started=True)
     assert not list(out.glob(".tmp-*")) and not (out / "checkpoint.pt").exists()
 
 
