@@ -1,28 +1,33 @@
 """Train a CIFAR ResNet with any local-learning scheme: the main job of mlaan_func.
 
     python examples/cifar_mlaan.py --dataset fashion-mnist --method dgl-mlaan --modules 4 \\
-        --epochs 1 --max-steps 100 --out runs/quick
+        --epochs 1 --max-steps 100 --batch-size 128 --out runs/quick
 
-Defaults reproduce the paper's CIFAR-10 recipe (SGD + Nesterov, lr 0.8, batch 1024, warm-up then
-cosine, 400 epochs). Writes OUT/metrics.jsonl every epoch, OUT/checkpoint.pt atomically every
-epoch, every few minutes and on SIGINT/SIGTERM, and OUT/summary.json + OUT/curves.png at the end.
+Defaults reproduce the paper's CIFAR-10 recipe (SGD + Nesterov, lr 0.8 at batch 1024 scaled
+linearly with --batch-size, warm-up then cosine, 400 epochs). Writes OUT/metrics.jsonl every
+epoch, OUT/checkpoint.pt atomically every epoch, every few minutes and on SIGINT/SIGTERM, and
+OUT/summary.json + OUT/curves.png at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import mlaan_func as mf
 from mlaan_func import data as datasets
+from mlaan_func.checkpoint import TEMP_PREFIX, CheckpointError
 from mlaan_func.memory import persistent_bytes, track_memory
 
 METHODS = ("e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan")
@@ -30,53 +35,127 @@ ARCHS = tuple(mf.models.arch_names())  # every backbone factory in mf.models
 DATASETS = ("cifar10", "svhn", "stl10", "fashion-mnist", "synthetic")
 CHECKPOINT, SUMMARY, METRICS, CONFIG = "checkpoint.pt", "summary.json", "metrics.jsonl", "config.json"
 TRAIN_LOG = "train_log.jsonl"
+RUN_FILES = (CHECKPOINT, SUMMARY, METRICS, CONFIG, TRAIN_LOG, "curves.png")
+LOCK, REPLACED = ".lock", ".replaced-run"
 # The flags that define a run: a checkpoint from another configuration cannot be resumed.
 IDENTITY = ("method", "arch", "modules", "dataset", "batch_size", "lr", "seed", "epochs", "max_steps",
             "val_fraction", "window", "ema_update", "remat", "precision", "subset", "synthetic_size",
             "warmup_epochs", "weight_decay", "parallel", "micro_batches")
+BASE_LR, BASE_BATCH = 0.8, 1024  # the papers' recipe; the default lr follows the linear rule
+WARMUP_EPOCHS, WARMUP_SHARE = 10, 0.05  # the recipe's warm-up, at most this share of a short run
 
 
-class UsageError(Exception):
-    """A bad command line or environment: reported as one line, exit code 2."""
+class ProgramError(Exception):
+    """A failure reported as one line on stderr; ``code`` is the exit status (see EXIT_CODES)."""
+
+    code = 1
+
+
+class UsageError(ProgramError):
+    """A bad command line or --out/--resume/--overwrite conflict."""
+
+    code = 2
+
+
+class DataError(ProgramError):
+    code = 3
+
+
+class CheckpointUnusable(ProgramError):
+    code = 4
+
+
+class Diverged(ProgramError):
+    code = 5
+
+
+class OutputError(ProgramError):
+    code = 6
+
+
+class Busy(ProgramError):
+    code = 7
+
+
+INTERRUPTED = 130
+EXIT_CODES = {
+    0: "the run finished (or --eval-only evaluated)",
+    1: "internal error: a bug, reported with a traceback",
+    UsageError.code: "bad command line, or --out/--resume/--overwrite conflict (nothing was changed)",
+    DataError.code: "dataset missing, corrupted or invalid",
+    CheckpointUnusable.code: "checkpoint unreadable, truncated, corrupted or unsafe (nothing in it was run)",
+    Diverged.code: "training diverged (non-finite loss); the last good checkpoint is kept",
+    OutputError.code: "an output could not be written (disk full, permissions); the last good checkpoint is kept",
+    Busy.code: "another run is using --out",
+    INTERRUPTED: "stopped by SIGINT/SIGTERM; a checkpoint was saved, continue with --resume",
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default; flags whose default depends on others say so in their help."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _finite(name: str, value: float, low: float, *, strict: bool = False) -> None:
+    if not math.isfinite(value) or value < low or strict and value == low:
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        raise UsageError(f"--{name} must be a finite number {bound}, got {value}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    epilog = "exit codes:\n" + "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items())
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=epilog)
     p.add_argument("--method", default="dgl_mlaan", help=f"scheme: {', '.join(METHODS)} (- or _)")
     p.add_argument("--arch", default="resnet32", help=f"backbone: {', '.join(ARCHS)}")
     p.add_argument("--modules", type=int, default=15, help="K, the real number of modules")
     p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
-    p.add_argument("--data-dir", default="data", help="where datasets live or are downloaded to")
-    p.add_argument("--epochs", type=int, default=400)
-    p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (quick runs)")
+    p.add_argument("--data-dir", default="data",
+                   help="where datasets live or are downloaded to; files here win over system copies")
+    p.add_argument("--epochs", type=int, default=400, help="epochs to train")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (quick runs); default none")
     p.add_argument("--batch-size", type=int, default=None, help="default 1024 (STL-10: 128)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate, default 0.8 (STL-10: 0.1)")
-    p.add_argument("--warmup-epochs", type=float, default=10)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--window", type=int, default=None, help="MLAAN window width W (default per scheme)")
-    p.add_argument("--ema-update", default="all", choices=("all", "last"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate; default {BASE_LR} x batch size / {BASE_BATCH} (linear rule: "
+                        "0.8 at 1024, 0.1 at 128)")
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help=f"linear warm-up from lr/100; default {WARMUP_EPOCHS} epochs, or "
+                        f"{WARMUP_SHARE:.0%}% of the run when that is shorter")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay on all trainable parameters")
+    p.add_argument("--window", type=int, default=None, help="MLAAN window width W; default per scheme")
+    p.add_argument("--ema-update", default="all", choices=("all", "last"), help="which EMA twins follow their source")
+    p.add_argument("--seed", type=int, default=0, help="seed of init, data order and augmentation")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile each objective")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="compute precision")
     p.add_argument("--remat", action="store_true", help="rematerialise every objective (less memory)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this much of train")
     p.add_argument("--out", default="runs/latest", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in OUT (kept until the new run's first checkpoint)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in OUT")
-    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="also checkpoint this often within an epoch")
     p.add_argument("--synthetic-size", type=int, default=2048, help="train images of --dataset synthetic")
-    p.add_argument("--subset", type=int, default=None, help="use only the first N train (N/5 test) images")
+    p.add_argument("--subset", type=int, default=None,
+                   help="use only the first N train (N/5 test) images; default all")
     p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--interrupt-evaluation", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--parallel", default=None, choices=("data", "modules"),
                    help="under torchrun: split each batch over ranks (data, the default) or give each "
                         "rank a run of modules (modules)")
     p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step with --parallel modules")
     p.add_argument("--dist-timeout", type=float, default=120.0, help="seconds before a silent rank is an error")
-    p.add_argument("--json", default=None, help="also write the summary to this path")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", default=None, help="also write the summary to this path; default none")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     args.method = args.method.replace("-", "_").lower()
     args.dataset = args.dataset.replace("_", "-").lower()
@@ -92,13 +171,57 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(f"--modules must be at least 1, got {args.modules}")
     if args.batch_size is None:
         args.batch_size = 128 if args.dataset == "stl10" else 1024
-    if args.lr is None:
-        args.lr = 0.1 if args.dataset == "stl10" else 0.8
-    if not 0 <= args.val_fraction < 1:
-        raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.epochs < 1 or args.batch_size < 1 or (args.max_steps is not None and args.max_steps < 1):
         raise UsageError("--epochs, --batch-size and --max-steps must be positive")
+    args.lr_rule = args.lr is None
+    if args.lr is None:
+        args.lr = BASE_LR * args.batch_size / BASE_BATCH
+    _finite("lr", args.lr, 0.0, strict=True)
+    _finite("weight-decay", args.weight_decay, 0.0)
+    if args.warmup_epochs is not None:
+        _finite("warmup-epochs", args.warmup_epochs, 0.0)
+    _finite("checkpoint-minutes", args.checkpoint_minutes, 0.0)
+    _finite("dist-timeout", args.dist_timeout, 0.0, strict=True)
+    if not (math.isfinite(args.val_fraction) and 0 <= args.val_fraction < 1):
+        raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    for name in ("subset", "synthetic_size", "micro_batches", "window"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    check_device(args.device)
+    if Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+        raise UsageError(f"--data-dir {args.data_dir} is a file; pass the directory that holds the dataset")
+    if args.json is not None:
+        check_json_path(Path(args.json))
     return args
+
+
+def check_device(name: str) -> None:
+    """One line for a device this machine cannot use."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} but no CUDA device is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name} is not supported by this program; use cpu, cuda or cuda:N")
+
+
+def check_json_path(path: Path) -> None:
+    """``--json`` must be writable before training starts, not after it."""
+    parent = path.parent
+    if path.is_dir():
+        raise UsageError(f"--json {path} is a directory; give a file path")
+    if not parent.is_dir():
+        raise UsageError(f"--json {path}: directory {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK) or path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"--json {path} is not writable; choose another path")
 
 
 def split_points(arch: str, backbone: mf.Net, modules: int, shape) -> list[str]:
@@ -139,29 +262,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(batch_seed(seed, epoch, -1)))
 
 
-class Progress:
-    """A one-line progress bar on stderr: loss, accuracy, images/s, ETA."""
-
-    def __init__(self, total: int, label: str, enabled: bool):
-        self.total, self.label, self.enabled = total, label, enabled and total > 0
-        self.start, self.last = time.time(), 0.0
-
-    def update(self, done: int, images: int, loss: float, acc: float) -> None:
-        now = time.time()
-        if not self.enabled or (now - self.last < 0.5 and done < self.total):
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        eta = elapsed / max(done, 1) * (self.total - done)
-        width = 24
-        bar = "#" * int(width * done / self.total)
-        sys.stderr.write(f"\r{self.label} [{bar:<{width}}] {done}/{self.total} loss {loss:.3f} "
-                         f"acc {acc:.3f} {images / elapsed:,.0f} img/s ETA {eta:,.0f}s ")
-        if done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def agree_on_stop(signum):
     """All ranks stop at the same step when any of them was signalled."""
     import torch.distributed as dist
@@ -178,55 +278,174 @@ def load_data(args):
         else:
             dataset = datasets.load(args.dataset, args.data_dir)
     except datasets.DatasetError as err:
-        raise UsageError(str(err)) from None
+        raise DataError(str(err)) from None
     return dataset
 
 
-def prepare_out(args) -> Path:
+def lock_out(out: Path):
+    """Hold OUT/.lock for the life of this process, so a second run into OUT is refused. The
+    kernel drops a flock when its process dies, however it dies: a killed run blocks nothing."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK, "a+")
+    except OSError as err:
+        raise UsageError(f"cannot write to --out {out}: {err.strerror}; choose a writable directory") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise Busy(f"another run (pid {holder}) is writing to {out}; wait for it to finish or choose "
+                   "another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def tidy_out(out: Path) -> None:
+    """Under the lock: remove the temporary files of checkpoint writes that a killed run left,
+    and finish (new checkpoint written) or undo (none yet) an --overwrite it left half done."""
+    for tmp in out.glob(f"{TEMP_PREFIX}*.pt"):
+        tmp.unlink()
+    if (out / REPLACED).is_dir():
+        if (out / CHECKPOINT).exists():
+            shutil.rmtree(out / REPLACED)
+        else:
+            restore_replaced(out)
+            print(f"restored the previous run in {out}, which an interrupted --overwrite had set aside",
+                  file=sys.stderr)
+
+
+def set_aside(out: Path) -> bool:
+    """--overwrite, once everything is validated: move the previous run into OUT/.replaced-run,
+    where it stays until the new run's first checkpoint (or comes back if the new run fails)."""
+    files = [n for n in RUN_FILES if (out / n).exists()]
+    if not files:
+        return False
+    (out / REPLACED).mkdir()
+    for name in files:
+        os.replace(out / name, out / REPLACED / name)
+    return True
+
+
+def restore_replaced(out: Path) -> None:
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for entry in (out / REPLACED).iterdir():
+        os.replace(entry, out / entry.name)
+    (out / REPLACED).rmdir()
+
+
+def prepare_out(args) -> object:
+    """Check OUT for this run, under its lock (returned; None for --eval-only, which writes nothing)."""
     out = Path(args.out)
-    has_run = (out / CHECKPOINT).exists() or (out / SUMMARY).exists() or (out / METRICS).exists()
-    if args.eval_only or args.resume:
+    if args.eval_only:
         if not (out / CHECKPOINT).exists():
-            raise UsageError(f"no checkpoint in {out}: run without --resume/--eval-only first, "
-                             "or point --out at the run's directory")
+            raise UsageError(f"no checkpoint in {out}: run without --eval-only first, or point --out at the "
+                             "run's directory")
+        return None
+    lock = lock_out(out)
+    tidy_out(out)
+    has_run = (out / CHECKPOINT).exists() or (out / SUMMARY).exists() or (out / METRICS).exists()
+    if args.resume:
+        if not (out / CHECKPOINT).exists():
+            raise UsageError(f"no checkpoint in {out}: run without --resume first, or point --out at the "
+                             "run's directory")
     elif has_run and not args.overwrite:
         raise UsageError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
                          "replace it, or choose another --out")
     try:
-        out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
         raise UsageError(f"cannot write to --out {out}: {err.strerror}; choose a writable directory") from None
-    if args.overwrite and not (args.resume or args.eval_only):
-        for name in (CHECKPOINT, SUMMARY, METRICS, CONFIG, TRAIN_LOG, "curves.png"):
-            if (out / name).exists():
-                (out / name).unlink()
-    return out
+    return lock
 
 
-def check_config(out: Path, args) -> None:
-    path = out / CONFIG
+def check_config(out: Path, args, saved_args: dict | None) -> None:
+    """A checkpoint resumes or evaluates only under the flags it was written with: those saved
+    inside it, and config.json when it is there."""
     mine = {k: getattr(args, k) for k in IDENTITY}
-    if path.exists():
-        saved = json.loads(path.read_text())
-        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
-        if diff and (args.resume or args.eval_only):
-            first = ", ".join(f"--{k.replace('_', '-')} {a} (checkpoint) vs {b}" for k, (a, b) in diff.items())
-            raise UsageError(f"the checkpoint in {out} is from a different configuration: {first}; "
-                             "resume with the same flags or start a new --out")
-    if not (args.resume or args.eval_only):
-        path.write_text(json.dumps(mine, indent=1))
+    saved = dict(saved_args or {})
+    if (out / CONFIG).exists():
+        saved = {**json.loads((out / CONFIG).read_text()), **saved}
+    diff = {k: (saved[k], v) for k, v in mine.items() if k in saved and saved[k] != v}
+    if diff:
+        first = ", ".join(f"--{k.replace('_', '-')} {a} (checkpoint) vs {b}" for k, (a, b) in diff.items())
+        raise UsageError(f"the checkpoint in {out} is from a different configuration: {first}; "
+                         "resume with the same flags or start a new --out")
 
 
-def evaluate_sets(scheme, ts, sets, batch_size, device, mean, std):
+def trim_log(path: Path, keep) -> None:
+    """Drop the rows a killed run wrote after its last checkpoint (and a torn last line), so a
+    resumed run writes each row exactly once."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if keep(row):
+            kept.append(line)
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+
+
+def warmup_steps(args, steps_per_epoch: int, total: int) -> tuple[int, str]:
+    """Warm-up steps and why: --warmup-epochs when given, else the recipe's 10 epochs or 5% of
+    the run, whichever is shorter (10 of 400 epochs in the recipe; 5 of a 100-step run)."""
+    if args.warmup_epochs is not None:
+        steps, why = int(args.warmup_epochs * steps_per_epoch), f"--warmup-epochs {args.warmup_epochs:g}"
+    else:
+        recipe, share = WARMUP_EPOCHS * steps_per_epoch, round(WARMUP_SHARE * total)
+        if recipe <= share:
+            steps, why = recipe, f"the recipe's {WARMUP_EPOCHS} epochs"
+        else:
+            steps, why = share, (f"{WARMUP_SHARE:.0%} of this {total}-step run; the recipe's {WARMUP_EPOCHS} "
+                                 "epochs are for long runs")
+    if steps > total - 1:
+        steps, why = max(total - 1, 0), why + f", capped at the run's {total} steps"
+    return steps, why
+
+
+class EvaluationInterrupted(Exception):
+    """SIGINT/SIGTERM arrived while evaluating: stop now, resume at this evaluation."""
+
+
+def evaluate_sets(scheme, ts, sets, batch_size, device, mean, std, *, progress=False, stop=None):
+    """Accuracy of every head on each set, with a progress bar; stops when ``stop`` is signalled."""
     results = {}
     for name, (x, y) in sets.items():
-        batches = ((datasets.normalize(x[i:i + batch_size].to(device), mean, std), y[i:i + batch_size].to(device))
-                   for i in range(0, len(y), batch_size))
-        results[name] = mf.evaluate(scheme, ts, batches)
+        bar = tqdm(range(0, len(y), batch_size), desc=f"evaluating {name}", unit="batch", disable=not progress,
+                   leave=False, file=sys.stderr, dynamic_ncols=True)
+
+        def batches():
+            for i in bar:
+                if stop is not None and stop["signal"] is not None:
+                    raise EvaluationInterrupted
+                yield datasets.normalize(x[i:i + batch_size].to(device), mean, std), y[i:i + batch_size].to(device)
+
+        try:
+            results[name] = mf.evaluate(scheme, ts, batches())
+        finally:
+            bar.close()
     return results
+
+
+def head_labels(scheme) -> dict[str, str]:
+    """What each reported accuracy is: the final classifier, or an auxiliary head and its weight
+    (a head at weight 0.001 trains its module only weakly and may sit near chance)."""
+    return {o.name: "final classifier" if o.name == "final" else f"aux, weight {float(o.weight):g}"
+            for o in scheme}
 
 
 def plot_curves(out: Path) -> None:
@@ -284,13 +503,13 @@ def start_distributed(args):
 
 
 def on_rank0(rank: int, world: int, fn):
-    """Run ``fn`` on rank 0; every rank raises the same UsageError if it failed."""
+    """Run ``fn`` on rank 0; every rank raises the same ProgramError (same exit code) if it failed."""
     error, result = None, None
     if rank == 0:
         try:
             result = fn()
-        except UsageError as err:
-            error = str(err)
+        except ProgramError as err:
+            error = (err.code, str(err))
     if world > 1:
         import torch.distributed as dist
 
@@ -298,7 +517,8 @@ def on_rank0(rank: int, world: int, fn):
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error is not None:
-        raise UsageError(error)
+        kinds = {c.code: c for c in (UsageError, DataError, CheckpointUnusable, Diverged, OutputError, Busy)}
+        raise kinds.get(error[0], ProgramError)(error[1])
     return result
 
 
@@ -307,10 +527,9 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     rank, world = start_distributed(args)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is available; use --device cpu")
     out = Path(args.out)
-    on_rank0(rank, world, lambda: (prepare_out(args), check_config(out, args)))
+    writer = rank == 0
+    lock = on_rank0(rank, world, lambda: prepare_out(args))  # noqa: F841 (held until the process ends)
     dataset = load_data(args)
     train_x, train_y, val = dataset.train_x, dataset.train_y, None
     test_x, test_y = dataset.test_x, dataset.test_y
@@ -332,7 +551,7 @@ def main(argv=None) -> int:
     if args.max_steps:
         steps_per_epoch = min(steps_per_epoch, args.max_steps)
     total = steps_per_epoch * args.epochs
-    warmup = min(int(args.warmup_epochs * steps_per_epoch), total - 1)
+    warmup, warmup_why = warmup_steps(args, steps_per_epoch, total)
     optimizer = mf.optim.sgd(mf.optim.warmup_cosine(args.lr, warmup, total), momentum=0.9, nesterov=True,
                              weight_decay=args.weight_decay)
     if args.parallel == "data":
@@ -345,12 +564,19 @@ def main(argv=None) -> int:
         train_step = mfd.module_parallel_step(scheme, optimizer, ends, micro_batches=args.micro_batches)
     else:
         train_step = mf.step(scheme, optimizer, compile=args.compile)
-    writer = rank == 0
     augment = datasets.augmentation(dataset.name)
+    progress = writer and not args.no_progress
 
     start_epoch, start_batch, best, extra = 0, 0, 0.0, {}
     if args.resume or args.eval_only:
-        ts, extra = mf.load(out / CHECKPOINT, map_location=device, with_extra=True)
+        try:
+            ts, extra = mf.load(out / CHECKPOINT, map_location=device, with_extra=True)
+        except (CheckpointError, OSError) as err:
+            raise CheckpointUnusable(str(err)) from None
+        if not isinstance(extra.get("epoch"), int) or not isinstance(extra.get("batch"), int):
+            raise CheckpointUnusable(f"{out / CHECKPOINT} was not written by this program (it records no epoch "
+                                     "and batch); --resume and --eval-only take this program's checkpoints")
+        check_config(out, args, extra.get("args"))
         start_epoch, start_batch, best = extra["epoch"], extra["batch"], extra.get("best", 0.0)
     else:
         ts = mf.init(scheme, optimizer, seed=args.seed, device=device)
@@ -358,10 +584,41 @@ def main(argv=None) -> int:
     if val is not None:
         sets["val"] = val
     if args.eval_only:
-        results = evaluate_sets(scheme, ts, sets, args.batch_size, device, mean, std)
+        results = evaluate_sets(scheme, ts, sets, args.batch_size, device, mean, std, progress=progress)
         print(json.dumps(results, indent=1))
         return 0
+    if writer:
+        lr_why = f"{BASE_LR} x batch {args.batch_size} / {BASE_BATCH}, the linear rule; --lr overrides" \
+            if args.lr_rule else "--lr"
+        print(f"{args.method} on {args.dataset} ({len(train_y)} training images"
+              f"{', read from ' + os.path.dirname(dataset.files[0]) if dataset.files else ''}), "
+              f"{args.modules} modules: {args.epochs} epoch(s) of {steps_per_epoch} steps, batch {args.batch_size}\n"
+              f"learning rate {args.lr:g} ({lr_why}); warm-up {warmup} steps ({warmup_why}), then cosine to 0 "
+              f"at step {total}", file=sys.stderr)
 
+    # Everything is validated: only now does this run take the place of a previous one.
+    replaced = writer and args.overwrite and set_aside(out)
+    if writer and not args.resume:
+        (out / CONFIG).write_text(json.dumps({k: getattr(args, k) for k in IDENTITY}, indent=1))
+    if writer and args.resume:
+        trim_log(out / TRAIN_LOG, lambda row: row["step"] <= int(ts.step))
+        trim_log(out / METRICS, lambda row: row["epoch"] <= start_epoch)
+    try:
+        return train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_x, train_y, sets,
+                     device, augment, steps_per_epoch, start_epoch, start_batch, best, rank, world, progress)
+    except BaseException:
+        if replaced and (out / REPLACED).is_dir():
+            restore_replaced(out)
+            print(f"the new run failed before its first checkpoint: the previous run in {out} is restored",
+                  file=sys.stderr)
+        raise
+
+
+def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_x, train_y, sets, device, augment,
+          steps_per_epoch, start_epoch, start_batch, best, rank, world, progress) -> int:
+    """The epochs: train, evaluate, log, checkpoint; then the summary. Returns the exit code."""
+    writer = rank == 0
+    mean, std = dataset.mean, dataset.std
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
@@ -370,60 +627,101 @@ def main(argv=None) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     peak_step, images, train_seconds = extra.get("peak_step_bytes", 0), extra.get("images", 0), extra.get("seconds", 0.0)
+    sums, counted = dict(extra.get("sums", {})), extra.get("counted", 0)
+    saved = {"step": int(ts.step) if args.resume else None}
     last_save = time.time()
+
+    def kept() -> str:
+        if saved["step"] is None:
+            return "no checkpoint of this run had been written yet"
+        return f"the last good checkpoint, {out / CHECKPOINT} (step {saved['step']}), is kept"
+
+    def output(path: Path, write) -> None:
+        try:
+            write()
+        except OSError as err:
+            then = "start the run again" if saved["step"] is None else "continue with --resume"
+            raise OutputError(f"cannot write {path} ({err.strerror or err}); {kept()}: free space or fix the "
+                              f"permissions, then {then}") from None
+
+    def append(path: Path, row: dict) -> None:
+        def write():
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        output(path, write)
 
     def checkpoint(epoch, batch):
         if not writer:
             return
-        mf.save(out / CHECKPOINT, ts, extra={"epoch": epoch, "batch": batch, "best": best, "images": images,
-                                             "seconds": train_seconds, "peak_step_bytes": peak_step,
-                                             "args": vars(args)})
+        output(out / CHECKPOINT, lambda: mf.save(out / CHECKPOINT, ts, extra={
+            "epoch": epoch, "batch": batch, "best": best, "images": images, "seconds": train_seconds,
+            "peak_step_bytes": peak_step, "sums": sums, "counted": counted, "args": vars(args)}))
+        saved["step"] = int(ts.step)
+        if (out / REPLACED).is_dir():
+            shutil.rmtree(out / REPLACED)
+
+    def stopped(epoch, batch) -> int:
+        checkpoint(epoch, batch)
+        print(f"\nstopped by signal {stop['signal']}: checkpoint saved at epoch {epoch + 1}, step {batch}; "
+              "continue with --resume", file=sys.stderr)
+        return INTERRUPTED
 
     try:
         for epoch in range(start_epoch, args.epochs):
             order = epoch_order(len(train_y), args.seed, epoch)
-            progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", writer and not args.no_progress)
-            sums: dict[str, float] = {}
-            counted = 0
+            bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
             epoch_images, t0 = 0, time.time()
-            for b in range(start_batch, steps_per_epoch):
-                idx = order[b * args.batch_size:(b + 1) * args.batch_size].to(device)
-                g = torch.Generator(device=device).manual_seed(batch_seed(args.seed, epoch, b))
-                x = datasets.normalize(augment(train_x[idx], g), mean, std)
-                tic = time.time()
-                with autocast:
-                    if b == start_batch and epoch == start_epoch and peak_step == 0:
-                        with track_memory() as meter:
-                            ts, metrics = train_step(ts, (x, train_y[idx]))
-                        peak_step = meter.peak_bytes
-                    else:
-                        ts, metrics = train_step(ts, (x, train_y[idx]))
-                train_seconds += time.time() - tic
-                epoch_images += len(idx)
-                images += len(idx)
-                for name, m in metrics.items():
-                    sums[name] = sums.get(name, 0.0) + float(m["loss"])
-                counted += 1
-                if writer and (b % max(1, steps_per_epoch // 25) == 0 or b == steps_per_epoch - 1):
-                    with open(out / TRAIN_LOG, "a") as f:
-                        f.write(json.dumps({"step": int(ts.step), "epoch": epoch + 1,
-                                            "loss": {k: float(m["loss"]) for k, m in metrics.items()}}) + "\n")
-                final = metrics["final"]
-                progress.update(b + 1, epoch_images, float(final["loss"]), float(final.get("accuracy", math.nan)))
-                if args.stop_after_steps is not None and int(ts.step) >= args.stop_after_steps:
-                    stop["signal"] = signal.SIGTERM
-                if world > 1:
-                    stop["signal"] = agree_on_stop(stop["signal"])
-                if stop["signal"] is not None:
-                    checkpoint(epoch, b + 1)
-                    print(f"\nstopped by signal {stop['signal']}: checkpoint saved at epoch {epoch + 1}, "
-                          f"step {b + 1}; continue with --resume", file=sys.stderr)
-                    return 130
-                if time.time() - last_save > args.checkpoint_minutes * 60:
-                    checkpoint(epoch, b + 1)
-                    last_save = time.time()
+            try:
+                for b in range(start_batch, steps_per_epoch):
+                    idx = order[b * args.batch_size:(b + 1) * args.batch_size].to(device)
+                    g = torch.Generator(device=device).manual_seed(batch_seed(args.seed, epoch, b))
+                    x = datasets.normalize(augment(train_x[idx], g), mean, std)
+                    tic = time.time()
+                    try:
+                        with autocast:
+                            if b == start_batch and epoch == start_epoch and peak_step == 0:
+                                with track_memory() as meter:
+                                    ts, metrics = train_step(ts, (x, train_y[idx]))
+                                peak_step = meter.peak_bytes
+                            else:
+                                ts, metrics = train_step(ts, (x, train_y[idx]))
+                    except mf.NonFiniteLossError as err:
+                        raise Diverged(f"training diverged: {err} {kept()[0].upper() + kept()[1:]}.") from None
+                    train_seconds += time.time() - tic
+                    epoch_images += len(idx)
+                    images += len(idx)
+                    for name, m in metrics.items():
+                        sums[name] = sums.get(name, 0.0) + float(m["loss"])
+                    counted += 1
+                    if writer and (b % max(1, steps_per_epoch // 25) == 0 or b == steps_per_epoch - 1):
+                        append(out / TRAIN_LOG, {"step": int(ts.step), "epoch": epoch + 1,
+                                                 "loss": {k: float(m["loss"]) for k, m in metrics.items()}})
+                    final = metrics["final"]
+                    bar.set_postfix(loss=f"{float(final['loss']):.3f}",
+                                    acc=f"{float(final.get('accuracy', math.nan)):.3f}",
+                                    img_s=f"{epoch_images / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
+                    bar.update(1)
+                    if args.stop_after_steps is not None and int(ts.step) >= args.stop_after_steps:
+                        stop["signal"] = signal.SIGTERM
+                    if world > 1:
+                        stop["signal"] = agree_on_stop(stop["signal"])
+                    if stop["signal"] is not None:
+                        bar.close()
+                        return stopped(epoch, b + 1)
+                    if time.time() - last_save > args.checkpoint_minutes * 60:
+                        checkpoint(epoch, b + 1)
+                        last_save = time.time()
+            finally:
+                bar.close()
             start_batch = 0
-            results = evaluate_sets(scheme, ts, sets, args.batch_size, device, mean, std)
+            if args.interrupt_evaluation and epoch == start_epoch:
+                os.kill(os.getpid(), signal.SIGINT)
+            try:
+                results = evaluate_sets(scheme, ts, sets, args.batch_size, device, mean, std, progress=progress,
+                                        stop=stop if world == 1 else None)
+            except EvaluationInterrupted:
+                return stopped(epoch, steps_per_epoch)
             best = max(best, results["test"]["final"])
             row = {"epoch": epoch + 1, "step": int(ts.step),
                    "train_loss": {k: v / max(counted, 1) for k, v in sums.items()},
@@ -431,13 +729,19 @@ def main(argv=None) -> int:
             if "val" in results:
                 row["val_accuracy"] = results["val"]
             if writer:
-                with open(out / METRICS, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append(out / METRICS, row)
+            sums, counted = {}, 0
             checkpoint(epoch + 1, 0)
             last_save = time.time()
             if writer:
                 print(f"epoch {epoch + 1}: test accuracy {results['test']['final']:.4f} (best {best:.4f})",
                       file=sys.stderr)
+            if world > 1:
+                stop["signal"] = agree_on_stop(stop["signal"])
+            if stop["signal"] is not None and epoch + 1 < args.epochs:
+                print(f"\nstopped by signal {stop['signal']} after epoch {epoch + 1}: checkpoint saved; "
+                      "continue with --resume", file=sys.stderr)
+                return INTERRUPTED
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -445,6 +749,7 @@ def main(argv=None) -> int:
     if not writer:
         return 0
     rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
+    labels = head_labels(scheme)
     summary = {
         "method": args.method, "arch": args.arch, "modules": len(scheme) if args.method == "e2e" else args.modules,
         "dataset": args.dataset, "epochs": args.epochs, "steps": int(ts.step),
@@ -452,6 +757,7 @@ def main(argv=None) -> int:
         "best_test_accuracy": best,
         "best_test_accuracy_note": "best epoch chosen on the test set, as the released code reports",
         "head_test_accuracy": rows[-1]["test_accuracy"],
+        "head_labels": {k: labels.get(k, "") for k in rows[-1]["test_accuracy"]},
         "images_per_second": images / max(train_seconds, 1e-9),
         "peak_step_bytes": peak_step,
         "persistent_bytes": persistent_bytes(ts),
@@ -459,16 +765,21 @@ def main(argv=None) -> int:
         "backbone_parameters": sum(ts.params[k].numel() for k in backbone.param_names),
         "seconds": train_seconds, "device": str(device), "precision": args.precision,
         "processes": world, "parallel": args.parallel or "none",
+        "lr": args.lr, "data_files": list(dataset.files),
         "torch": torch.__version__,
     }
     if "val_accuracy" in rows[-1]:
         summary["val_accuracy"] = rows[-1]["val_accuracy"]["final"]
     if device.type == "cuda":
         summary["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
-    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    text = json.dumps(summary, indent=1)
+    output(out / SUMMARY, lambda: (out / SUMMARY).write_text(text))
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1))
-    plot_curves(out)
+        output(Path(args.json), lambda: Path(args.json).write_text(text))
+    output(out / "curves.png", lambda: plot_curves(out))
+    print("test accuracy per head:\n" + "\n".join(
+        f"  {name:<24} {acc:.4f}  ({summary['head_labels'][name]})" for name, acc in rows[-1]["test_accuracy"].items()),
+        file=sys.stderr)
     print(json.dumps({k: summary[k] for k in ("method", "modules", "test_accuracy", "images_per_second")}))
     return 0
 
@@ -476,9 +787,12 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         code = main()
-    except UsageError as err:
+    except ProgramError as err:
         print(f"error: {err}", file=sys.stderr)
-        code = 2
+        code = err.code
+    except KeyboardInterrupt:
+        print("interrupted before training started: nothing of a run was changed", file=sys.stderr)
+        code = INTERRUPTED
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     sys.exit(code)

@@ -289,13 +289,30 @@ class Objective:
         return weight * loss, metrics
 
     def forward(self, params: Params, state: State, x: Tensor, batch: Any, *, train: bool = True,
-                taps: tuple[str, ...] = (), step: Tensor | None = None
+                taps: tuple[str, ...] = (), step: Tensor | None = None,
+                known: dict[str, Tensor] | None = None
                 ) -> tuple[Tensor, State, dict[str, Tensor], dict[str, Tensor]]:
         """``(loss, state updates, outputs, metrics)``; ``outputs`` maps ``output_name`` and
         each block named in ``taps`` to its output. ``step`` (the train state's step) reaches
-        schedules and losses that take it."""
+        schedules and losses that take it.
+
+        ``known`` (eval mode only): block outputs already computed in this pass, by block name;
+        the net then starts after the last of its blocks found there, so each block runs once."""
+        net = self.net
+        if known and not train:
+            done = [i for i, b in enumerate(net.blocks) if b.name in known]
+            if done:
+                x = known[net.blocks[done[-1]].name]
+                rest = net.blocks[done[-1] + 1:]
+                net = Net(rest, input_name=net.blocks[done[-1]].name) if rest else None
         outputs = dict.fromkeys(taps)
-        h, updates = self.net.run(params, state, x, train=train, taps=outputs)
+        if net is None:
+            h, updates = x, {}
+        else:
+            h, updates = net.run(params, state, x, train=train, taps=outputs)
+        for name in taps:
+            if outputs[name] is None and known and name in known:
+                outputs[name] = known[name]
         outputs[self.output_name] = h
         z = h
         if self.head is not None:

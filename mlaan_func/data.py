@@ -116,6 +116,7 @@ class Dataset:
     """Train/test images as ``uint8`` (N, C, H, W) and ``int64`` labels, plus normalisation stats.
 
     ``val_x``/``val_y`` are ``None`` unless :func:`split_validation` held part of train out.
+    ``files`` lists the files :func:`load` read.
 
     >>> ds = synthetic(8, 4, shape=(1, 5, 5), num_classes=3)
     >>> ds.channels, ds.image_size, len(ds.mean)
@@ -133,6 +134,8 @@ class Dataset:
     classes: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     val_x: Tensor | None = None
     val_y: Tensor | None = None
+    files: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """The files the images were read from (set by :func:`load`; empty for synthetic data)."""
 
     def __attrs_post_init__(self):
         parts = [("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)]
@@ -517,9 +520,11 @@ def load(name: str, data_dir: str | os.PathLike = "data", *, download: bool = Tr
     """Load dataset ``name`` (see :data:`NAMES`) from ``data_dir``, downloading it if missing.
 
     Looks in ``data_dir/<dir>`` then ``data_dir`` itself, where ``<dir>`` is
-    ``cifar-10-batches-py``, ``stl10_binary``, ``svhn`` or ``fashion-mnist``; Fashion-MNIST is
-    first looked for in :data:`SYSTEM_DIRS`. Downloads come from ``mirror`` (a base URL) or
-    :data:`URLS`, are md5-checked against :data:`FILES`, and tarballs are kept after extraction.
+    ``cifar-10-batches-py``, ``stl10_binary``, ``svhn`` or ``fashion-mnist``, and only then in
+    :data:`SYSTEM_DIRS` (Fashion-MNIST): files in ``data_dir`` always win. ``files`` of the
+    result names what was read. Downloads come from ``mirror`` (a base URL) or :data:`URLS`,
+    are md5-checked against :data:`FILES`, and tarballs are kept after extraction. A file
+    already on disk whose md5 does not match is reported, never deleted.
     ``options`` go to :func:`synthetic` and are only accepted for ``"synthetic"``.
     Raises :class:`DatasetError` with a one-line message on any failure.
 
@@ -534,19 +539,28 @@ def load(name: str, data_dir: str | os.PathLike = "data", *, download: bool = Tr
     data_dir = Path(data_dir)
     sub, names, shown = _LAYOUT[key]
     home = data_dir / sub
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DatasetError(f"data directory {data_dir} is a file; pass --data-dir a directory")
     dirs = [home, data_dir]
+    if key in SYSTEM_DIRS:
+        dirs.append(Path(SYSTEM_DIRS[key]))
     if key == "fashion-mnist":
-        dirs.insert(0, Path(SYSTEM_DIRS["fashion-mnist"]))
         complete = lambda d: all(_idx_path(d, n) is not None for n in names)  # noqa: E731
+        files = lambda d: [_idx_path(d, n) for n in names]  # noqa: E731
     else:
         complete = _has(names)
+        files = lambda d: [d / n for n in names]  # noqa: E731
     found = _find(dirs, complete)
     if found is None:
         _fetch(key, data_dir, home, shown, download, mirror, timeout)
         found = _find(dirs, complete)
         if found is None:
             raise DatasetError(f"{key}: the downloaded files did not provide {shown} in {home}")
-    return _READERS[key](found)
+    try:
+        dataset = _READERS[key](found)
+    except ValueError as err:
+        raise DatasetError(f"{found}: {err}; fix or replace the files") from None
+    return attrs.evolve(dataset, files=[str(f) for f in files(found)])
 
 
 def _fetch(key: str, data_dir: Path, home: Path, shown: str, download: bool, mirror: str | None,
@@ -565,12 +579,11 @@ def _fetch(key: str, data_dir: Path, home: Path, shown: str, download: bool, mir
 
     for file, md5 in FILES[key].items():
         path = target / file
-        if path.is_file() and _md5(path) != md5:
-            path.unlink()
-            print(f"{path} was corrupted or partial (md5 mismatch): removed it", file=sys.stderr)
-            if not download:
-                raise missing(f"{path} was corrupted or partial (md5 mismatch) and has been "
-                              "removed, and downloading is off")
+        if path.is_file() and (got := _md5(path)) != md5:
+            raise DatasetError(
+                f"{path} is not the official {file}: its md5 is {got}, expected {md5} (a partial "
+                "or altered copy); it was left untouched: move it away or delete it so the "
+                "program downloads a fresh one, or put the official file there")
         if not path.is_file():
             if not download:
                 raise missing("they are not there and downloading is off")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import types
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
@@ -30,7 +29,7 @@ from torch import Tensor
 from torch.func import grad_and_value
 from torch.utils._pytree import tree_map, tree_structure, tree_unflatten
 
-from . import hyper
+from . import checkpoint, hyper
 from .combinators import Objective
 from .core import INPUT, AfterStep, Params, State, check_keys, init_params
 from .identity import check_identity
@@ -395,6 +394,8 @@ def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[
     metric function ``fn(outputs, batch) -> {metric: 0-d tensor}`` gets ``outputs``, the
     output of every boundary the scheme produced (``"input"``, then each objective's net
     output and tapped blocks, by block name), e.g. for a linear probe on a module's output.
+    Each block runs once per batch: an objective whose window overlaps blocks already run
+    starts from the last of them (in eval mode a block's output depends only on its input).
 
     >>> from torch import nn
     >>> import mlaan_func as mf
@@ -432,18 +433,19 @@ def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[
         structure = _check_structure(batch, structure)
         x = input_of(batch)
         n = x.shape[0]
+        known = {INPUT: x}
         produced = {INPUT: x}
 
         def run_objective(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
             _, _, outputs, m = o.forward(ts.params, ts.state, x, batch, train=False,
-                                         taps=routes[i].taps, step=ts.step)
+                                         taps=routes[i].taps, step=ts.step, known=known)
             if metrics:
                 for name, out in outputs.items():
                     produced.setdefault(name, out)
             add(o.name, m, n)
             return outputs
 
-        fold(objectives, routes, x, run_objective)
+        fold(objectives, routes, x, run_objective, acts=known)
         for name, fn in metrics.items():
             add(name, fn(produced, batch), n)
         seen += n
@@ -456,8 +458,9 @@ def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[
 
 
 def save(path: str | os.PathLike, ts: TrainState, extra: dict | None = None) -> None:
-    """Write ``ts`` (and ``extra``, e.g. generator states) atomically: a reader sees the old
-    file or the new one, never a partial one.
+    """Write ``ts`` (and ``extra``: numbers, strings, lists, dicts, tensors) atomically, with a
+    checksum: a reader sees the old file or the new one, never a partial one. The format is
+    tensors plus a JSON tree (:mod:`mlaan_func.checkpoint`), so :func:`load` never unpickles.
 
     >>> from torch import nn
     >>> import mlaan_func as mf
@@ -470,24 +473,17 @@ def save(path: str | os.PathLike, ts: TrainState, extra: dict | None = None) -> 
     ...     os.listdir(d)
     ['checkpoint.pt']
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"train_state": ts._asdict(), "extra": extra or {}}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    checkpoint.write(path, {"train_state": ts, "extra": extra or {}})
 
 
-def load(path: str | os.PathLike, map_location: Any = None, *, with_extra: bool = False):
+def load(path: str | os.PathLike, map_location: Any = None, *, with_extra: bool = False,
+         types: Iterable[type] = ()):
     """Read a ``TrainState`` written by ``save`` (``(ts, extra)`` with ``with_extra``).
+
+    Nothing in the file is executed: NamedTuples are rebuilt only from ``mlaan_func``'s own
+    classes and the ones in ``types`` (pass your optimizer's state class there), and the
+    checksum is verified. A file that fails raises :class:`mlaan_func.checkpoint.CheckpointError`
+    (a ``ValueError``) saying why.
 
     >>> from torch import nn
     >>> import mlaan_func as mf
@@ -501,12 +497,8 @@ def load(path: str | os.PathLike, map_location: Any = None, *, with_extra: bool 
     >>> extra, torch.equal(back.params["fc.weight"], ts.params["fc.weight"])
     ({'epoch': 3}, True)
     """
-    try:
-        blob = torch.load(os.fspath(path), map_location=map_location, weights_only=False)
-        ts = TrainState(**blob["train_state"])
-    except FileNotFoundError:
-        raise
-    except Exception as err:
-        raise ValueError(f"{path} is not a checkpoint written by mlaan_func.save ({err}); "
-                         "delete it or point to another file") from err
-    return (ts, blob["extra"]) if with_extra else ts
+    blob = checkpoint.read(path, map_location, types=types)
+    if not isinstance(blob, dict) or not isinstance(blob.get("train_state"), TrainState):
+        raise checkpoint.CheckpointError(f"{path} holds no TrainState; it was not written by "
+                                         "mlaan_func.save")
+    return (blob["train_state"], blob.get("extra", {})) if with_extra else blob["train_state"]

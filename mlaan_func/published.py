@@ -22,13 +22,15 @@ def tables() -> dict:
 
 
 def _lookup(table: dict, what: str, arch: str, modules: int):
-    if arch not in table:
-        raise ValueError(f"no published {what} for arch {arch!r}; known: {sorted(table)}")
+    archs = sorted(k for k in table if k != "about")
+    if arch not in archs:
+        raise ValueError(f"no published {what} for arch {arch!r}; known: {archs}")
     rows = table[arch]
     if str(modules) not in rows:
         raise ValueError(f"no published {what} for {arch} with {modules} modules; "
                          f"published K: {sorted(int(k) for k in rows)}. Pass the split yourself "
-                         "(a list of block names) or use even_split.")
+                         "(a list of block names) or use mlaan_func.published.split_for(arch, "
+                         "block_names, K) for near-equal modules.")
     return rows[str(modules)]
 
 
@@ -65,8 +67,9 @@ def infopro_lambda_table(scheme: str, arch: str, modules: int) -> tuple[float, f
     >>> infopro_lambda_table("infopro", "resnet32", 3) is None
     True
     """
-    table = tables()["infopro_lambdas"].get(scheme, {}).get(arch, {})
-    row = table.get(str(modules))
+    schemes = tables()["infopro_lambdas"]
+    table = schemes.get(scheme, {}) if scheme != "about" else {}
+    row = table.get(arch, {}).get(str(modules)) if arch != "about" else None
     return None if row is None else tuple(float(v) for v in row)
 
 

@@ -39,10 +39,11 @@ def fold(objectives: Sequence[Any], routes: Sequence[Any], x: Tensor | None, run
     """Call ``run(i, objective, input)`` for each objective in scheme order (or for the
     indices in ``only``); ``run`` returns the objective's outputs by block name.
 
-    ``acts`` starts the boundaries (default ``{"input": x}``); a boundary is dropped after
+    ``acts`` starts the boundaries (default ``{"input": x}``) and is updated in place, so
+    ``run`` may read the boundaries held so far; a boundary is dropped after
     its last reader unless ``free=False``. Returns the boundaries still held.
     """
-    acts = dict(acts) if acts is not None else {}
+    acts = acts if acts is not None else {}
     if x is not None:
         acts.setdefault(INPUT, x)
     indices = range(len(objectives)) if only is None else only

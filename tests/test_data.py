@@ -329,20 +329,46 @@ def test_corrupted_download_is_removed_and_reported(tmp_path, server, monkeypatc
     assert no_leftovers(tmp_path / "data") and not list((tmp_path / "data").iterdir())
 
 
-def test_corrupted_file_on_disk_is_removed_then_redownloaded(tmp_path, server, monkeypatch, capsys):
+def test_a_users_file_with_a_wrong_md5_is_reported_and_never_deleted(tmp_path, server, monkeypatch):
     write_stl(tmp_path / "build" / "stl10_binary")
     good = tarball(server.root / "stl10_binary.tar.gz", tmp_path / "build" / "stl10_binary",
                    "stl10_binary")
     monkeypatch.setitem(data.FILES, "stl10", {"stl10_binary.tar.gz": md5(good)})
     (tmp_path / "data").mkdir()
     local = tmp_path / "data" / "stl10_binary.tar.gz"
-    local.write_bytes(good.read_bytes()[:100])
-    with pytest.raises(data.DatasetError, match="corrupted"):
-        data.load("stl10", tmp_path / "data", download=False)
-    assert not local.exists()
-    local.write_bytes(good.read_bytes()[:100])
+    mine = good.read_bytes()[:100]
+    local.write_bytes(mine)
+    for download in (False, True):
+        with pytest.raises(data.DatasetError, match="md5 is .*left untouched") as err:
+            data.load("stl10", tmp_path / "data", download=download, mirror=server.url)
+        assert "\n" not in str(err.value) and str(local) in str(err.value)
+        assert local.read_bytes() == mine
+    local.unlink()  # the user's own decision
     assert data.load("stl10", tmp_path / "data", mirror=server.url).train_x.shape == (3, 3, 96, 96)
-    assert "removed" in capsys.readouterr().err
+
+
+def test_an_explicit_data_dir_wins_over_the_system_copy(tmp_path, monkeypatch):
+    system = tmp_path / "system"
+    write_fashion(system, gz=False)
+    monkeypatch.setitem(data.SYSTEM_DIRS, "fashion-mnist", system)
+    assert data.load("fashion-mnist", tmp_path / "empty", download=False).files[0].startswith(str(system))
+    mine = tmp_path / "mine"
+    write_fashion(mine, gz=True)
+    ds = data.load("fashion-mnist", mine, download=False)
+    assert all(f.startswith(str(mine)) for f in ds.files) and len(ds.files) == 4
+
+
+def test_labels_out_of_range_and_a_file_as_data_dir_are_dataset_errors(tmp_path, monkeypatch):
+    monkeypatch.setitem(data.SYSTEM_DIRS, "fashion-mnist", tmp_path / "no-system")
+    arrays = write_fashion(tmp_path / "fm", gz=False)
+    labels = arrays["train-labels-idx1-ubyte"].copy()
+    labels[0] = 12
+    (tmp_path / "fm" / "train-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    with pytest.raises(data.DatasetError, match="labels outside"):
+        data.load("fashion-mnist", tmp_path / "fm", download=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(data.DatasetError, match="is a file"):
+        data.load("cifar10", tmp_path / "file", download=False)
 
 
 def test_unreachable_server_fails_fast_with_advice(tmp_path, server, monkeypatch):

@@ -271,3 +271,29 @@ def test_more_objectives_than_the_recompile_limit_compile_once_each():
         b, _ = compiled(b, xy)
     mt.assert_close(b.params, a.params, 1e-4)
     assert counter.frame_count == len(scheme)
+
+
+def test_evaluate_runs_each_block_once_and_matches_the_objectives_one_by_one(monkeypatch):
+    module = mf.models.CifarResNet(14, num_classes=10, in_channels=3, widths=(4, 8, 16))
+    net = mf.from_module(module)
+    at = mf.published.split_for(None, net.block_names, 4)
+    scheme = mf.schemes.dgl_mlaan(net, at, input_shape=(3, 8, 8))
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=0)
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    calls, apply = {}, mf.core.Block.apply
+
+    def counted(block, *args, **kwargs):
+        calls[block.name] = calls.get(block.name, 0) + 1
+        return apply(block, *args, **kwargs)
+
+    monkeypatch.setattr(mf.core.Block, "apply", counted)
+    got = mf.evaluate(scheme, ts, [(x, y)])
+    monkeypatch.undo()
+    assert set(net.block_names) <= set(calls) and set(calls.values()) == {1}, calls
+    acts, want = {"input": x}, {}
+    for o in scheme:  # each objective's whole net from its input, as a training step runs it
+        _, _, outputs, m = o.forward(ts.params, ts.state, acts[o.input_name], mf.Batch(x, y), train=False,
+                                     taps=net.block_names)
+        acts.update({k: v for k, v in outputs.items() if v is not None})
+        want[o.name] = float(m["accuracy"])
+    assert got == pytest.approx(want)
