@@ -265,13 +265,10 @@ def reference_gradients(objectives: Sequence[Objective]) -> Callable[..., tuple[
                             acts.setdefault(block.name, h)
                         for k, v in exported.buffers.items():
                             new_state.setdefault(k, v)
-                    if part == "net":
-                        z = h
                 seed_block("loss:" + o.name)
                 loss, _ = o.loss(h, batch)
                 term = o.weight.to(loss.device) * loss
                 total = term if total is None else total + term
-                del z
             total.backward()
         grads: Params = {k: torch.zeros_like(v) for k, v in params.items()}
         for k, p in held:
