@@ -267,12 +267,9 @@ def reference_gradients(objectives: Sequence[Objective]) -> Callable[..., tuple[
                             acts.setdefault(block.name, h)
                         for k, v in exported.buffers.items():
                             new_state.setdefault(k, v)
-                    if part == "net":
-                        z = h
                 seed_block("loss:" + o.name)
                 term, _ = o.score(h, batch, state, torch.as_tensor(step))
                 total = term if total is None else total + term
-                del z
             total.backward()
         grads: Params = {k: torch.zeros_like(v) for k, v in params.items()}
         for k, p in held:
