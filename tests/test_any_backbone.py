@@ -443,10 +443,10 @@ def test_the_vit_oracle_can_fail():
 
 @pytest.mark.slow
 def test_a_compiled_vit_scheme_compiles_once_per_objective():
-    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
-    counter = CompileCounter()
+    counter = CompileCounterWithBackend("aot_eager")
     scheme = vit_scheme("mlaan", 4)
     opt = mf.optim.sgd(0.05, momentum=0.9)
     eager, compiled = mf.step(scheme, opt), mf.step(scheme, opt, compile=True, backend=counter)
