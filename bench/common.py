@@ -20,7 +20,17 @@ from mlaan_func.combinators import LeapBlock
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 METHODS = ("e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan")
-ARCHS = {"resnet32": mf.models.resnet32, "resnet110": mf.models.resnet110}
+IMAGENET_ARCHS = {name: getattr(mf.models, name) for name in mf.models.imagenet_resnet.LAYOUTS}
+ARCHS = {"resnet32": mf.models.resnet32, "resnet110": mf.models.resnet110, **IMAGENET_ARCHS}
+
+
+def image_shape(arch: str) -> tuple[int, int, int]:
+    """Input of the benchmarks: 3×224×224 for the ImageNet ResNets, 3×32×32 for the CIFAR ones."""
+    return (3, 224, 224) if arch in IMAGENET_ARCHS else (3, 32, 32)
+
+
+def num_classes(arch: str) -> int:
+    return 1000 if arch in IMAGENET_ARCHS else 10
 
 
 def set_threads(n: int) -> None:
@@ -59,26 +69,36 @@ def split_for(arch: str, backbone: mf.Net, k: int) -> list[str]:
     return mf.published.split_for(arch, backbone.block_names, k)
 
 
-def mlaan_k(method: str, k: int) -> int:
-    """MLAAN's published '16 modules' is really 15: use 15 for the MLAAN family at 16."""
-    return 15 if method.endswith("mlaan") and k == 16 else (1 if method == "e2e" else k)
+def mlaan_k(method: str, k: int, arch: str = "resnet32") -> int:
+    """MLAAN's published CIFAR '16 modules' is really 15: use 15 for the MLAAN family at 16
+    (the ImageNet ResNet-34's 16 is real)."""
+    if method == "e2e":
+        return 1
+    return 15 if method.endswith("mlaan") and k == 16 and arch not in IMAGENET_ARCHS else k
 
 
 def build(method: str, arch: str, k: int, *, remat: bool = False, head: str | None = None):
-    backbone = mf.from_module(ARCHS[arch](num_classes=10))
+    backbone = mf.from_module(ARCHS[arch](num_classes=num_classes(arch)))
     at = [] if method == "e2e" else split_for(arch, backbone, k)
     options = {}
+    if head is None and method == "mlaan" and arch in IMAGENET_ARCHS:
+        head = "imagenet"  # the released ImageNet MLAAN heads
     if head is not None and method in ("dgl", "mlaan", "dgl_mlaan"):
         options["head"] = head
-    scheme = mf.schemes.build(method, backbone, at, input_shape=(3, 32, 32), **options)
+    scheme = mf.schemes.build(method, backbone, at, input_shape=image_shape(arch), **options)
     if remat:
         scheme = [mf.remat(o) for o in scheme]
     return backbone, scheme
 
 
-def cifar_batch(n: int, device: str, seed: int = 0):
+def cifar_batch(n: int, device: str, seed: int = 0, *, shape=(3, 32, 32), classes: int = 10):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device))
+    return (torch.randn(n, *shape, generator=g).to(device), torch.randint(0, classes, (n,), generator=g).to(device))
+
+
+def arch_batch(arch: str, n: int, device: str, seed: int = 0):
+    """A random batch of ``arch``'s input size and classes."""
+    return cifar_batch(n, device, seed, shape=image_shape(arch), classes=num_classes(arch))
 
 
 def optimizer():
@@ -189,7 +209,7 @@ def checkpointed_e2e_step(arch: str, device: str):
     """E2E with ``torch.utils.checkpoint`` around every block, as plain nn.Module code."""
     from torch.utils.checkpoint import checkpoint
 
-    model = ARCHS[arch](num_classes=10).to(device).train()
+    model = ARCHS[arch](num_classes=num_classes(arch)).to(device).train()
     blocks = [b for _, b in model.named_blocks()]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
@@ -207,7 +227,7 @@ def checkpointed_e2e_step(arch: str, device: str):
 
 def plain_e2e_step(arch: str, device: str):
     """E2E as plain nn.Module code, without checkpointing."""
-    model = ARCHS[arch](num_classes=10).to(device).train()
+    model = ARCHS[arch](num_classes=num_classes(arch)).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
     def step(batch):

@@ -49,7 +49,10 @@ def classifier_head(kind: str, shape: Sequence[int], num_classes: int) -> nn.Mod
         return heads.dgl(channels, num_classes, (height, width))
     if kind == "dgl_wide":
         return heads.dgl_wide(channels, num_classes)
-    raise ValueError(f"unknown head {kind!r}; choose 'linear', 'dgl' or 'dgl_wide'")
+    if kind == "imagenet":
+        from .imagenet_heads import imagenet
+        return imagenet(channels, num_classes)
+    raise ValueError(f"unknown head {kind!r}; choose 'linear', 'dgl', 'dgl_wide' or 'imagenet'")
 
 
 def e2e(backbone: Net) -> list[Objective]:

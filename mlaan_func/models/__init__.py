@@ -6,6 +6,10 @@
 ['stem', '1.0', '1.1', '2.0', '2.1', '3.0', '3.1', 'classifier']
 """
 
+from .imagenet_resnet import (Bottleneck, ImageNetBasicBlock, ImageNetResNet, ImageNetStem, resnet18,
+                              resnet34, resnet50, resnet101, resnet152)
 from .resnet import BasicBlock, CifarResNet, Classifier, Stem, resnet32, resnet110
 
-__all__ = ["BasicBlock", "CifarResNet", "Classifier", "Stem", "resnet32", "resnet110"]
+__all__ = ["BasicBlock", "CifarResNet", "Classifier", "Stem", "resnet32", "resnet110",
+           "Bottleneck", "ImageNetBasicBlock", "ImageNetResNet", "ImageNetStem",
+           "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
