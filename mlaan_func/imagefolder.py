@@ -163,6 +163,9 @@ def load_folder(data_dir: str | os.PathLike, image_size: int = 224, *, name: str
     data_dir = Path(data_dir)
     if image_size < 8:
         raise DatasetError(f"image_size must be at least 8, got {image_size}")
+    if not data_dir.is_dir():
+        raise DatasetError(f"{data_dir} is not a directory: expected {data_dir}/{train}/<class>/*.jpg and "
+                           f"{data_dir}/{val}/<class>/*.jpg; pass --data-dir pointing at them")
     for part in (train, val):
         if not (data_dir / part).is_dir():
             raise DatasetError(f"{data_dir} has no {part}/ folder: expected {data_dir}/{train}/<class>/*.jpg "
