@@ -85,6 +85,8 @@ def build(method: str, arch: str, k: int, *, remat: bool = False, head: str | No
         head = "imagenet"  # the released ImageNet MLAAN heads
     if head is not None and method in ("dgl", "mlaan", "dgl_mlaan"):
         options["head"] = head
+    if method == "infopro" and arch in IMAGENET_ARCHS:  # the released ImageNet InfoPro heads, CE task
+        options.update(head=head or "imagenet", contrastive=False)
     scheme = mf.schemes.build(method, backbone, at, input_shape=image_shape(arch), **options)
     if remat:
         scheme = [mf.remat(o) for o in scheme]

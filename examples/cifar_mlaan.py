@@ -139,6 +139,8 @@ def build_scheme(args, dataset) -> tuple[mf.Net, list]:
     if args.method in ("infopro", "infopro_mlaan"):
         options.update(mean=dataset.mean, std=dataset.std,
                        lambdas=mf.infopro_lambda_table(args.method, args.arch, args.modules))
+        if args.method == "infopro" and args.arch in IMAGENET_ARCHS:  # the released ImageNet heads, CE task
+            options.update(head="imagenet", contrastive=False)
     try:
         scheme = mf.schemes.build(args.method, backbone, at, input_shape=shape, **options)
     except ValueError as err:
