@@ -113,7 +113,8 @@ def main(argv=None) -> int:
             for method in methods:
                 for k in ([1] if method == "e2e" else ks):
                     kk = common.mlaan_k(method, k, arch)
-                    heads = [args.head] if args.head else ([None, "dgl_wide"] if method == "dgl_mlaan" else [None])
+                    heads = [args.head] if args.head else ([None, "dgl_wide"] if method == "dgl_mlaan" and
+                                                          arch not in common.IMAGENET_ARCHS else [None])
                     for head in heads:
                         for remat in remats:
                             if head == "dgl_wide" and remat:
