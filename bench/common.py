@@ -81,6 +81,8 @@ def build(method: str, arch: str, k: int, *, remat: bool = False, head: str | No
     backbone = mf.from_module(ARCHS[arch](num_classes=num_classes(arch)))
     at = [] if method == "e2e" else split_for(arch, backbone, k)
     options = {}
+    if method.endswith("mlaan") and arch in IMAGENET_ARCHS:
+        options["width"] = min(3, k)  # the released ImageNet MLAAN windows
     if head is None and method == "mlaan" and arch in IMAGENET_ARCHS:
         head = "imagenet"  # the released ImageNet MLAAN heads
     if head is not None and method in ("dgl", "mlaan", "dgl_mlaan"):
