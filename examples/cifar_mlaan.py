@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", default="dgl_mlaan", help=f"scheme: {', '.join(METHODS)} (- or _)")
-    p.add_argument("--arch", default="resnet32", help="resnet32 or resnet110")
+    p.add_argument("--arch", default="resnet32", help="resnet32, resnet110 (CIFAR) or resnet18 … resnet152 (ImageNet)")
     p.add_argument("--modules", type=int, default=15, help="K, the real number of modules")
     p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-dir", default="data", help="where datasets live or are downloaded to")
@@ -354,6 +354,11 @@ def main(argv=None) -> int:
     folder = args.dataset in FOLDER_DATASETS
     if folder:  # check the folder layout before anything is written
         dataset = load_data(args)
+        if rank == 0:
+            ignored = len(dataset.train.ignored) + len(dataset.val.ignored)
+            print(f"{args.dataset} {args.data_dir}: {len(dataset.train.files)} train and {len(dataset.val.files)} val "
+                  f"images in {dataset.num_classes} classes" + (f"; ignored {ignored} non-image files" if ignored else ""),
+                  file=sys.stderr)
     on_rank0(rank, world, lambda: (prepare_out(args), check_config(out, args)))
     val = None
     if folder:
