@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 
 import mlaan_func as mf
+from mlaan_func import imagenet_heads
 from mlaan_func import testing as mt
 from mlaan_func.models import imagenet_resnet
 from mlaan_func.trunks import leap_trunk_rule
@@ -185,3 +186,17 @@ def test_oracle_on_resnet18_at_small_resolution(method, options):
     width = options.get("width", mf.schemes.DEFAULT_WIDTH.get(method, 1))
     ts = mf.init(scheme, mf.optim.sgd(0.1), seed=3)
     mt.check_oracle(scheme, ts, batch(seed=1), reference(scheme, at, width, method), rtol=1e-4)
+
+
+def test_infopro_with_the_released_imagenet_heads():
+    net = mf.from_module(small_resnet18())
+    scheme = mf.schemes.build("infopro", net, ["2.0"], input_shape=SHAPE, head="imagenet", contrastive=False)
+    head = scheme[0].head.blocks[0].module
+    assert isinstance(head.decoder, imagenet_heads.InfoProImageNetDecoder)
+    recon, logits = head(torch.randn(2, 128, 2, 2))
+    assert recon.shape == (2, *SHAPE) and logits.shape == (2, CLASSES)
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=0)
+    _, metrics = mf.step(scheme, mf.optim.sgd(0.1))(ts, batch())
+    assert set(metrics) == {"m0", "final"}
+    with pytest.raises(ValueError, match="unknown InfoPro head"):
+        mf.schemes.build("infopro", net, ["2.0"], input_shape=SHAPE, head="dgl")
