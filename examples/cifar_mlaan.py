@@ -465,7 +465,8 @@ def main(argv=None) -> int:
             sums: dict[str, float] = {}
             counted = 0
             epoch_images, t0 = 0, time.time()
-            batches, data_wait, step_time, skipped[:] = train_batches(epoch, start_batch), 0.0, 0.0, []
+            batches, data_wait, step_time = train_batches(epoch, start_batch), 0.0, 0.0
+            skipped.clear()
             for b in range(start_batch, steps_per_epoch):
                 tic = time.time()
                 x, y = next(batches)
@@ -480,6 +481,8 @@ def main(argv=None) -> int:
                         peak_step = meter.peak_bytes
                     else:
                         ts, metrics = train_step(ts, (x, y))
+                if device.type == "cuda":  # the step's own time, not the next batch's wait
+                    torch.cuda.synchronize(device)
                 train_seconds += time.time() - tic
                 step_time += time.time() - tic
                 epoch_images += len(y)
