@@ -137,10 +137,13 @@ def imagenet_memory_section() -> list[str]:
             lo, hi = per_batch[batches[0]], per_batch[batches[-1]]
             db = batches[-1] - batches[0]
             slope = (hi["largest_objective_peak_bytes"] - lo["largest_objective_peak_bytes"]) / db
-            e2e_slope = (hi["e2e_peak_step_bytes"] - lo["e2e_peak_step_bytes"]) / db
-            ahead = PAPER_BATCH - batches[0]
-            mine = max(lo["largest_objective_peak_bytes"] + slope * ahead, hi["peak_step_bytes"])
-            est = mine / (lo["e2e_peak_step_bytes"] + e2e_slope * ahead)
+            e2e = by_key.get((arch, "e2e", 1, "default"), {})
+            if batches[0] in e2e and batches[-1] in e2e:  # E2E's gradient-phase line, as for the scheme
+                e2e_lo, e2e_hi = (e2e[b]["largest_objective_peak_bytes"] for b in (batches[0], batches[-1]))
+                ahead = PAPER_BATCH - batches[0]
+                e2e_at = max(e2e_lo + (e2e_hi - e2e_lo) / db * ahead, e2e[batches[-1]]["peak_step_bytes"])
+                mine = max(lo["largest_objective_peak_bytes"] + slope * ahead, hi["peak_step_bytes"])
+                est = mine / e2e_at
         paper = ""
         if method == "infopro" and k == 4 and (arch, "e2e") in PAPER_IMAGENET_MEMORY:
             paper = f"{PAPER_IMAGENET_MEMORY[(arch, 'infopro')] / PAPER_IMAGENET_MEMORY[(arch, 'e2e')]:.3f}"
