@@ -125,8 +125,8 @@ def imagenet_memory_section() -> list[str]:
              "on ResNet-34 with K = 16 that is 190 M trainable parameters, 8.7 × the backbone's, whose "
              "gradients, momentum and new values set the peak at small batches (`engine / largest objective` "
              "≫ 1); its largest single objective keeps fewer activations than E2E's. ResNet-101 with K = 33 "
-             "was not measured on this machine (23 GB shared by several sessions): its 31 leap trunks hold "
-             "436 M parameters by the rule (320 M with the released table) and 33 DGL heads 1.27 G, so "
+             "was not measured on this machine (23 GB shared by several sessions): its 30 leap trunks hold "
+             "436 M parameters by the rule (320 M with the released table) and its 32 DGL heads 1.27 G, so "
              "parameters, gradients and momentum alone need 5–15 GB at any batch.", ""]
     for payload in payloads:
         lines += header(payload, "memory.py")
