@@ -100,7 +100,7 @@ def imagenet_memory_section() -> list[str]:
     payloads = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("memory_resnet*.json"))]
     if not payloads:
         return []
-    lines = ["## Memory of a training step on ImageNet ResNets (`bench/memory.py --arch resnet34|resnet101`)", "",
+    lines = ["## Memory of a training step on ImageNet ResNets (`bench/memory.py --arch resnet34|resnet101|resnet152`)", "",
              "224×224 inputs, 1000 classes, on CPU with small batches (memory is counted exactly, DESIGN.md §6, "
              "and scales with the batch). At these batches parameters, gradients and momentum weigh as much as "
              "the activations, so the ratio to E2E at the measured batch understates what local learning saves "
