@@ -21,18 +21,28 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 METHODS = ("e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan")
 ARCHS = tuple(mf.models.arch_names())  # every backbone factory in mf.models
+IMAGENET_ARCHS = tuple(mf.models.imagenet_resnet.LAYOUTS)
 LR = 0.01
 """Learning rate of the timed steps: time and memory do not depend on it, and repeated steps on
 one random batch diverged on ViT-Tiny at 0.05."""
 
 
+def image_shape(arch: str) -> tuple[int, int, int]:
+    """Input of the benchmarks: 3×224×224 for the ImageNet ResNets, 3×32×32 for the others."""
+    return (3, 224, 224) if arch in IMAGENET_ARCHS else (3, 32, 32)
+
+
+def num_classes(arch: str) -> int:
+    return 1000 if arch in IMAGENET_ARCHS else 10
+
+
 def model_for(arch: str) -> nn.Module:
-    """The backbone ``arch`` for 10-class 3×32×32 images."""
-    return mf.models.create(arch, num_classes=10, in_channels=3, image_size=32)
+    """The backbone ``arch`` for the benchmark's images (``image_shape``) and classes."""
+    return mf.models.create(arch, num_classes=num_classes(arch), in_channels=3, image_size=image_shape(arch)[-1])
 
 
 def default_modules(arch: str) -> list[int]:
-    """K when --modules is not given: 16 on the CIFAR ResNets (the published table), 4 else."""
+    """K when --modules is not given: 16 on the ResNets (the published tables), 4 else."""
     return [16] if arch.startswith("resnet") else [4]
 
 
@@ -72,26 +82,40 @@ def split_for(arch: str, backbone: mf.Net, k: int) -> list[str]:
     return mf.splits.default_split(arch, backbone, k, (3, 32, 32))
 
 
-def mlaan_k(method: str, k: int) -> int:
-    """MLAAN's published '16 modules' is really 15: use 15 for the MLAAN family at 16."""
-    return 15 if method.endswith("mlaan") and k == 16 else (1 if method == "e2e" else k)
+def mlaan_k(method: str, k: int, arch: str = "resnet32") -> int:
+    """MLAAN's published CIFAR '16 modules' is really 15: use 15 for the MLAAN family at 16
+    (the ImageNet ResNet-34's 16 is real)."""
+    if method == "e2e":
+        return 1
+    return 15 if method.endswith("mlaan") and k == 16 and arch not in IMAGENET_ARCHS else k
 
 
 def build(method: str, arch: str, k: int, *, remat: bool = False, head: str | None = None):
     backbone = mf.from_module(model_for(arch))
     at = [] if method == "e2e" else split_for(arch, backbone, k)
     options = {}
+    if method.endswith("mlaan") and arch in IMAGENET_ARCHS:
+        options["width"] = min(3, k)  # the released ImageNet MLAAN windows
+    if head is None and method == "mlaan" and arch in IMAGENET_ARCHS:
+        head = "imagenet"  # the released ImageNet MLAAN heads
     if head is not None and method in ("dgl", "mlaan", "dgl_mlaan"):
         options["head"] = head
-    scheme = mf.schemes.build(method, backbone, at, input_shape=(3, 32, 32), **options)
+    if method == "infopro" and arch in IMAGENET_ARCHS:  # the released ImageNet InfoPro heads, CE task
+        options.update(head=head or "imagenet", contrastive=False)
+    scheme = mf.schemes.build(method, backbone, at, input_shape=image_shape(arch), **options)
     if remat:
         scheme = [mf.remat(o) for o in scheme]
     return backbone, scheme
 
 
-def cifar_batch(n: int, device: str, seed: int = 0):
+def cifar_batch(n: int, device: str, seed: int = 0, *, shape=(3, 32, 32), classes: int = 10):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device))
+    return (torch.randn(n, *shape, generator=g).to(device), torch.randint(0, classes, (n,), generator=g).to(device))
+
+
+def arch_batch(arch: str, n: int, device: str, seed: int = 0):
+    """A random batch of ``arch``'s input size and classes."""
+    return cifar_batch(n, device, seed, shape=image_shape(arch), classes=num_classes(arch))
 
 
 def optimizer():

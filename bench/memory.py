@@ -4,6 +4,7 @@ E2E's and E2E with per-block gradient checkpointing, plus persistent bytes.
     python bench/memory.py                          # ResNet-32, batch 128, K = 16 (15 for MLAAN)
     python bench/memory.py --method dgl --modules 8 --batch-size 1024 --json /tmp/m.json
     python bench/memory.py --full                   # the whole grid (ResNet-32/110, K, batch 128/1024)
+    python bench/memory.py --arch resnet101 --modules 4 --batch-size 2 --remat off   # ImageNet, 224×224
 
 The peak counts every storage created during the step (activations, gradients, temporaries,
 the new parameters and optimizer state of the pure update) and frees it when it dies; what
@@ -65,7 +66,7 @@ def measure(method, arch, k, batch_size, remat, head, device, baselines) -> dict
     backbone, scheme = common.build(method, arch, k, remat=remat, head=head)
     opt = common.optimizer()
     ts = mf.init(scheme, opt, seed=0, device=device)
-    batch = common.cifar_batch(batch_size, device)
+    batch = common.arch_batch(arch, batch_size, device)
     row = {"method": method, "arch": arch, "modules": len(scheme) if method == "e2e" else k,
            "batch_size": batch_size, "remat": remat, "head": head or "default", "objectives": len(scheme)}
     if device.startswith("cuda"):
@@ -111,8 +112,9 @@ def main(argv=None) -> int:
         for batch_size in batches:
             for method in methods:
                 for k in ([1] if method == "e2e" else ks):
-                    kk = common.mlaan_k(method, k)
-                    heads = [args.head] if args.head else ([None, "dgl_wide"] if method == "dgl_mlaan" else [None])
+                    kk = common.mlaan_k(method, k, arch)
+                    heads = [args.head] if args.head else ([None, "dgl_wide"] if method == "dgl_mlaan" and
+                                                          arch not in common.IMAGENET_ARCHS else [None])
                     for head in heads:
                         for remat in remats:
                             if head == "dgl_wide" and remat:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import json
 import math
 import os
@@ -27,12 +28,16 @@ from tqdm import tqdm
 
 import mlaan_func as mf
 from mlaan_func import data as datasets
+from mlaan_func import imagefolder
 from mlaan_func.checkpoint import TEMP_PREFIX, CheckpointError
 from mlaan_func.memory import persistent_bytes, track_memory
 
 METHODS = ("e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan")
 ARCHS = tuple(mf.models.arch_names())  # every backbone factory in mf.models
+IMAGENET_ARCHS = tuple(mf.models.imagenet_resnet.LAYOUTS)
 DATASETS = ("cifar10", "svhn", "stl10", "fashion-mnist", "synthetic")
+FOLDER_DATASETS = ("folder", "imagenet")  # read from DATA_DIR/train and DATA_DIR/val by a DataLoader
+DATASETS += FOLDER_DATASETS
 CHECKPOINT, SUMMARY, METRICS, CONFIG = "checkpoint.pt", "summary.json", "metrics.jsonl", "config.json"
 TRAIN_LOG = "train_log.jsonl"
 RUN_FILES = (CHECKPOINT, SUMMARY, METRICS, CONFIG, TRAIN_LOG, "curves.png")
@@ -43,6 +48,7 @@ IDENTITY = ("method", "arch", "modules", "dataset", "batch_size", "lr", "seed", 
             "warmup_epochs", "weight_decay", "parallel", "micro_batches")
 BASE_LR, BASE_BATCH = 0.8, 1024  # the papers' recipe; the default lr follows the linear rule
 WARMUP_EPOCHS, WARMUP_SHARE = 10, 0.05  # the recipe's warm-up, at most this share of a short run
+IDENTITY += ("image_size",)
 
 
 class ProgramError(Exception):
@@ -156,6 +162,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dist-timeout", type=float, default=120.0, help="seconds before a silent rank is an error")
     p.add_argument("--json", default=None, help="also write the summary to this path; default none")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--image-size", type=int, default=224, help="crop size of --dataset folder/imagenet")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="loader processes of --dataset folder/imagenet (0: load in the main process)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC images and conv weights (faster on GPUs)")
     args = p.parse_args(argv)
     args.method = args.method.replace("-", "_").lower()
     args.dataset = args.dataset.replace("_", "-").lower()
@@ -195,6 +205,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(f"--data-dir {args.data_dir} is a file; pass the directory that holds the dataset")
     if args.json is not None:
         check_json_path(Path(args.json))
+    if args.dataset in FOLDER_DATASETS and (args.val_fraction or args.subset):
+        raise UsageError(f"--val-fraction and --subset are not supported with --dataset {args.dataset}: "
+                         "its val/ folder is the held-out set; make a smaller folder instead")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
     return args
 
 
@@ -242,9 +257,13 @@ def build_scheme(args, dataset) -> tuple[mf.Net, list]:
         options = {"width": args.window, "ema_update": args.ema_update}
         if args.arch == "resnet32" and args.modules in (8, 15) or args.arch == "resnet110" and args.modules in (32, 54):
             options["trunks"] = mf.leap_trunk_table(args.arch, args.modules)
+        if args.arch in IMAGENET_ARCHS:
+            options.update(imagenet_mlaan_options(args))
     if args.method in ("infopro", "infopro_mlaan"):
         options.update(mean=dataset.mean, std=dataset.std,
                        lambdas=mf.infopro_lambda_table(args.method, args.arch, args.modules))
+        if args.method == "infopro" and args.arch in IMAGENET_ARCHS:  # the released ImageNet heads, CE task
+            options.update(head="imagenet", contrastive=False)
     try:
         scheme = mf.schemes.build(args.method, backbone, at, input_shape=shape, **options)
     except ValueError as err:
@@ -252,6 +271,21 @@ def build_scheme(args, dataset) -> tuple[mf.Net, list]:
     if args.remat:
         scheme = [mf.remat(o) for o in scheme]
     return backbone, scheme
+
+
+def imagenet_mlaan_options(args) -> dict:
+    """The released MLAAN ImageNet configuration: windows of 3 modules, the released heads
+    (``mlaan`` only) and the released leap-trunk table where one exists with distinct blocks."""
+    options = {"width": args.window or min(3, args.modules)}
+    if args.method == "mlaan":
+        options["head"] = "imagenet"
+    try:
+        table = mf.leap_trunk_table(args.arch, args.modules)
+    except ValueError:
+        return options
+    if all(len(set(row)) == len(row) for row in table):
+        options["trunks"] = table
+    return options
 
 
 def batch_seed(seed: int, epoch: int, index: int) -> int:
@@ -273,7 +307,10 @@ def agree_on_stop(signum):
 
 def load_data(args):
     try:
-        if args.dataset == "synthetic":
+        if args.dataset in FOLDER_DATASETS:
+            dataset = imagefolder.load_folder(args.data_dir, args.image_size, name=args.dataset,
+                                              num_classes=1000 if args.dataset == "imagenet" else None)
+        elif args.dataset == "synthetic":
             dataset = datasets.load("synthetic", args.data_dir, train_size=args.synthetic_size, seed=args.seed)
         else:
             dataset = datasets.load(args.dataset, args.data_dir)
@@ -424,15 +461,23 @@ class EvaluationInterrupted(Exception):
 def evaluate_sets(scheme, ts, sets, batch_size, device, mean, std, *, progress=False, stop=None):
     """Accuracy of every head on each set, with a progress bar; stops when ``stop`` is signalled."""
     results = {}
-    for name, (x, y) in sets.items():
-        bar = tqdm(range(0, len(y), batch_size), desc=f"evaluating {name}", unit="batch", disable=not progress,
+    for name, part in sets.items():
+        if callable(part):  # a folder dataset: a function giving the batches
+            source, count = part(), None
+        else:
+            x, y = part
+            source = ((datasets.normalize(x[i:i + batch_size].to(device), mean, std), y[i:i + batch_size].to(device))
+                      for i in range(0, len(y), batch_size))
+            count = math.ceil(len(y) / batch_size)
+        bar = tqdm(total=count, desc=f"evaluating {name}", unit="batch", disable=not progress,
                    leave=False, file=sys.stderr, dynamic_ncols=True)
 
-        def batches():
-            for i in bar:
+        def batches(source=source, bar=bar):
+            for batch in source:
                 if stop is not None and stop["signal"] is not None:
                     raise EvaluationInterrupted
-                yield datasets.normalize(x[i:i + batch_size].to(device), mean, std), y[i:i + batch_size].to(device)
+                bar.update(1)
+                yield batch
 
         try:
             results[name] = mf.evaluate(scheme, ts, batches())
@@ -528,26 +573,43 @@ def main(argv=None) -> int:
     rank, world = start_distributed(args)
     device = torch.device(args.device)
     out = Path(args.out)
+    folder = args.dataset in FOLDER_DATASETS
+    if folder:  # check the folder layout before anything is written
+        dataset = load_data(args)
+        if rank == 0:
+            ignored = len(dataset.train.ignored) + len(dataset.val.ignored)
+            print(f"{args.dataset} {args.data_dir}: {len(dataset.train.files)} train and {len(dataset.val.files)} val "
+                  f"images in {dataset.num_classes} classes" + (f"; ignored {ignored} non-image files" if ignored else ""),
+                  file=sys.stderr)
     writer = rank == 0
     lock = on_rank0(rank, world, lambda: prepare_out(args))  # noqa: F841 (held until the process ends)
-    dataset = load_data(args)
-    train_x, train_y, val = dataset.train_x, dataset.train_y, None
-    test_x, test_y = dataset.test_x, dataset.test_y
-    if args.subset:
-        train_x, train_y = train_x[:args.subset], train_y[:args.subset]
-        test_x, test_y = test_x[:max(1, args.subset // 5)], test_y[:max(1, args.subset // 5)]
-    if args.val_fraction > 0:
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed))
-        n_val = max(1, int(len(train_y) * args.val_fraction))
-        val = (train_x[order[:n_val]], train_y[order[:n_val]])
-        train_x, train_y = train_x[order[n_val:]], train_y[order[n_val:]]
-    train_x, train_y = train_x.to(device), train_y.to(device)
+    val, train_x, train_y = None, None, None
+    if folder:
+        # data parallel: each rank reads its own shard; module parallel: every rank the whole batch
+        data_rank, data_world = (rank, world) if args.parallel == "data" else (0, 1)
+        n_train = imagefolder.batches_per_epoch(dataset, args.batch_size, data_world) * args.batch_size
+        loader_options = {"workers": args.workers, "pin_memory": device.type == "cuda"}
+    else:
+        dataset = load_data(args)
+        train_x, train_y = dataset.train_x, dataset.train_y
+        test_x, test_y = dataset.test_x, dataset.test_y
+        if args.subset:
+            train_x, train_y = train_x[:args.subset], train_y[:args.subset]
+            test_x, test_y = test_x[:max(1, args.subset // 5)], test_y[:max(1, args.subset // 5)]
+        if args.val_fraction > 0:
+            order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed))
+            n_val = max(1, int(len(train_y) * args.val_fraction))
+            val = (train_x[order[:n_val]], train_y[order[:n_val]])
+            train_x, train_y = train_x[order[n_val:]], train_y[order[n_val:]]
+        train_x, train_y = train_x.to(device), train_y.to(device)
+        n_train = len(train_y)
     mean, std = dataset.mean, dataset.std
     backbone, scheme = build_scheme(args, dataset)
 
-    steps_per_epoch = len(train_y) // args.batch_size
+    steps_per_epoch = n_train // args.batch_size
     if steps_per_epoch == 0:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(train_y)} training images")
+        size = len(dataset.train.files) if folder else n_train
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {size} training images")
     if args.max_steps:
         steps_per_epoch = min(steps_per_epoch, args.max_steps)
     total = steps_per_epoch * args.epochs
@@ -557,6 +619,8 @@ def main(argv=None) -> int:
     if args.parallel == "data":
         from mlaan_func import distributed as mfd
         train_step = mfd.data_parallel_step(scheme, optimizer, compile=args.compile)
+        if folder:  # the loader already gave this rank its shard
+            train_step = functools.partial(train_step, sharded=True)
     elif args.parallel == "modules":
         from mlaan_func import distributed as mfd
         ends = [m.output_name for m in mf.split(backbone, split_points(args.arch, backbone, args.modules,
@@ -564,8 +628,22 @@ def main(argv=None) -> int:
         train_step = mfd.module_parallel_step(scheme, optimizer, ends, micro_batches=args.micro_batches)
     else:
         train_step = mf.step(scheme, optimizer, compile=args.compile)
-    augment = datasets.augmentation(dataset.name)
+    augment = None if folder else datasets.augmentation(dataset.name)
     progress = writer and not args.no_progress
+    skipped: list[int] = []
+
+    def train_batches(epoch: int, start: int):
+        """Epoch ``epoch``'s normalised training batches on the device, from batch ``start``."""
+        if folder:
+            loader = imagefolder.train_loader(dataset, args.batch_size, epoch, args.seed, start=start,
+                                              rank=data_rank, world=data_world, **loader_options)
+            yield from imagefolder.device_batches(loader, device, mean, std, skipped=skipped)
+            return
+        order = epoch_order(len(train_y), args.seed, epoch)
+        for b in range(start, steps_per_epoch):
+            idx = order[b * args.batch_size:(b + 1) * args.batch_size].to(device)
+            g = torch.Generator(device=device).manual_seed(batch_seed(args.seed, epoch, b))
+            yield datasets.normalize(augment(train_x[idx], g), mean, std), train_y[idx]
 
     start_epoch, start_batch, best, extra = 0, 0, 0.0, {}
     if args.resume or args.eval_only:
@@ -580,7 +658,14 @@ def main(argv=None) -> int:
         start_epoch, start_batch, best = extra["epoch"], extra["batch"], extra.get("best", 0.0)
     else:
         ts = mf.init(scheme, optimizer, seed=args.seed, device=device)
-    sets = {"test": (test_x, test_y)}
+    if args.channels_last:
+        ts = ts._replace(params={k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v
+                                 for k, v in ts.params.items()})
+    if folder:  # the val/ folder is the test set of the ImageNet papers
+        sets = {"test": lambda: imagefolder.device_batches(imagefolder.eval_loader(
+            dataset, args.batch_size, **loader_options), device, mean, std, skipped=skipped)}
+    else:
+        sets = {"test": (test_x, test_y)}
     if val is not None:
         sets["val"] = val
     if args.eval_only:
@@ -590,8 +675,9 @@ def main(argv=None) -> int:
     if writer:
         lr_why = f"{BASE_LR} x batch {args.batch_size} / {BASE_BATCH}, the linear rule; --lr overrides" \
             if args.lr_rule else "--lr"
-        print(f"{args.method} on {args.dataset} ({len(train_y)} training images"
-              f"{', read from ' + os.path.dirname(dataset.files[0]) if dataset.files else ''}), "
+        files = getattr(dataset, "files", None)
+        print(f"{args.method} on {args.dataset} ({n_train} training images"
+              f"{', read from ' + os.path.dirname(files[0]) if files else ''}), "
               f"{args.modules} modules: {args.epochs} epoch(s) of {steps_per_epoch} steps, batch {args.batch_size}\n"
               f"learning rate {args.lr:g} ({lr_why}); warm-up {warmup} steps ({warmup_why}), then cosine to 0 "
               f"at step {total}", file=sys.stderr)
@@ -604,8 +690,8 @@ def main(argv=None) -> int:
         trim_log(out / TRAIN_LOG, lambda row: row["step"] <= int(ts.step))
         trim_log(out / METRICS, lambda row: row["epoch"] <= start_epoch)
     try:
-        return train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_x, train_y, sets,
-                     device, augment, steps_per_epoch, start_epoch, start_batch, best, rank, world, progress)
+        return train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_batches, skipped, sets,
+                     device, steps_per_epoch, start_epoch, start_batch, best, rank, world, progress)
     except BaseException:
         if replaced and (out / REPLACED).is_dir():
             restore_replaced(out)
@@ -614,10 +700,10 @@ def main(argv=None) -> int:
         raise
 
 
-def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_x, train_y, sets, device, augment,
+def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_batches, skipped, sets, device,
           steps_per_epoch, start_epoch, start_batch, best, rank, world, progress) -> int:
     """The epochs: train, evaluate, log, checkpoint; then the summary. Returns the exit code."""
-    writer = rank == 0
+    writer, folder = rank == 0, args.dataset in FOLDER_DATASETS
     mean, std = dataset.mean, dataset.std
     stop = {"signal": None}
 
@@ -668,29 +754,35 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_x, 
 
     try:
         for epoch in range(start_epoch, args.epochs):
-            order = epoch_order(len(train_y), args.seed, epoch)
             bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{args.epochs}",
                        unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
             epoch_images, t0 = 0, time.time()
+            batches, data_wait, step_time = train_batches(epoch, start_batch), 0.0, 0.0
+            skipped.clear()
             try:
                 for b in range(start_batch, steps_per_epoch):
-                    idx = order[b * args.batch_size:(b + 1) * args.batch_size].to(device)
-                    g = torch.Generator(device=device).manual_seed(batch_seed(args.seed, epoch, b))
-                    x = datasets.normalize(augment(train_x[idx], g), mean, std)
+                    tic = time.time()
+                    x, y = next(batches)
+                    if args.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    data_wait += time.time() - tic
                     tic = time.time()
                     try:
                         with autocast:
                             if b == start_batch and epoch == start_epoch and peak_step == 0:
                                 with track_memory() as meter:
-                                    ts, metrics = train_step(ts, (x, train_y[idx]))
+                                    ts, metrics = train_step(ts, (x, y))
                                 peak_step = meter.peak_bytes
                             else:
-                                ts, metrics = train_step(ts, (x, train_y[idx]))
+                                ts, metrics = train_step(ts, (x, y))
                     except mf.NonFiniteLossError as err:
                         raise Diverged(f"training diverged: {err} {kept()[0].upper() + kept()[1:]}.") from None
+                    if device.type == "cuda":  # the step's own time, not the next batch's wait
+                        torch.cuda.synchronize(device)
                     train_seconds += time.time() - tic
-                    epoch_images += len(idx)
-                    images += len(idx)
+                    step_time += time.time() - tic
+                    epoch_images += len(y)
+                    images += len(y)
                     for name, m in metrics.items():
                         sums[name] = sums.get(name, 0.0) + float(m["loss"])
                     counted += 1
@@ -714,7 +806,9 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_x, 
                         last_save = time.time()
             finally:
                 bar.close()
+                batches.close()
             start_batch = 0
+            train_skipped = sum(skipped)
             if args.interrupt_evaluation and epoch == start_epoch:
                 os.kill(os.getpid(), signal.SIGINT)
             try:
@@ -725,7 +819,10 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_x, 
             best = max(best, results["test"]["final"])
             row = {"epoch": epoch + 1, "step": int(ts.step),
                    "train_loss": {k: v / max(counted, 1) for k, v in sums.items()},
-                   "test_accuracy": results["test"], "images_per_second": epoch_images / max(time.time() - t0, 1e-9)}
+                   "test_accuracy": results["test"], "images_per_second": epoch_images / max(time.time() - t0, 1e-9),
+                   "data_wait_seconds": data_wait, "step_seconds": step_time}
+            if folder:
+                row["skipped_images"] = {"train": train_skipped, "test": sum(skipped) - train_skipped}
             if "val" in results:
                 row["val_accuracy"] = results["val"]
             if writer:
@@ -734,8 +831,9 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_x, 
             checkpoint(epoch + 1, 0)
             last_save = time.time()
             if writer:
-                print(f"epoch {epoch + 1}: test accuracy {results['test']['final']:.4f} (best {best:.4f})",
-                      file=sys.stderr)
+                print(f"epoch {epoch + 1}: test accuracy {results['test']['final']:.4f} (best {best:.4f}); "
+                      f"data wait {data_wait:.1f}s, step {step_time:.1f}s"
+                      + (f"; skipped {sum(skipped)} unreadable images" if sum(skipped) else ""), file=sys.stderr)
             if world > 1:
                 stop["signal"] = agree_on_stop(stop["signal"])
             if stop["signal"] is not None and epoch + 1 < args.epochs:

@@ -14,11 +14,42 @@ from importlib import resources
 from typing import Sequence
 
 
+TABLE_FILES = ("released_tables.json", "imagenet_tables.json")
+"""The data files under ``mlaan_func/resources``: CIFAR tables and ImageNet tables."""
+
+SECTIONS = ("splits", "leap_trunks", "infopro_lambdas")
+
+
+def _merge(into: dict, more: dict, where: str) -> None:
+    for key, value in more.items():
+        if key == "about":
+            continue
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, f"{where}/{key}")
+        elif key in into:
+            raise ValueError(f"{where}/{key} is given twice in {TABLE_FILES}; keep each entry in one file")
+        else:
+            into[key] = value
+
+
 @functools.cache
 def tables() -> dict:
-    """The released tables (``splits``, ``leap_trunks``, ``infopro_lambdas``)."""
-    text = resources.files("mlaan_func").joinpath("resources/released_tables.json").read_text()
-    return json.loads(text)
+    """The released tables (``splits``, ``leap_trunks``, ``infopro_lambdas``) of every data
+    file, merged; the ImageNet file also carries ``imagenet_heads``, ``recipes`` and ``notes``.
+
+    >>> sorted(tables()["splits"])[:3]
+    ['resnet101', 'resnet110', 'resnet152']
+    """
+    merged: dict = {}
+    for name in TABLE_FILES:
+        data = json.loads(resources.files("mlaan_func").joinpath(f"resources/{name}").read_text())
+        for section in SECTIONS:
+            _merge(merged.setdefault(section, {}), data.get(section, {}), section)
+        for key, value in data.items():
+            if key not in SECTIONS and key not in ("about", "notes"):
+                merged[key] = value
+        merged.setdefault("notes", {})[name] = data.get("notes", {})
+    return merged
 
 
 def _lookup(table: dict, what: str, arch: str, modules: int):

@@ -57,7 +57,10 @@ def classifier_head(kind: str, shape: Sequence[int], num_classes: int, *,
             raise ValueError("head 'infopro_1c2f' needs final_width (the backbone's last feature width): "
                              "pass final_width=..., or build it through mf.schemes.dgl")
         return heads.infopro_classifier(channels, num_classes, final_width=channels == final_width)
-    raise ValueError(f"unknown head {kind!r}; choose 'linear', 'dgl', 'dgl_wide' or 'infopro_1c2f'")
+    if kind == "imagenet":
+        from .imagenet_heads import imagenet
+        return imagenet(channels, num_classes)
+    raise ValueError(f"unknown head {kind!r}; choose 'linear', 'dgl', 'dgl_wide', 'infopro_1c2f' or 'imagenet'")
 
 
 def e2e(backbone: Net) -> list[Objective]:
@@ -141,20 +144,33 @@ def infopro_head(shape: Sequence[int], num_classes: int, input_shape: Sequence[i
                          final_width=channels == final_width, contrastive=contrastive)
 
 
+def imagenet_infopro_head(shape: Sequence[int], num_classes: int, input_shape: Sequence[int], final_width: int,
+                          contrastive: bool) -> nn.Module:
+    """The released InfoPro ImageNet decoder + classifier (``infopro(..., head="imagenet")``)."""
+    from .imagenet_heads import infopro_imagenet
+
+    return infopro_imagenet(shape[0], num_classes, input_shape[0], tuple(input_shape[1:]), contrastive)
+
+
 def infopro(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32),
             lambdas: Sequence[float] | None = None, contrastive: bool = True,
             mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD,
-            supcon_anchors: str = "with_positive") -> list[Objective]:
+            supcon_anchors: str = "with_positive", head: str = "infopro") -> list[Objective]:
     """InfoPro (Wang et al.): module ``i < K-1`` trains on ``λ1·BCE(decoder(h_i), image) +
     λ2·task(classifier(h_i))`` (task: supervised contrastive by default); the last module on
     the backbone's classifier. ``lambdas = (ixx_1, ixy_1, ixx_2, ixy_2)``;
-    ``supcon_anchors="all"`` averages the contrastive loss as the released code."""
+    ``supcon_anchors="all"`` averages the contrastive loss as the released code.
+    ``head="imagenet"`` uses the released ImageNet decoder and classifier (pass
+    ``contrastive=False`` as released)."""
+    if head not in ("infopro", "imagenet"):
+        raise ValueError(f"unknown InfoPro head {head!r}; choose 'infopro' or 'imagenet'")
     modules = split(backbone, at)
     shapes = module_shapes(modules, input_shape)
     n, final = num_classes_of(backbone, input_shape), _final_width(backbone, input_shape)
     lambdas = DEFAULT_LAMBDAS if lambdas is None else tuple(lambdas)
+    make_head = imagenet_infopro_head if head == "imagenet" else infopro_head
     objectives = [
-        local_loss(m, from_module(infopro_head(s, n, input_shape, final, contrastive), name=f"head{i}"),
+        local_loss(m, from_module(make_head(s, n, input_shape, final, contrastive), name=f"head{i}"),
                    infopro_loss(i, len(modules), lambdas, contrastive=contrastive, mean=mean, std=std,
                                 supcon_anchors=supcon_anchors),
                    name=f"m{i}")

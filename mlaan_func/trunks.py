@@ -127,6 +127,11 @@ def leap_trunk(backbone: Net, blocks: Sequence[str], prefix: str, decay: float |
     if not blocks or unknown:
         raise ValueError(f"a leap trunk needs known backbone blocks, got {list(blocks)}"
                          + (f" (unknown: {unknown})" if unknown else ""))
+    repeated = sorted({b for b in blocks if list(blocks).count(b) > 1})
+    if repeated:
+        raise ValueError(f"the leap trunk {list(blocks)} copies {repeated} more than once; copies share "
+                         "their source's name under one prefix, so they would share parameters. "
+                         "List each block once.")
     first = Net((by_name[blocks[0]],))
     trunk = cascade(leap_ema(copy(first, prefix), first, decay, twin=twin),
                     *(copy(Net((by_name[b],)), prefix) for b in blocks[1:]))

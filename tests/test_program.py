@@ -100,7 +100,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--method", "backprop"], "unknown --method"),
     (["--arch", "resnet7"], "unknown --arch"),
-    (["--dataset", "imagenet"], "unknown --dataset"),
+    (["--dataset", "imagenet-21k"], "unknown --dataset"),
     (["--modules", "40"], "cannot be split into 40 modules"),
     (["--method", "mlaan", "--window", "9"], "window width"),
 ])
