@@ -215,11 +215,13 @@ class Gradients(NamedTuple):
 
 
 def gradients(objectives: Sequence[Objective], *, compile: bool = False,
-              backend: str = "inductor") -> Callable[[TrainState, Any], Gradients]:
+              backend: str = "inductor", share: bool | None = None) -> Callable[[TrainState, Any], Gradients]:
     """The summed gradients of a scheme's local losses and the new state, without an update.
 
     BatchNorm statistics: every objective reads the state as it was at the start of the
     step; for each key, the first objective in scheme order that runs it writes it.
+    ``share``: run each block application that several objectives share once and deliver
+    gradients by reach (``mlaan_func.shared_step``); by default wherever that is exact.
 
     >>> from torch import nn
     >>> import mlaan_func as mf
@@ -231,6 +233,9 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     (['fc.bias', 'fc.weight'], ['final'], True)
     """
     objectives = list(objectives)
+    from .shared_step import shared_gradients, use_shared
+    if use_shared(objectives, share=share, compile=compile):
+        return shared_gradients(objectives)
     routes = plan_routes(objectives)
     fns = gradient_fns(objectives, routes, compile=compile, backend=backend)
     param_keys, state_keys = scheme_names(objectives)
@@ -279,11 +284,12 @@ def apply_gradients(ts: TrainState, grads: Params, state: State, optimizer: Opti
 
 
 def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool = False,
-         backend: str = "inductor", check_finite: bool = True
+         backend: str = "inductor", check_finite: bool = True, share: bool | None = None
          ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, dict[str, Tensor]]]]:
     """A pure training step ``(train_state, (x, y)) -> (train_state, metrics)``.
 
     ``compile=True`` compiles each objective's gradient function with ``torch.compile``.
+    ``share`` as in ``gradients`` (``share=False``: the per-objective engine).
     A non-finite loss raises ``NonFiniteLossError`` (one flag per step, checked outside
     compiled code) and nothing is updated.
 
@@ -302,7 +308,7 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
     >>> int(ts.step), float(metrics["final"]["loss"]) < first
     (20, True)
     """
-    grad_step = gradients(objectives, compile=compile, backend=backend)
+    grad_step = gradients(objectives, compile=compile, backend=backend, share=share)
     post = after_steps(objectives)
 
     def train_step(ts: TrainState, batch: Any):
