@@ -114,11 +114,12 @@ def same_block(a: Any, b: Any) -> bool:
             and a.local_state == b.local_state and repr(a.module) == repr(b.module))
 
 
-def plan_scheme(objectives: Sequence[Objective]) -> Plan:
+def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None) -> Plan:
     """Merge the objectives' block applications into pieces; see the module docstring.
 
     The input an objective reads is the output of the first application (in scheme order)
-    of the block it names, as in the per-objective engine.
+    of the block it names, as in the per-objective engine. ``max_blocks`` caps the blocks
+    of a piece (a rematerialised step recomputes one piece at a time).
     """
     from .engine import plan_routes
 
@@ -156,7 +157,8 @@ def plan_scheme(objectives: Sequence[Objective]) -> Plan:
     piece_of: list[int] = []
     members: list[list[int]] = []
     for n, p in enumerate(nodes_parent):
-        if p is not None and children[p] == [n] and nodes_users[p] == nodes_users[n]:
+        if (p is not None and children[p] == [n] and nodes_users[p] == nodes_users[n]
+                and (max_blocks is None or len(members[piece_of[p]]) < max_blocks)):
             piece_of.append(piece_of[p])
             members[piece_of[p]].append(n)
         else:

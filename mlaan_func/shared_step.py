@@ -36,15 +36,23 @@ from .combinators import Objective
 from .core import INPUT, Params, check_keys
 from .engine import Gradients, TrainState, _as_batch, scheme_names
 from .plan import Plan, plan_scheme, stochastic_blocks
+from .remat import _rng_devices, _rng_state, _set_rng_state
+
+
+def remat_every(objectives: Sequence[Objective]) -> int | None:
+    """The rematerialisation granularity of a scheme whose objectives use ``mf.remat``
+    (the finest one when they differ), ``None`` when none does."""
+    everies = [getattr(o.grad_fn, "remat_every", None) for o in objectives if o.grad_fn is not None]
+    return min(everies) if everies and None not in everies else None
 
 
 def use_shared(objectives: Sequence[Objective], *, share: bool | None, compile: bool) -> bool:
     """Whether ``gradients``/``step`` run the shared step.
 
     ``share=None`` (the default): where it is exact and changes something — eager, no
-    objective with its own ``grad_fn`` (remat), no dropout, and at least one block
-    application that two objectives share. ``share=True`` asks for it (an error where it
-    cannot run); ``share=False`` keeps the per-objective engine.
+    objective with a ``grad_fn`` other than ``mf.remat``'s, no dropout, and at least one
+    block application that two objectives share. ``share=True`` asks for it (an error where
+    it cannot run); ``share=False`` keeps the per-objective engine.
     """
     if share is False:
         return False
@@ -52,8 +60,8 @@ def use_shared(objectives: Sequence[Objective], *, share: bool | None, compile: 
     if compile:
         blockers.append("compile=True (the shared step runs eagerly)")
     own = [o.name for o in objectives if o.grad_fn is not None]
-    if own:
-        blockers.append(f"objectives {own[:3]} bring their own grad_fn (e.g. remat)")
+    if own and remat_every(objectives) is None:
+        blockers.append(f"objectives {own[:3]} bring their own grad_fn (other than mf.remat)")
     if share is True:
         if blockers:
             raise ValueError("share=True cannot be used here: " + "; ".join(blockers)
@@ -65,12 +73,15 @@ def use_shared(objectives: Sequence[Objective], *, share: bool | None, compile: 
 
 
 class _Live:
-    """The graph and pending cotangents of one piece during one step."""
+    """The graph (or, rematerialised, the stored input) and pending cotangents of one piece
+    during one step."""
 
-    __slots__ = ("value", "out", "inp", "leaves", "total", "pending", "groups", "children", "updates")
+    __slots__ = ("computed", "value", "out", "inp", "leaves", "rng", "total", "pending", "groups",
+                 "children", "updates")
 
     def __init__(self, piece):
-        self.value = self.out = self.inp = self.total = None
+        self.computed = False
+        self.value = self.out = self.inp = self.total = self.rng = None
         self.leaves: Params = {}
         self.pending = set(piece.users)
         self.groups = {s: [None, set(us), tuple(us)] for s, us in piece.groups}
@@ -85,16 +96,29 @@ def _add(a: Tensor | None, b: Tensor) -> Tensor:
 def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
                      ) -> Callable[[TrainState, Any], Gradients]:
     """``gradients(objectives)`` computed with one forward per shared piece (see the module
-    docstring); same signature and result as ``mlaan_func.gradients``."""
+    docstring); same signature and result as ``mlaan_func.gradients``.
+
+    When the objectives use ``mf.remat(objective, every=n)``, pieces hold at most ``n``
+    blocks and each runs forward without a graph, keeping only its input; it is recomputed
+    inside its own VJPs (BatchNorm statistics from the first forward, the generator replayed).
+    """
     objectives = list(objectives)
-    plan = plan or plan_scheme(objectives)
+    every = remat_every(objectives)
+    plan = plan or plan_scheme(objectives, max_blocks=every)
     param_keys, state_keys = scheme_names(objectives)
     pieces = plan.pieces
+    tails = []
+    for i, op in enumerate(plan.objectives):
+        if every is None:
+            tails.append(op.tail)
+        else:  # rematerialised: only the last piece runs with the loss, as in remat.py
+            tails.append(len(op.path) - 1 if op.tail < len(op.path) else len(op.path))
 
     def run(ts: TrainState, batch: Any) -> Gradients:
         check_keys("the train state's params", ts.params, param_keys)
         check_keys("the train state's state", ts.state, state_keys)
         batch = _as_batch(batch)
+        devices = _rng_devices(batch.x)
         live = [_Live(p) for p in pieces]
         grads: Params = {}
 
@@ -107,6 +131,11 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
                 else:
                     grads[k] = g
 
+        def release(k: int) -> None:
+            lk = live[k]
+            if lk.children == 0 and (every is None or not lk.pending):
+                lk.value = None
+
         def parent_value(k: int) -> Tensor:
             parent = pieces[k].parent
             if parent is None:
@@ -114,19 +143,29 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
             lp = live[parent]
             value = lp.value
             lp.children -= 1
-            if lp.children == 0:
-                lp.value = None
+            release(parent)
             return value
+
+        def with_graph(k: int, x: Tensor):
+            piece, lk = pieces[k], live[k]
+            lk.inp = x.detach().requires_grad_(piece.needs_input_grad)
+            lk.leaves = {n: ts.params[n].detach().requires_grad_(True) for n in piece.param_names}
+            with torch.enable_grad():
+                lk.out, updates = piece.net.run(lk.leaves, ts.state, lk.inp, train=True)
+            return updates
 
         def forward(k: int) -> None:
             piece, lk = pieces[k], live[k]
             x = parent_value(k)
-            lk.inp = x.detach().requires_grad_(piece.needs_input_grad)
-            lk.leaves = {n: ts.params[n].detach().requires_grad_(True) for n in piece.param_names}
-            with torch.enable_grad():
-                lk.out, lk.updates = piece.net.run(lk.leaves, ts.state, lk.inp, train=True)
-            if piece.children:
-                lk.value = lk.out.detach()
+            lk.computed = True
+            if every is None:
+                lk.updates = with_graph(k, x)
+                lk.value = lk.out.detach() if piece.children else None
+            else:  # no graph: keep the input (to recompute) and the output (for the children, a loss)
+                lk.rng = _rng_state(devices)
+                with torch.no_grad():
+                    lk.value, lk.updates = piece.net.run(ts.params, ts.state, x, train=True)
+                lk.inp = x
 
         def deliver(k: int, g: Tensor, users: tuple[int, ...], start: int) -> None:
             lk = live[k]
@@ -142,45 +181,52 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
             piece, lk = pieces[k], live[k]
             ready = [s for s, group in lk.groups.items() if not group[1]]
             final = not lk.pending
-            if not ready and not final:
-                return
-            out, params = lk.out, list(lk.leaves.values())
+            with_params = final and bool(piece.param_names)
             sends = []
-            if final and len(piece.groups) == 1 and ready and not piece.stops and params:
-                # one group carries every objective through here: one VJP for both
-                s = ready[0]
-                gs = torch.autograd.grad(out, [*params, lk.inp], lk.total, allow_unused=True)
-                accumulate(lk.leaves, gs[:-1])
-                sends.append((s, gs[-1]))
-            else:
-                calls = [(s, lk.groups[s][0]) for s in ready]
-                if final and params:
-                    calls.append((None, lk.total))
-                for j, (s, cot) in enumerate(calls):
-                    retain = not (final and j == len(calls) - 1)
-                    if s is None:
-                        accumulate(lk.leaves, torch.autograd.grad(out, params, cot, retain_graph=retain,
-                                                                  allow_unused=True))
-                    else:
-                        sends.append((s, torch.autograd.grad(out, lk.inp, cot, retain_graph=retain)[0]))
+            if ready or with_params:
+                stored = lk.inp
+                if every is not None:  # recompute the piece, replaying the generator
+                    with torch.random.fork_rng(devices=devices):
+                        _set_rng_state(lk.rng, devices)
+                        with_graph(k, stored)
+                out, params = lk.out, list(lk.leaves.values())
+                if with_params and len(piece.groups) == 1 and ready and not piece.stops:
+                    # one group carries every objective through here: one VJP for both
+                    gs = torch.autograd.grad(out, [*params, lk.inp], lk.total, allow_unused=True)
+                    accumulate(lk.leaves, gs[:-1])
+                    sends.append((ready[0], gs[-1]))
+                else:
+                    calls = [(s, lk.groups[s][0]) for s in ready] + ([(None, lk.total)] if with_params else [])
+                    for j, (s, cot) in enumerate(calls):
+                        retain = not ((final or every is not None) and j == len(calls) - 1)
+                        if s is None:
+                            accumulate(lk.leaves, torch.autograd.grad(out, params, cot, retain_graph=retain,
+                                                                      allow_unused=True))
+                        else:
+                            sends.append((s, torch.autograd.grad(out, lk.inp, cot, retain_graph=retain)[0]))
+                del out, params
+                if every is not None:
+                    lk.out, lk.leaves, lk.inp = None, {}, stored
+                del stored
             users = {s: lk.groups.pop(s)[2] for s in ready}
             if final:
-                lk.out = lk.inp = lk.total = None
+                lk.out = lk.inp = lk.total = lk.rng = None
                 lk.leaves = {}
+                release(k)
             for s, g in sends:
                 deliver(piece.parent, g, users[s], s)
 
         losses: dict[str, Tensor] = {}
         metrics: dict[str, dict[str, Tensor]] = {}
         for i, (o, op) in enumerate(zip(objectives, plan.objectives)):
-            shared_part, tail = op.path[:op.tail], op.path[op.tail:]
+            shared_part, tail = op.path[:tails[i]], op.path[tails[i]:]
             for k in shared_part:
-                if live[k].out is None and live[k].pending:
+                if not live[k].computed:
                     forward(k)
             with torch.enable_grad():
                 if tail:
                     x = parent_value(tail[0])
-                    inp = x.detach().requires_grad_(op.tail > 0)
+                    inp = x.detach().requires_grad_(tails[i] > 0)
                     names = tuple(dict.fromkeys(n for k in tail for n in pieces[k].param_names))
                     leaves = {n: ts.params[n].detach().requires_grad_(True) for n in names}
                     h = inp
@@ -188,10 +234,12 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
                         if j:
                             parent_value(k)  # bookkeeping: the value flows inside this graph
                         h, live[k].updates = pieces[k].net.run(leaves, ts.state, h, train=True)
+                        live[k].computed = True
                         if pieces[k].children:
                             live[k].value = h.detach()
                 else:
-                    inp = live[op.path[-1]].out.detach().requires_grad_(True)
+                    end = live[op.path[-1]]
+                    inp = (end.out if every is None else end.value).detach().requires_grad_(True)
                     leaves, h = {}, inp
                 loss, m = o.loss(h, batch)
                 loss = o.weight * loss
@@ -202,7 +250,7 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
             metrics[o.name] = {n: v.detach() for n, v in m.items()}
             del h, loss, m
             if inp.requires_grad:
-                end = op.path[op.tail - 1] if tail else op.path[-1]
+                end = op.path[tails[i] - 1] if tail else op.path[-1]
                 deliver(end, gs[-1], (i,), op.start)
             del gs, inp, leaves
         updates = {}

@@ -129,12 +129,29 @@ def test_objectives_that_share_a_whole_path_and_a_block_reached_twice():
     assert_same_gradients(scheme, ts, xy)
 
 
-def test_remat_compile_and_dropout_fall_back_to_per_objective():
+@SETTINGS
+@given(case=scheme_cases(), every=st.integers(1, 3), data_seed=st.integers(0, 1000))
+def test_rematerialised_shared_step_equals_per_objective(case, every, data_seed):
+    method, at, options = case
+    plain = mf.schemes.build(method, backbone(), at, input_shape=SHAPE, **options)
+    scheme = [mf.remat(o, every=every) for o in plain]
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=data_seed)
+    xy = batch(seed=data_seed)
+    got = assert_same_gradients(scheme, ts, xy)      # against per-objective remat
+    want = mf.gradients(plain, share=False)(ts, xy)  # and against the plain engine
+    mt.assert_close(got.grads, want.grads, mt.RTOL, "gradient")
+    mt.assert_identical(got.state, want.state, "state")
+
+
+def test_own_grad_fn_compile_and_dropout_fall_back_to_per_objective():
+    import attrs
+
     scheme = mf.schemes.mlaan(backbone(), ["1.0", "2.0"], input_shape=SHAPE)
-    remat = [mf.remat(o) for o in scheme]
-    assert not use_shared(remat, share=None, compile=False)
+    assert use_shared([mf.remat(o) for o in scheme], share=None, compile=False)
+    own = [attrs.evolve(o, grad_fn=lambda objective, taps: None) for o in scheme]
+    assert not use_shared(own, share=None, compile=False)
     with pytest.raises(ValueError, match="share=False"):
-        use_shared(remat, share=True, compile=False)
+        use_shared(own, share=True, compile=False)
     with pytest.raises(ValueError, match="compile"):
         mf.gradients(scheme, compile=True, share=True)
     blocks = [nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5)) for _ in range(2)] + [nn.Linear(6, 3)]
