@@ -24,11 +24,14 @@ import mlaan_func as mf  # noqa: E402
 from mlaan_func.shared_step import use_shared  # noqa: E402
 
 
-def build_released(method: str, arch: str, k: int):
-    """The scheme with the released leap-trunk table where one is published (MLAAN family)."""
+def build_released(method: str, arch: str, k: int, trunks: bool = True):
+    """The scheme with the released leap-trunk table where one is published (MLAAN family);
+    ``trunks=False``: MLM without LAM (no trunks), to separate the backbone's share."""
     backbone = mf.from_module(common.ARCHS[arch](num_classes=10))
     at = [] if method == "e2e" else common.split_for(arch, backbone, k)
     options = {}
+    if method.endswith("mlaan") and not trunks:
+        return mf.schemes.build(method, backbone, at, input_shape=(3, 32, 32), trunks=None), False
     if method.endswith("mlaan"):
         try:
             options["trunks"] = mf.leap_trunk_table(arch, k)
@@ -89,6 +92,12 @@ def main(argv=None) -> int:
                    "per_objective_flops_per_image": per, "shared_flops_per_image": shared,
                    "shared_over_per_objective": shared / per, "per_objective_vs_e2e": per / e2e_flops,
                    "shared_vs_e2e": shared / e2e_flops, "e2e_flops_per_image": e2e_flops}
+            if method.endswith("mlaan"):  # the same scheme without trunks: what sharing can remove
+                bare, _ = build_released(method, arch, kk, trunks=False)
+                ts = mf.init(bare, common.optimizer(), seed=0, device=args.device)
+                row["no_trunks_per_objective_flops_per_image"] = count(bare, ts, batch, share=False) / batch_size
+                row["no_trunks_shared_flops_per_image"] = count(bare, ts, batch, share=True) / batch_size
+                row["trunk_flops_per_image"] = per - row["no_trunks_per_objective_flops_per_image"]
             rows.append(row)
             print(f"{method:14s} K={kk:<3d} per-objective {per / 1e9:6.3f} G ({per / e2e_flops:4.2f}x E2E)  "
                   f"shared {shared / 1e9:6.3f} G ({shared / e2e_flops:4.2f}x E2E)  ratio {shared / per:.3f}",

@@ -7,8 +7,7 @@ without remat.
     python bench/shared.py --what memory --remat both
 
 Schemes with nothing to share (E2E, DGL, InfoPro) run the per-objective engine either way.
-With remat, ``share=None`` (the default) falls back to the per-objective engine (see
-``mlaan_func.shared_step.use_shared``), so both columns then measure the same step.
+With remat the shared step rematerialises its pieces (``mlaan_func.shared_step``).
 """
 
 from __future__ import annotations
