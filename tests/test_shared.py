@@ -206,3 +206,20 @@ def test_no_sharing_means_the_per_objective_engine():
     got = shared_gradients(scheme)(ts, xy)
     want = mf.gradients(scheme, share=False)(ts, xy)
     mt.assert_identical(got.grads, want.grads)   # nothing shared: the same computation
+
+
+@pytest.mark.slow
+def test_compiled_steps_keep_the_per_objective_engine_and_a_fixed_compile_count():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    scheme = mf.schemes.mlaan(backbone(), ["1.0", "2.0"], input_shape=SHAPE)
+    opt = mf.optim.sgd(0.1, momentum=0.9)
+    eager, compiled = mf.step(scheme, opt), mf.step(scheme, opt, compile=True, backend=counter)
+    a = b = mf.init(scheme, opt, seed=5)
+    for i in range(3):
+        a, _ = eager(a, batch(seed=i))   # shared, eager
+        b, _ = compiled(b, batch(seed=i))
+    mt.assert_close(b.params, a.params, 1e-4)
+    assert counter.frame_count == len(scheme)
