@@ -17,7 +17,7 @@ input boundary): a group that started above a piece continues below it, the othe
 ['m1.cascaded', 'm1.independent', 'final']
 >>> plan = plan_scheme(scheme)
 >>> [(p.block_names[-1], p.users) for p in plan.pieces if len(p.users) > 1]
-[('1.0', (0, 2)), ('2.0', (0, 1, 2))]
+[('2.0', (0, 1, 2))]
 >>> plan.reach(scheme, 1)      # the independent objective reaches module 1 and its head only
 ('2.0', 'head1')
 """
