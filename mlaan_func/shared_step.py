@@ -169,7 +169,8 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
 
         def deliver(k: int, g: Tensor, users: tuple[int, ...], start: int) -> None:
             lk = live[k]
-            lk.total = _add(lk.total, g)
+            if pieces[k].param_names:
+                lk.total = _add(lk.total, g)
             lk.pending.difference_update(users)
             if start != k:
                 group = lk.groups[start]
@@ -181,7 +182,10 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
             piece, lk = pieces[k], live[k]
             ready = [s for s, group in lk.groups.items() if not group[1]]
             final = not lk.pending
-            with_params = final and bool(piece.param_names)
+            # Rematerialised, every arrival is turned into parameter gradients at once: holding
+            # its cotangent until the last user arrives would outweigh the stored inputs.
+            flush = final or every is not None
+            with_params = flush and lk.total is not None and bool(piece.param_names)
             sends = []
             if ready or with_params:
                 stored = lk.inp
@@ -190,7 +194,9 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
                         _set_rng_state(lk.rng, devices)
                         with_graph(k, stored)
                 out, params = lk.out, list(lk.leaves.values())
-                if with_params and len(piece.groups) == 1 and ready and not piece.stops:
+                single = len(ready) == 1 and (lk.total is lk.groups[ready[0]][0] or (
+                    every is None and len(piece.groups) == 1 and not piece.stops))
+                if with_params and single:
                     # one group carries every objective through here: one VJP for both
                     gs = torch.autograd.grad(out, [*params, lk.inp], lk.total, allow_unused=True)
                     accumulate(lk.leaves, gs[:-1])
@@ -205,6 +211,8 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
                         else:
                             sends.append((s, torch.autograd.grad(out, lk.inp, cot, retain_graph=retain)[0]))
                 del out, params
+                if with_params:
+                    lk.total = None
                 if every is not None:
                     lk.out, lk.leaves, lk.inp = None, {}, stored
                 del stored
