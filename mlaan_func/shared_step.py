@@ -243,6 +243,7 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
                             parent_value(k)  # bookkeeping: the value flows inside this graph
                         h, live[k].updates = pieces[k].net.run(leaves, ts.state, h, train=True)
                         live[k].computed = True
+                        live[k].pending.clear()  # its gradient is this graph's
                         if pieces[k].children:
                             live[k].value = h.detach()
                 else:
