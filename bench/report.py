@@ -186,7 +186,7 @@ def sharing_section(flops: dict | None, timing: dict | None, memory: dict | None
                 lines.append(f"| {r['method']} | {r['trunk_flops_per_image'] / 1e9:.3f} | "
                              f"{r['trunk_flops_per_image'] / r['per_objective_flops_per_image']:.2f} | "
                              f"{p0 / 1e9:.3f} | {s0 / 1e9:.3f} | {s0 / p0:.3f} |")
-            lines += ["", "Per backbone block the shared step already does the least exact work: one forward, "
+            lines += ["", "Per backbone block the shared step does one forward, "
                       "one weight-gradient VJP and one input VJP per window that continues below: in units of one "
                       "convolution's forward, 2W + 3 for a BasicBlock (two convolutions) against 6W + 4 per-objective "
                       "(E2E: 6), i.e. 7 against 16 for W = 2 and 9 against 22 for W = 3."]
@@ -195,7 +195,8 @@ def sharing_section(flops: dict | None, timing: dict | None, memory: dict | None
         lines += ["### Step time", ""] + header(timing, "shared.py")
         lines += ["Interleaved in one run (shared, per-objective, shared, …) after a warm-up step; ratio = "
                   "shared / per-objective per repeat, median [min, max]. The machine was shared with other "
-                  "jobs (load average about 10 on 2 cores), hence the spread.", "",
+                  "jobs (load average about 10 on 2 cores), hence the spread; batch 32 rather than 128 kept the run "
+                  "within the session on that machine.", "",
                   "| method | K | batch | repeats | shared s/step | per-objective s/step | ratio | FLOP ratio |",
                   "|---|---|---|---|---|---|---|---|"]
         flop_ratio = {(r["method"], r["modules"]): r["shared_over_per_objective"] for r in (flops or {}).get("rows", [])}
