@@ -98,6 +98,10 @@ def main(argv=None) -> int:
                 row["no_trunks_per_objective_flops_per_image"] = count(bare, ts, batch, share=False) / batch_size
                 row["no_trunks_shared_flops_per_image"] = count(bare, ts, batch, share=True) / batch_size
                 row["trunk_flops_per_image"] = per - row["no_trunks_per_objective_flops_per_image"]
+                remat = [mf.remat(o) for o in scheme]  # rematerialised (every block), both engines
+                ts = mf.init(remat, common.optimizer(), seed=0, device=args.device)
+                row["remat_per_objective_flops_per_image"] = count(remat, ts, batch, share=False) / batch_size
+                row["remat_shared_flops_per_image"] = count(remat, ts, batch, share=True) / batch_size
             rows.append(row)
             print(f"{method:14s} K={kk:<3d} per-objective {per / 1e9:6.3f} G ({per / e2e_flops:4.2f}x E2E)  "
                   f"shared {shared / 1e9:6.3f} G ({shared / e2e_flops:4.2f}x E2E)  ratio {shared / per:.3f}",

@@ -186,6 +186,13 @@ def sharing_section(flops: dict | None, timing: dict | None, memory: dict | None
                 lines.append(f"| {r['method']} | {r['trunk_flops_per_image'] / 1e9:.3f} | "
                              f"{r['trunk_flops_per_image'] / r['per_objective_flops_per_image']:.2f} | "
                              f"{p0 / 1e9:.3f} | {s0 / 1e9:.3f} | {s0 / p0:.3f} |")
+            remat = [r for r in bare if "remat_shared_flops_per_image" in r]
+            if remat:
+                lines += ["", "With `mf.remat` on every objective (recomputation counted):", "",
+                          "| method | per-objective GFLOP | shared GFLOP | shared / per-objective |", "|---|---|---|---|"]
+                for r in remat:
+                    p0, s0 = r["remat_per_objective_flops_per_image"], r["remat_shared_flops_per_image"]
+                    lines.append(f"| {r['method']} | {p0 / 1e9:.3f} | {s0 / 1e9:.3f} | {s0 / p0:.3f} |")
             lines += ["", "Per backbone block the shared step does one forward, "
                       "one weight-gradient VJP and one input VJP per window that continues below: in units of one "
                       "convolution's forward, 2W + 3 for a BasicBlock (two convolutions) against 6W + 4 per-objective "
