@@ -155,7 +155,7 @@ def distributed_section(payload: dict) -> list[str]:
 FLOP_TARGETS = {"mlaan": 0.70, "dgl_mlaan": 0.62, "infopro_mlaan": 0.75}
 
 
-def sharing_section(flops: dict | None, timing: dict | None, memory: dict | None) -> list[str]:
+def sharing_section(flops: dict | None, timing: dict | list | None, memory: dict | None) -> list[str]:
     lines = ["## Shared step vs per-objective engine (`bench/flops.py`, `bench/shared.py`)", "",
              "The shared step (`mlaan_func.shared_step`, docs/concepts.md \"Sharing and reach\") runs each "
              "block application once per step and delivers gradients by reach; the per-objective engine "
@@ -198,12 +198,13 @@ def sharing_section(flops: dict | None, timing: dict | None, memory: dict | None
                       "convolution's forward, 2W + 3 for a BasicBlock (two convolutions) against 6W + 4 per-objective "
                       "(E2E: 6), i.e. 7 against 16 for W = 2 and 9 against 22 for W = 3."]
         lines.append("")
-    if timing:
+    for timing in [t for t in (timing if isinstance(timing, list) else [timing]) if t]:
         lines += ["### Step time", ""] + header(timing, "shared.py")
         lines += ["Interleaved in one run (shared, per-objective, shared, …) after a warm-up step; ratio = "
                   "shared / per-objective per repeat, median [min, max]. The machine was shared with other "
-                  "jobs (load average about 10 on 2 cores), hence the spread; batch 32 rather than 128 kept the run "
-                  "within the session on that machine.", "",
+                  "jobs (load average about 10 on 2 cores), hence the spread"
+                  + ("; a batch below 128 kept the run within the session on that machine."
+                     if any(r["batch_size"] < 128 for r in timing["rows"]) else "."), "",
                   "| method | K | batch | repeats | shared s/step | per-objective s/step | ratio | FLOP ratio |",
                   "|---|---|---|---|---|---|---|---|"]
         flop_ratio = {(r["method"], r["modules"]): r["shared_over_per_objective"] for r in (flops or {}).get("rows", [])}
@@ -238,7 +239,7 @@ def main() -> int:
                           ("distributed", distributed_section)):
         payload = load(name)
         out += section(payload) if payload else [f"## {name}", "", f"Not run yet: `python bench/{name}.py`.", ""]
-    out += sharing_section(load("flops"), load("shared_time"), load("shared_memory"))
+    out += sharing_section(load("flops"), [load("shared_time"), load("shared_time_b128")], load("shared_memory"))
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(out))
     print(f"wrote {ROOT / 'docs' / 'benchmarks.md'}", file=sys.stderr)
     return 0
