@@ -52,7 +52,7 @@ def scheme_cases(draw):
     return method, at, options
 
 
-@SETTINGS
+@settings(deadline=None, max_examples=10)
 @given(case=scheme_cases(), seed=mt.seeds, data_seed=st.integers(0, 1000))
 def test_shared_equals_per_objective_for_every_scheme(case, seed, data_seed):
     method, at, options = case
