@@ -278,6 +278,81 @@ def vit_section(payload: dict) -> list[str]:
     return lines
 
 
+FLOP_TARGETS = {"mlaan": 0.70, "dgl_mlaan": 0.62, "infopro_mlaan": 0.75}
+
+
+def sharing_section(flops: dict | None, timing: dict | list | None, memory: dict | None) -> list[str]:
+    lines = ["## Shared step vs per-objective engine (`bench/flops.py`, `bench/shared.py`)", "",
+             "The shared step (`mlaan_func.shared_step`, docs/concepts.md \"Sharing and reach\") runs each "
+             "block application once per step and delivers gradients by reach; the per-objective engine "
+             "(`share=False`) runs every objective alone. The MLAAN-family rows in the memory and speed "
+             "tables above were measured with the per-objective engine (before sharing became the default). "
+             "ResNet-32, released leap-trunk tables.", ""]
+    if flops:
+        lines += ["### FLOPs per image of one step", ""] + header(flops, "flops.py")
+        lines += ["Counted with the per-op formulas of `torch.utils.flop_counter` (convolutions and matrix "
+                  "products, forward and backward) over one call of `mf.gradients`; independent of load.", "",
+                  "| method | K | per-objective GFLOP | × E2E | shared GFLOP | × E2E | shared / per-objective | target |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in flops["rows"]:
+            lines.append(f"| {r['method']} | {r['modules']} | {r['per_objective_flops_per_image'] / 1e9:.3f} | "
+                         f"{r['per_objective_vs_e2e']:.2f} | {r['shared_flops_per_image'] / 1e9:.3f} | "
+                         f"{r['shared_vs_e2e']:.2f} | {r['shared_over_per_objective']:.3f} | "
+                         f"{verdict(r['shared_over_per_objective'], FLOP_TARGETS.get(r['method']))} |")
+        bare = [r for r in flops["rows"] if "trunk_flops_per_image" in r]
+        if bare:
+            lines += ["", "What stands in the way of the targets: the leap trunks. Each cascaded objective runs its "
+                      "own trunk (four trainable copies of deep blocks plus the EMA twin of the first) on its own "
+                      "window output, so nothing in it is computed twice and sharing cannot remove any of it. "
+                      "The same schemes without trunks (MLM only) show what sharing does to the rest:", "",
+                      "| method | trunk GFLOP (both engines) | trunk share of per-objective | without trunks: "
+                      "per-objective GFLOP | shared GFLOP | shared / per-objective |", "|---|---|---|---|---|---|"]
+            for r in bare:
+                p0, s0 = r["no_trunks_per_objective_flops_per_image"], r["no_trunks_shared_flops_per_image"]
+                lines.append(f"| {r['method']} | {r['trunk_flops_per_image'] / 1e9:.3f} | "
+                             f"{r['trunk_flops_per_image'] / r['per_objective_flops_per_image']:.2f} | "
+                             f"{p0 / 1e9:.3f} | {s0 / 1e9:.3f} | {s0 / p0:.3f} |")
+            remat = [r for r in bare if "remat_shared_flops_per_image" in r]
+            if remat:
+                lines += ["", "With `mf.remat` on every objective (recomputation counted):", "",
+                          "| method | per-objective GFLOP | shared GFLOP | shared / per-objective |", "|---|---|---|---|"]
+                for r in remat:
+                    p0, s0 = r["remat_per_objective_flops_per_image"], r["remat_shared_flops_per_image"]
+                    lines.append(f"| {r['method']} | {p0 / 1e9:.3f} | {s0 / 1e9:.3f} | {s0 / p0:.3f} |")
+            lines += ["", "Per backbone block the shared step does one forward, "
+                      "one weight-gradient VJP and one input VJP per window that continues below: in units of one "
+                      "convolution's forward, 2W + 3 for a BasicBlock (two convolutions) against 6W + 4 per-objective "
+                      "(E2E: 6), i.e. 7 against 16 for W = 2 and 9 against 22 for W = 3."]
+        lines.append("")
+    for timing in [t for t in (timing if isinstance(timing, list) else [timing]) if t]:
+        lines += ["### Step time", ""] + header(timing, "shared.py")
+        lines += ["Interleaved in one run (shared, per-objective, shared, …) after a warm-up step; ratio = "
+                  "shared / per-objective per repeat, median [min, max]. The machine was shared with other "
+                  "jobs (load average about 10 on 2 cores), hence the spread"
+                  + ("; a batch below 128 kept the run within the session on that machine."
+                     if any(r["batch_size"] < 128 for r in timing["rows"]) else "."), "",
+                  "| method | K | batch | repeats | shared s/step | per-objective s/step | ratio | FLOP ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
+        flop_ratio = {(r["method"], r["modules"]): r["shared_over_per_objective"] for r in (flops or {}).get("rows", [])}
+        for r in timing["rows"]:
+            fr = flop_ratio.get((r["method"], r["modules"]))
+            lines.append(f"| {r['method']} | {r['modules']} | {r['batch_size']} | {r['repeats']} | "
+                         f"{r['shared_step_s']:.2f} | {r['per_objective_step_s']:.2f} | "
+                         f"{r['time_ratio']:.3f} [{r['time_ratio_min']:.3f}, {r['time_ratio_max']:.3f}] | "
+                         f"{'' if fr is None else f'{fr:.3f}'} |")
+        lines.append("")
+    if memory:
+        lines += ["### Peak step bytes", ""] + header(memory, "shared.py")
+        lines += ["| method | K | batch | remat | shared MiB | per-objective MiB | ratio | target |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in memory["rows"]:
+            lines.append(f"| {r['method']} | {r['modules']} | {r['batch_size']} | {'yes' if r['remat'] else 'no'} | "
+                         f"{r['shared_peak_step_bytes'] / MiB:.1f} | {r['per_objective_peak_step_bytes'] / MiB:.1f} | "
+                         f"{r['memory_ratio']:.3f} | {verdict(r['memory_ratio'], 1.05)} |")
+        lines.append("")
+    return lines
+
+
 def main() -> int:
     out = ["# Benchmarks", "",
            "Generated by `python bench/report.py` from `bench/results/*.json`; every number comes from a "
@@ -294,6 +369,7 @@ def main() -> int:
             out += papers_sections()
         if name == "memory":
             out += imagenet_memory_section()
+    out += sharing_section(load("flops"), [load("shared_time"), load("shared_time_b128")], load("shared_memory"))
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(out))
     print(f"wrote {ROOT / 'docs' / 'benchmarks.md'}", file=sys.stderr)
     return 0

@@ -1,6 +1,8 @@
 """Draw, for each published scheme on ResNet-32 with K = 4 modules, which parts of the
 network each objective's gradient reaches.
 
+Also draws ``docs/figures/sharing.png``: the shared step's plan (pieces, reach, groups).
+
 The marks come from the objectives themselves (``Objective.param_names`` and
 ``state_names``), not from a hand-written table. Writes ``docs/figures/<scheme>.png`` and
 prints the same grids as Markdown tables (pasted into ``docs/schemes.md``).
@@ -99,6 +101,55 @@ def draw(method: str, rows, columns, marks, path: Path) -> None:
     plt.close(fig)
 
 
+def draw_sharing(path: Path, method: str = "dgl_mlaan", modules: int = 6) -> None:
+    """The shared step's plan (``mlaan_func.plan``) for ``method`` on ResNet-32 with
+    ``modules`` modules: one column per backbone piece (computed once per step), one row per
+    objective; a cell is coloured where the objective's gradient reaches the piece — dark
+    where it continues below, light where it stops (the piece is the objective's input
+    boundary). The bottom line counts the forwards per step of each engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from mlaan_func.plan import plan_scheme
+
+    backbone = mf.from_module(mf.models.resnet32(num_classes=10))
+    at = mf.published.split_for(ARCH, backbone.block_names, modules)
+    scheme = mf.schemes.build(method, backbone, at)
+    plan = plan_scheme(scheme)
+    backbone_names = set(backbone.block_names)
+    columns = [p for p in plan.pieces if set(p.block_names) <= backbone_names]
+    fig, ax = plt.subplots(figsize=(1.4 + 0.95 * len(columns), 1.2 + 0.36 * len(scheme)))
+    rows = len(scheme)
+    for c, piece in enumerate(columns):
+        for r, (o, op) in enumerate(zip(scheme, plan.objectives)):
+            if piece.index not in op.path:
+                colour = "#f2f2f2"
+            else:
+                colour = "#fdb863" if op.start == piece.index else "#d95f02"
+            ax.add_patch(Rectangle((c, rows - r), 0.92, 0.85, color=colour))
+        ax.text(c + 0.46, 0.42, f"{len(piece.users)} → 1", ha="center", va="center", fontsize=8)
+    labels = [f"{p.block_names[0]}…{p.block_names[-1]}" if len(p.block_names) > 1 else p.block_names[0]
+              for p in columns]
+    ax.set_xlim(0, len(columns))
+    ax.set_ylim(0, rows + 1)
+    ax.set_xticks([c + 0.46 for c in range(len(columns))], labels, fontsize=7)
+    ax.set_yticks([rows - r + 0.42 for r in range(rows)] + [0.42],
+                  [o.name for o in scheme] + ["forwards per step"], fontsize=8)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title(f"{method}, ResNet-32, K={modules}: each backbone piece runs once per step\n"
+                 "dark: the objective's gradient continues below the piece; light: it stops there "
+                 "(its input boundary)\nbottom: forwards of the piece per step, per-objective → shared",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     out = HERE / "figures"
     out.mkdir(exist_ok=True)
@@ -106,6 +157,7 @@ def main() -> None:
         rows, columns, marks = build(method)
         draw(method, rows, columns, marks, out / f"{method}.png")
         print(f"### {method}\n\n{markdown(rows, columns, marks)}\n")
+    draw_sharing(out / "sharing.png")
 
 
 if __name__ == "__main__":

@@ -251,11 +251,13 @@ class Gradients(NamedTuple):
 
 
 def gradients(objectives: Sequence[Objective], *, compile: bool = False,
-              backend: str = "inductor") -> Callable[[TrainState, Any], Gradients]:
+              backend: str = "inductor", share: bool | None = None) -> Callable[[TrainState, Any], Gradients]:
     """The summed gradients of a scheme's local losses and the new state, without an update.
 
     BatchNorm statistics: every objective reads the state as it was at the start of the
     step; for each key, the first objective in scheme order that runs it writes it.
+    ``share``: run each block application that several objectives share once and deliver
+    gradients by reach (``mlaan_func.shared_step``); by default wherever that is exact.
 
     >>> from torch import nn
     >>> import mlaan_func as mf
@@ -266,16 +268,15 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     >>> sorted(g.grads), list(g.losses), bool(g.finite)
     (['fc.bias', 'fc.weight'], ['final'], True)
     """
+    from .shared_step import shared_gradients, use_shared
+
     objectives = list(objectives)
     routes = plan_routes(objectives)
     check_identity(objectives)
-    fns = gradient_fns(objectives, routes, compile=compile, backend=backend)
     param_keys, state_keys = scheme_names(objectives)
-    sub_keys = [o.param_names for o in objectives]
-
     first_structure = None
 
-    def run(ts: TrainState, batch: Any) -> Gradients:
+    def checked(ts: TrainState, batch: Any) -> tuple[Any, Tensor]:
         nonlocal first_structure
         check_keys("the train state's params", ts.params, param_keys)
         check_keys("the train state's state", ts.state, state_keys)
@@ -283,6 +284,23 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
         first_structure = _check_structure(batch, first_structure)
         x = input_of(batch)
         _check_device(x, ts.params)
+        return batch, x
+
+    if use_shared(objectives, share=share, compile=compile):
+        shared = shared_gradients(objectives)
+
+        def run_shared(ts: TrainState, batch: Any) -> Gradients:
+            batch, x = checked(ts, batch)
+            with _step_randomness(ts, x):
+                return shared(ts, batch)
+
+        return run_shared
+
+    fns = gradient_fns(objectives, routes, compile=compile, backend=backend)
+    sub_keys = [o.param_names for o in objectives]
+
+    def run(ts: TrainState, batch: Any) -> Gradients:
+        batch, x = checked(ts, batch)
         grads: Params = {}
         updates: State = {}
         losses: dict[str, Tensor] = {}
@@ -327,7 +345,7 @@ def apply_gradients(ts: TrainState, grads: Params, state: State, optimizer: Opti
 
 
 def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool = False,
-         backend: str = "inductor", check_finite: bool = True
+         backend: str = "inductor", check_finite: bool = True, share: bool | None = None
          ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, dict[str, Tensor]]]]:
     """A pure training step ``(train_state, batch) -> (train_state, metrics)``.
 
@@ -338,6 +356,7 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
     under ``"optimizer"``.
 
     ``compile=True`` compiles each objective's gradient function with ``torch.compile``.
+    ``share`` as in ``gradients`` (``share=False``: the per-objective engine).
     A non-finite loss raises ``NonFiniteLossError`` (one flag per step, checked outside
     compiled code) and nothing is updated; with ``check_finite=False`` the step goes on
     (use ``optim.apply_if_finite`` to skip such updates).
@@ -357,7 +376,7 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
     >>> int(ts.step), float(metrics["final"]["loss"]) < first
     (20, True)
     """
-    grad_step = gradients(objectives, compile=compile, backend=backend)
+    grad_step = gradients(objectives, compile=compile, backend=backend, share=share)
     post = after_steps(objectives)
 
     def train_step(ts: TrainState, batch: Any):

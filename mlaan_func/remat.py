@@ -111,6 +111,7 @@ def remat_grad_fn(every: int = 1) -> Callable:
 
         return grad_and_value
 
+    factory.remat_every = every  # lets the shared step rematerialise its pieces the same way
     return factory
 
 

@@ -34,3 +34,16 @@ def test_speed_quick(tmp_path):
     run("speed.py", "--quick", "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(r["vs_e2e"] > 0 and r["overhead"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_flops_and_shared_quick(tmp_path):
+    run("flops.py", "--quick", "--json", str(tmp_path / "flops.json"))
+    rows = json.loads((tmp_path / "flops.json").read_text())["rows"]
+    mlaan = [r for r in rows if r["method"] == "mlaan"][0]
+    assert mlaan["shared_flops_per_image"] < mlaan["per_objective_flops_per_image"]
+    assert all(r["shared_over_per_objective"] == 1.0 for r in rows if r["method"] in ("e2e", "dgl"))
+    run("shared.py", "--quick", "--repeats", "1", "--json", str(tmp_path / "shared.json"))
+    rows = json.loads((tmp_path / "shared.json").read_text())["rows"]
+    assert {r["remat"] for r in rows} == {False, True}
+    assert all(r["time_ratio"] > 0 and r["memory_ratio"] > 0 for r in rows)

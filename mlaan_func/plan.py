@@ -1,0 +1,229 @@
+"""The plan of a shared step: which block applications run once, how far each objective's
+gradient may reach through them, and when each can be freed (DESIGN.md §7).
+
+Nets are pure and names are identities, so two objectives that run the same block on the
+same input compute the same tensor. The planner keys every block application by (block
+name, the application that produced its input) and merges the applications of all
+objectives into one tree rooted at the batch. Chains of applications that the same
+objectives pass through become one *piece*, computed once per step. An objective's
+gradient may *reach* only the pieces on its own path (its window, trunk and head); at each
+piece the objectives passing through are grouped by the piece where they start (their
+input boundary): a group that started above a piece continues below it, the others stop.
+
+>>> import mlaan_func as mf
+>>> backbone = mf.from_module(mf.models.CifarResNet(8, num_classes=5, widths=(4, 8, 8)))
+>>> scheme = mf.schemes.mlaan(backbone, ["1.0", "2.0"], input_shape=(3, 8, 8), trunks=None)
+>>> [o.name for o in scheme]
+['m1.cascaded', 'm1.independent', 'final']
+>>> plan = plan_scheme(scheme)
+>>> [(p.block_names[-1], p.users) for p in plan.pieces if len(p.users) > 1]
+[('2.0', (0, 1, 2))]
+>>> plan.reach(scheme, 1)      # the independent objective reaches module 1 and its head only
+('2.0', 'head1')
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import attrs
+from torch import nn
+
+from .combinators import Objective
+from .core import INPUT, Block, Net
+
+
+@attrs.frozen(eq=False)
+class Piece:
+    """A chain of block applications computed once per step.
+
+    ``parent`` is the piece whose output it reads (``None``: the batch). ``users`` are the
+    objectives whose gradient passes through it, in scheme order; ``groups`` pairs each
+    piece where some of them start above this one with those objectives (their gradient
+    continues below); ``stops`` are the users that start here. ``children`` counts the
+    pieces that read its output.
+    """
+
+    index: int
+    net: Net
+    parent: int | None
+    users: tuple[int, ...]
+    groups: tuple[tuple[int, tuple[int, ...]], ...]
+    stops: tuple[int, ...]
+    children: int
+
+    @property
+    def block_names(self) -> tuple[str, ...]:
+        return self.net.block_names
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return self.net.param_names
+
+    @property
+    def needs_input_grad(self) -> bool:
+        return bool(self.groups)
+
+
+@attrs.frozen(eq=False)
+class ObjectivePath:
+    """The pieces an objective runs, from its input boundary to its loss; ``tail`` is where
+    the suffix only this objective passes through begins (``len(path)`` when none)."""
+
+    path: tuple[int, ...]
+    tail: int
+
+    @property
+    def start(self) -> int:
+        return self.path[0]
+
+
+@attrs.frozen(eq=False)
+class Plan:
+    """Pieces in forward (topological) order and each objective's path through them."""
+
+    pieces: tuple[Piece, ...]
+    objectives: tuple[ObjectivePath, ...]
+
+    @property
+    def shared(self) -> tuple[Piece, ...]:
+        """The pieces more than one objective passes through."""
+        return tuple(p for p in self.pieces if len(p.users) > 1)
+
+    def reach(self, objectives: Sequence[Objective], i: int) -> tuple[str, ...]:
+        """The blocks objective ``i``'s gradient reaches, by name, in path order."""
+        return tuple(dict.fromkeys(n for p in self.objectives[i].path for n in self.pieces[p].block_names))
+
+    def free_after(self) -> tuple[tuple[int, ...], ...]:
+        """Per objective: the pieces whose graph can be freed once its gradient is delivered
+        (their last user in scheme order)."""
+        last: list[list[int]] = [[] for _ in self.objectives]
+        for p in self.pieces:
+            last[max(p.users)].append(p.index)
+        return tuple(tuple(x) for x in last)
+
+
+def same_block(a: Any, b: Any) -> bool:
+    """Whether two blocks compute the same function under the same names: the same object,
+    or module blocks with the same names, module type and configuration."""
+    if a is b:
+        return True
+    if not (isinstance(a, Block) and isinstance(b, Block)):
+        return False
+    return (a.prefix == b.prefix and type(a.module) is type(b.module) and a.local_params == b.local_params
+            and a.local_state == b.local_state and repr(a.module) == repr(b.module))
+
+
+def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None) -> Plan:
+    """Merge the objectives' block applications into pieces; see the module docstring.
+
+    The input an objective reads is the output of the first application (in scheme order)
+    of the block it names, as in the per-objective engine. ``max_blocks`` caps the blocks
+    of a piece (a rematerialised step recomputes one piece at a time).
+    """
+    from .engine import plan_routes
+
+    objectives = list(objectives)
+    plan_routes(objectives)  # order and names are checked there, with its error messages
+    nodes_block: list[Any] = []
+    nodes_parent: list[int | None] = []
+    nodes_users: list[list[int]] = []
+    index: dict[tuple, list[int]] = {}
+    boundary: dict[str, int | None] = {INPUT: None}
+    paths: list[list[int]] = []
+    for i, o in enumerate(objectives):
+        parent = boundary[o.input_name]
+        path = []
+        for in_net, block in [(True, b) for b in o.net.blocks] + [(False, b) for b in (o.head.blocks if o.head else ())]:
+            candidates = index.setdefault((block.name, parent), [])
+            node = next((n for n in candidates if same_block(nodes_block[n], block)), None)
+            if node is None:
+                node = len(nodes_block)
+                nodes_block.append(block)
+                nodes_parent.append(parent)
+                nodes_users.append([])
+                candidates.append(node)
+            if not nodes_users[node] or nodes_users[node][-1] != i:
+                nodes_users[node].append(i)
+            if in_net:
+                boundary.setdefault(block.name, node)
+            path.append(node)
+            parent = node
+        paths.append(path)
+
+    children: dict[int | None, list[int]] = {}
+    for n, p in enumerate(nodes_parent):
+        children.setdefault(p, []).append(n)
+    piece_of: list[int] = []
+    members: list[list[int]] = []
+    for n, p in enumerate(nodes_parent):
+        if (p is not None and children[p] == [n] and nodes_users[p] == nodes_users[n]
+                and (max_blocks is None or len(members[piece_of[p]]) < max_blocks)):
+            piece_of.append(piece_of[p])
+            members[piece_of[p]].append(n)
+        else:
+            piece_of.append(len(members))
+            members.append([n])
+
+    obj_paths = []
+    for i, path in enumerate(paths):
+        pieces = list(dict.fromkeys(piece_of[n] for n in path))
+        obj_paths.append(pieces)
+    pieces = []
+    for k, nodes in enumerate(members):
+        first = nodes[0]
+        parent = None if nodes_parent[first] is None else piece_of[nodes_parent[first]]
+        users = tuple(nodes_users[first])
+        groups: dict[int, list[int]] = {}
+        stops = []
+        for u in users:
+            start = obj_paths[u][0]
+            if start == k:
+                stops.append(u)
+            else:
+                groups.setdefault(start, []).append(u)
+        pieces.append(Piece(
+            index=k, net=Net(tuple(nodes_block[n] for n in nodes)), parent=parent, users=users,
+            groups=tuple((s, tuple(us)) for s, us in groups.items()), stops=tuple(stops),
+            children=len(children.get(nodes[-1], ()))))
+    plans = []
+    for i, path in enumerate(obj_paths):
+        tail = len(path)
+        while tail > 0 and pieces[path[tail - 1]].users == (i,):
+            tail -= 1
+        plans.append(ObjectivePath(tuple(path), tail))
+    return Plan(tuple(pieces), tuple(plans))
+
+
+def stochastic_blocks(objectives: Sequence[Objective]) -> list[str]:
+    """Blocks holding a module that draws random numbers in training (dropout).
+
+    A shared forward draws once per block application where the per-objective engine draws
+    once per objective, so sharing is not the default for such schemes.
+
+    >>> import mlaan_func as mf
+    >>> net = mf.from_module(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)))
+    >>> stochastic_blocks([mf.local_loss(net, None, mf.losses.cross_entropy)])
+    ['1']
+    """
+    from .core import blocks_of
+
+    found: dict[str, None] = {}
+    for o in objectives:
+        for block in _flat_blocks(blocks_of(o)):
+            if any(isinstance(m, (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout))
+                   for m in block.module.modules()):
+                found.setdefault(block.name, None)
+    return list(found)
+
+
+def _flat_blocks(blocks) -> list[Block]:
+    out = []
+    for b in blocks:
+        if isinstance(b, Block):
+            out.append(b)
+        else:  # a composite block (leap block): its copy and twin
+            for net in (getattr(b, "copy", None), getattr(b, "twin", None)):
+                if net is not None:
+                    out.extend(_flat_blocks(net.blocks))
+    return out

@@ -1,0 +1,279 @@
+"""The shared step: each piece of a plan (``mlaan_func.plan``) runs forward once per step and
+its gradients are delivered by reach.
+
+Objectives run in scheme order. Each computes the shared pieces on its path that no earlier
+objective computed (keeping their graphs), then runs the suffix only it passes through (its
+trunk and head) together with its loss, as the per-objective engine would, and delivers the
+cotangent of that suffix's input to the shared piece below. A shared piece sums what
+arrives: when every objective of a group that continues below it has delivered, one
+input-only vector-Jacobian product (``torch.autograd.grad`` skips the weight gradients it
+is not asked for) passes the group's sum down; when every objective through it has
+delivered, one parameter VJP of the sum of all of them gives its parameter gradients and
+its graph is freed. BatchNorm statistics come from the one shared forward; for each key the
+first objective in scheme order that runs the block writes it, as in the per-objective
+engine.
+
+>>> import torch
+>>> import mlaan_func as mf
+>>> from mlaan_func.testing import assert_close
+>>> backbone = mf.from_module(mf.models.CifarResNet(8, num_classes=5, widths=(4, 8, 8)))
+>>> scheme = mf.schemes.mlaan(backbone, ["1.0", "2.0"], input_shape=(3, 8, 8))
+>>> ts = mf.init(scheme, mf.optim.sgd(0.1))
+>>> batch = (torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+>>> shared = shared_gradients(scheme)(ts, batch)
+>>> alone = mf.gradients(scheme, share=False)(ts, batch)
+>>> assert_close(shared.grads, alone.grads); assert_close(shared.state, alone.state)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .combinators import Objective
+from .core import INPUT, Params, check_keys
+from .engine import Gradients, TrainState, _as_batch, scheme_names
+from .losses import input_of
+from .randomness import seed_block
+from .plan import Plan, plan_scheme, stochastic_blocks
+from .remat import _rng_devices, _rng_state, _set_rng_state
+
+
+def remat_every(objectives: Sequence[Objective]) -> int | None:
+    """The rematerialisation granularity of a scheme whose objectives use ``mf.remat``
+    (the finest one when they differ), ``None`` when none does."""
+    everies = [getattr(o.grad_fn, "remat_every", None) for o in objectives if o.grad_fn is not None]
+    return min(everies) if everies and None not in everies else None
+
+
+def use_shared(objectives: Sequence[Objective], *, share: bool | None, compile: bool) -> bool:
+    """Whether ``gradients``/``step`` run the shared step.
+
+    ``share=None`` (the default): where it is exact and changes something — eager, no
+    objective with a ``grad_fn`` other than ``mf.remat``'s, no dropout, and at least one
+    block application that two objectives share. ``share=True`` asks for it (an error where
+    it cannot run); ``share=False`` keeps the per-objective engine.
+    """
+    if share is False:
+        return False
+    blockers = []
+    if compile:
+        blockers.append("compile=True (the shared step runs eagerly)")
+    own = [o.name for o in objectives if o.grad_fn is not None]
+    if own and remat_every(objectives) is None:
+        blockers.append(f"objectives {own[:3]} bring their own grad_fn (other than mf.remat)")
+    if share is True:
+        if blockers:
+            raise ValueError("share=True cannot be used here: " + "; ".join(blockers)
+                             + ". Pass share=False (or leave share unset) to use the per-objective engine.")
+        return True
+    if blockers or stochastic_blocks(objectives):
+        return False
+    return bool(plan_scheme(objectives).shared)
+
+
+class _Live:
+    """The graph (or, rematerialised, the stored input) and pending cotangents of one piece
+    during one step."""
+
+    __slots__ = ("computed", "value", "out", "inp", "leaves", "rng", "total", "pending", "groups",
+                 "children", "updates")
+
+    def __init__(self, piece):
+        self.computed = False
+        self.value = self.out = self.inp = self.total = self.rng = None
+        self.leaves: Params = {}
+        self.pending = set(piece.users)
+        self.groups = {s: [None, set(us), tuple(us)] for s, us in piece.groups}
+        self.children = piece.children
+        self.updates = {}
+
+
+def _add(a: Tensor | None, b: Tensor) -> Tensor:
+    return b if a is None else a + b
+
+
+def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
+                     ) -> Callable[[TrainState, Any], Gradients]:
+    """``gradients(objectives)`` computed with one forward per shared piece (see the module
+    docstring); same signature and result as ``mlaan_func.gradients``.
+
+    When the objectives use ``mf.remat(objective, every=n)``, pieces hold at most ``n``
+    blocks and each runs forward without a graph, keeping only its input; it is recomputed
+    inside its own VJPs (BatchNorm statistics from the first forward, the generator replayed).
+    """
+    objectives = list(objectives)
+    every = remat_every(objectives)
+    plan = plan or plan_scheme(objectives, max_blocks=every)
+    param_keys, state_keys = scheme_names(objectives)
+    pieces = plan.pieces
+    tails = []
+    for i, op in enumerate(plan.objectives):
+        if every is None:
+            tails.append(op.tail)
+        else:  # rematerialised: only the last piece runs with the loss, as in remat.py
+            tails.append(len(op.path) - 1 if op.tail < len(op.path) else len(op.path))
+
+    def run(ts: TrainState, batch: Any) -> Gradients:
+        check_keys("the train state's params", ts.params, param_keys)
+        check_keys("the train state's state", ts.state, state_keys)
+        batch = _as_batch(batch)
+        x_in = input_of(batch)
+        devices = _rng_devices(x_in)
+        live = [_Live(p) for p in pieces]
+        grads: Params = {}
+
+        def accumulate(keys, values) -> None:
+            for k, g in zip(keys, values):
+                if g is None:
+                    continue
+                if k in grads:
+                    grads[k] = grads[k] + g
+                else:
+                    grads[k] = g
+
+        def release(k: int) -> None:
+            lk = live[k]
+            if lk.children == 0 and (every is None or not lk.pending):
+                lk.value = None
+
+        def parent_value(k: int) -> Tensor:
+            parent = pieces[k].parent
+            if parent is None:
+                return x_in
+            lp = live[parent]
+            value = lp.value
+            lp.children -= 1
+            release(parent)
+            return value
+
+        def with_graph(k: int, x: Tensor):
+            piece, lk = pieces[k], live[k]
+            lk.inp = x.detach().requires_grad_(piece.needs_input_grad)
+            lk.leaves = {n: ts.params[n].detach().requires_grad_(True) for n in piece.param_names}
+            with torch.enable_grad():
+                lk.out, updates = piece.net.run(lk.leaves, ts.state, lk.inp, train=True)
+            return updates
+
+        def forward(k: int) -> None:
+            piece, lk = pieces[k], live[k]
+            x = parent_value(k)
+            lk.computed = True
+            if every is None:
+                lk.updates = with_graph(k, x)
+                lk.value = lk.out.detach() if piece.children else None
+            else:  # no graph: keep the input (to recompute) and the output (for the children, a loss)
+                lk.rng = _rng_state(devices)
+                with torch.no_grad():
+                    lk.value, lk.updates = piece.net.run(ts.params, ts.state, x, train=True)
+                lk.inp = x
+
+        def deliver(k: int, g: Tensor, users: tuple[int, ...], start: int) -> None:
+            lk = live[k]
+            if pieces[k].param_names:
+                lk.total = _add(lk.total, g)
+            lk.pending.difference_update(users)
+            if start != k:
+                group = lk.groups[start]
+                group[0] = _add(group[0], g)
+                group[1].difference_update(users)
+            settle(k)
+
+        def settle(k: int) -> None:
+            piece, lk = pieces[k], live[k]
+            ready = [s for s, group in lk.groups.items() if not group[1]]
+            final = not lk.pending
+            # Rematerialised, every arrival is turned into parameter gradients at once: holding
+            # its cotangent until the last user arrives would outweigh the stored inputs.
+            flush = final or every is not None
+            with_params = flush and lk.total is not None and bool(piece.param_names)
+            sends = []
+            if ready or with_params:
+                stored = lk.inp
+                if every is not None:  # recompute the piece, replaying the generator
+                    with torch.random.fork_rng(devices=devices):
+                        _set_rng_state(lk.rng, devices)
+                        with_graph(k, stored)
+                out, params = lk.out, list(lk.leaves.values())
+                single = len(ready) == 1 and (lk.total is lk.groups[ready[0]][0] or (
+                    every is None and len(piece.groups) == 1 and not piece.stops))
+                if with_params and single:
+                    # one group carries every objective through here: one VJP for both
+                    gs = torch.autograd.grad(out, [*params, lk.inp], lk.total, allow_unused=True)
+                    accumulate(lk.leaves, gs[:-1])
+                    sends.append((ready[0], gs[-1]))
+                else:
+                    calls = [(s, lk.groups[s][0]) for s in ready] + ([(None, lk.total)] if with_params else [])
+                    for j, (s, cot) in enumerate(calls):
+                        retain = not ((final or every is not None) and j == len(calls) - 1)
+                        if s is None:
+                            accumulate(lk.leaves, torch.autograd.grad(out, params, cot, retain_graph=retain,
+                                                                      allow_unused=True))
+                        else:
+                            sends.append((s, torch.autograd.grad(out, lk.inp, cot, retain_graph=retain)[0]))
+                del out, params
+                if with_params:
+                    lk.total = None
+                if every is not None:
+                    lk.out, lk.leaves, lk.inp = None, {}, stored
+                del stored
+            users = {s: lk.groups.pop(s)[2] for s in ready}
+            if final:
+                lk.out = lk.inp = lk.total = lk.rng = None
+                lk.leaves = {}
+                release(k)
+            for s, g in sends:
+                deliver(piece.parent, g, users[s], s)
+
+        losses: dict[str, Tensor] = {}
+        metrics: dict[str, dict[str, Tensor]] = {}
+        for i, (o, op) in enumerate(zip(objectives, plan.objectives)):
+            shared_part, tail = op.path[:tails[i]], op.path[tails[i]:]
+            for k in shared_part:
+                if not live[k].computed:
+                    forward(k)
+            with torch.enable_grad():
+                if tail:
+                    x = parent_value(tail[0])
+                    inp = x.detach().requires_grad_(tails[i] > 0)
+                    names = tuple(dict.fromkeys(n for k in tail for n in pieces[k].param_names))
+                    leaves = {n: ts.params[n].detach().requires_grad_(True) for n in names}
+                    h = inp
+                    for j, k in enumerate(tail):
+                        if j:
+                            parent_value(k)  # bookkeeping: the value flows inside this graph
+                        h, live[k].updates = pieces[k].net.run(leaves, ts.state, h, train=True)
+                        live[k].computed = True
+                        live[k].pending.clear()  # its gradient is this graph's
+                        if pieces[k].children:
+                            live[k].value = h.detach()
+                else:
+                    end = live[op.path[-1]]
+                    inp = (end.out if every is None else end.value).detach().requires_grad_(True)
+                    leaves, h = {}, inp
+                seed_block("loss:" + o.name)
+                loss, m = o.score(h, batch, ts.state, ts.step)
+                targets = [*leaves.values(), inp] if inp.requires_grad else list(leaves.values())
+                gs = torch.autograd.grad(loss, targets, allow_unused=True) if targets else ()
+            accumulate(leaves, gs[:len(leaves)])
+            losses[o.name] = loss.detach()
+            metrics[o.name] = {n: v.detach() for n, v in m.items()}
+            del h, loss, m
+            if inp.requires_grad:
+                end = op.path[tails[i] - 1] if tail else op.path[-1]
+                deliver(end, gs[-1], (i,), op.start)
+            del gs, inp, leaves
+        updates = {}
+        for op in plan.objectives:
+            mine = {}
+            for k in op.path:
+                mine.update(live[k].updates)
+            for key, v in mine.items():
+                updates.setdefault(key, v.detach())
+        finite = torch.stack([torch.isfinite(v) for v in losses.values()]).all()
+        out = {k: grads[k] if k in grads else torch.zeros_like(v) for k, v in ts.params.items()}
+        return Gradients(out, {**ts.state, **updates}, losses, metrics, finite)
+
+    return run

@@ -1,0 +1,225 @@
+"""The shared step (one forward per block application, gradients by reach) equals the
+per-objective engine: gradients, new state, metrics; plus plan, fallbacks and resume."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import mlaan_func as mf
+from mlaan_func import testing as mt
+from mlaan_func.models.resnet import CifarResNet
+from mlaan_func.plan import plan_scheme
+from mlaan_func.shared_step import shared_gradients, use_shared
+
+SETTINGS = settings(deadline=None, max_examples=6)
+WIDTHS = (4, 8, 8)
+CLASSES = 5
+SHAPE = (3, 8, 8)
+BLOCKS = mf.from_module(CifarResNet(14, num_classes=CLASSES, widths=WIDTHS)).block_names
+
+
+def backbone():
+    return mf.from_module(CifarResNet(14, num_classes=CLASSES, widths=WIDTHS))
+
+
+def batch(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SHAPE, generator=g), torch.arange(n) % CLASSES
+
+
+def assert_same_gradients(scheme, ts, xy, rtol=mt.RTOL):
+    got = shared_gradients(scheme)(ts, xy)
+    want = mf.gradients(scheme, share=False)(ts, xy)
+    mt.assert_close(got.grads, want.grads, rtol, "gradient")
+    mt.assert_identical(got.state, want.state, "state")
+    mt.assert_close(got.losses, want.losses, rtol, "loss")
+    mt.assert_close(got.metrics, want.metrics, rtol, "metric")
+    assert list(got.losses) == list(want.losses) == [o.name for o in scheme]
+    return got
+
+
+@st.composite
+def scheme_cases(draw):
+    method = draw(st.sampled_from(mf.schemes.SCHEMES))
+    at = draw(mt.cut_points(BLOCKS, min_modules=1, max_modules=6))
+    k = len(at) + 1
+    options = {}
+    if method.endswith("mlaan"):
+        options["width"] = draw(st.integers(1, k))
+        options["trunk_depth"] = draw(st.integers(1, 4))
+    return method, at, options
+
+
+@settings(deadline=None, max_examples=10)
+@given(case=scheme_cases(), seed=mt.seeds, data_seed=st.integers(0, 1000))
+def test_shared_equals_per_objective_for_every_scheme(case, seed, data_seed):
+    method, at, options = case
+    scheme = mf.schemes.build(method, backbone(), at, input_shape=SHAPE, **options)
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=seed % 1000)
+    assert_same_gradients(scheme, ts, batch(seed=data_seed))
+
+
+@pytest.mark.parametrize("method", ["mlaan", "dgl_mlaan", "infopro_mlaan"])
+def test_published_mlaan_family_shares_and_is_the_default(method):
+    scheme = mf.schemes.build(method, backbone(), ["1.0", "1.1", "2.0", "2.1", "3.0"], input_shape=SHAPE)
+    assert use_shared(scheme, share=None, compile=False)
+    assert not use_shared(scheme, share=None, compile=True)
+    assert not use_shared(scheme, share=False, compile=False)
+    plan = plan_scheme(scheme)
+    w = mf.schemes.DEFAULT_WIDTH[method]
+    for piece in plan.shared:   # an interior backbone module: W windows + its own head
+        assert len(piece.users) <= w + 1
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=3)
+    assert_same_gradients(scheme, ts, batch(seed=1), rtol=1e-5)
+
+
+def test_reach_of_each_objective_is_its_window_trunk_and_head():
+    scheme = mf.schemes.dgl_mlaan(backbone(), ["1.0", "1.1", "2.0", "2.1"], input_shape=SHAPE)
+    plan = plan_scheme(scheme)
+    for i, o in enumerate(scheme):
+        blocks = [b.name for n in o.nets for b in n.blocks]
+        assert plan.reach(scheme, i) == tuple(blocks), o.name
+
+
+def growing_windows_scheme():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "custom_scheme.py"
+    spec = importlib.util.spec_from_file_location("custom_scheme", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    net = mf.from_module(CifarResNet(14, num_classes=10, in_channels=3, widths=(4, 8, 8)))
+    return module.growing_windows(net, module.AT, input_shape=(3, 8, 8))[1]
+
+
+def test_user_scheme_with_overlapping_windows_of_mixed_widths():
+    scheme = growing_windows_scheme()
+    assert use_shared(scheme, share=None, compile=False)
+    opt = mf.optim.sgd(0.1, momentum=0.9)
+    ts = mf.init(scheme, opt, seed=2)
+    x, _ = batch(6, seed=3)
+    xy = (x, torch.arange(6) % 10)
+    assert_same_gradients(scheme, ts, xy)
+    a = b = ts
+    for i in range(3):
+        a, ma = mf.step(scheme, opt, share=False)(a, xy)
+        b, mb = mf.step(scheme, opt, share=True)(b, xy)
+    mt.assert_close(b.params, a.params, 1e-4)
+    mt.assert_close(b.state, a.state, 1e-4)
+
+
+def test_objectives_that_share_a_whole_path_and_a_block_reached_twice():
+    """Two heads on one module, a second loss on the same net output, a window over both."""
+    blocks = [nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 6), nn.Tanh()) for _ in range(3)] + [nn.Linear(6, 3)]
+    mods = mf.split(mf.from_module(nn.Sequential(*blocks)), ["0", "1", "2"])
+    ce = mf.losses.cross_entropy
+    scheme = [
+        mf.local_loss(mods[0], mf.from_module(nn.Linear(6, 3), name="ha"), ce, name="a"),
+        mf.local_loss(mods[0], mf.from_module(nn.Linear(6, 3), name="hb"), ce, 0.3, name="b"),
+        mf.local_loss(mf.cascade(*mods[:2]), mf.from_module(nn.Linear(6, 3), name="hc"), ce, name="c"),
+        mf.local_loss(mf.cascade(*mods[1:3]), None, lambda out, b: ((out ** 2).mean(), {}), name="d"),
+        mf.local_loss(mf.cascade(*mods[1:3]), mf.from_module(nn.Linear(6, 3), name="he"), ce, name="e"),
+        mf.local_loss(mf.cascade(*mods[:4]), None, ce, name="final"),
+    ]
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=4)
+    xy = (torch.randn(8, 6), torch.arange(8) % 3)
+    assert_same_gradients(scheme, ts, xy)
+
+
+@SETTINGS
+@given(case=scheme_cases(), every=st.integers(1, 3), data_seed=st.integers(0, 1000))
+def test_rematerialised_shared_step_equals_per_objective(case, every, data_seed):
+    method, at, options = case
+    plain = mf.schemes.build(method, backbone(), at, input_shape=SHAPE, **options)
+    scheme = [mf.remat(o, every=every) for o in plain]
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=data_seed)
+    xy = batch(seed=data_seed)
+    got = assert_same_gradients(scheme, ts, xy)      # against per-objective remat
+    want = mf.gradients(plain, share=False)(ts, xy)  # and against the plain engine
+    mt.assert_close(got.grads, want.grads, mt.RTOL, "gradient")
+    mt.assert_identical(got.state, want.state, "state")
+
+
+def test_own_grad_fn_compile_and_dropout_fall_back_to_per_objective():
+    import attrs
+
+    scheme = mf.schemes.mlaan(backbone(), ["1.0", "2.0"], input_shape=SHAPE)
+    assert use_shared([mf.remat(o) for o in scheme], share=None, compile=False)
+    own = [attrs.evolve(o, grad_fn=lambda objective, taps: None) for o in scheme]
+    assert not use_shared(own, share=None, compile=False)
+    with pytest.raises(ValueError, match="share=False"):
+        use_shared(own, share=True, compile=False)
+    with pytest.raises(ValueError, match="compile"):
+        mf.gradients(scheme, compile=True, share=True)
+    blocks = [nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5)) for _ in range(2)] + [nn.Linear(6, 3)]
+    mods = mf.split(mf.from_module(nn.Sequential(*blocks)), ["0", "1"])
+    dropout = [mf.local_loss(mods[0], mf.from_module(nn.Linear(6, 3), name="h"), mf.losses.cross_entropy, name="a"),
+               mf.local_loss(mf.cascade(*mods), None, mf.losses.cross_entropy, name="final")]
+    assert not use_shared(dropout, share=None, compile=False)
+    # forced sharing with dropout: one draw per block application per step (documented)
+    ts = mf.init(dropout, mf.optim.sgd(0.1))
+    xy = (torch.randn(8, 6), torch.arange(8) % 3)
+    torch.manual_seed(0)
+    g = mf.gradients(dropout, share=True)(ts, xy)
+    torch.manual_seed(0)
+    h = mf.gradients(dropout, share=True)(ts, xy)
+    mt.assert_identical(g.grads, h.grads)
+
+
+def test_oracle_passes_through_the_shared_step():
+    """The DGL+MLAAN oracle of tests/test_mlaan.py, run on the default (shared) engine."""
+    from tests.test_mlaan import reference_mlaan, ce, build
+
+    at = ["stem", "1.1", "2.0", "3.0"]
+    scheme = build("dgl_mlaan", at)
+    assert use_shared(scheme, share=None, compile=False)
+    reference = reference_mlaan(scheme, at, 3, lambda i: ce, lambda i: ce)
+    ts = mf.init(scheme, mf.optim.sgd(0.5), seed=11)
+    mt.check_oracle(scheme, ts, (torch.randn(6, *SHAPE), torch.arange(6) % CLASSES), reference, rtol=1e-4)
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    scheme = mf.schemes.mlaan(backbone(), ["1.0", "2.0", "3.0"], input_shape=SHAPE)
+    opt = mf.optim.sgd(0.1, momentum=0.9)
+    run = mf.step(scheme, opt)
+    a = mf.init(scheme, opt, seed=1)
+    for i in range(2):
+        a, _ = run(a, batch(seed=i))
+    mf.save(tmp_path / "ck.pt", a)
+    b = mf.load(tmp_path / "ck.pt")
+    for i in range(2, 4):
+        a, _ = run(a, batch(seed=i))
+        b, _ = run(b, batch(seed=i))
+    mt.assert_identical(b.params, a.params)
+    mt.assert_identical(b.state, a.state)
+
+
+def test_no_sharing_means_the_per_objective_engine():
+    scheme = mf.schemes.dgl(backbone(), ["1.0", "2.0"], input_shape=SHAPE)
+    assert not plan_scheme(scheme).shared
+    assert not use_shared(scheme, share=None, compile=False)
+    ts = mf.init(scheme, mf.optim.sgd(0.1))
+    xy = batch()
+    got = shared_gradients(scheme)(ts, xy)
+    want = mf.gradients(scheme, share=False)(ts, xy)
+    mt.assert_identical(got.grads, want.grads)   # nothing shared: the same computation
+
+
+@pytest.mark.slow
+def test_compiled_steps_keep_the_per_objective_engine_and_a_fixed_compile_count():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    scheme = mf.schemes.mlaan(backbone(), ["1.0", "2.0"], input_shape=SHAPE)
+    opt = mf.optim.sgd(0.1, momentum=0.9)
+    eager, compiled = mf.step(scheme, opt), mf.step(scheme, opt, compile=True, backend=counter)
+    a = b = mf.init(scheme, opt, seed=5)
+    for i in range(3):
+        a, _ = eager(a, batch(seed=i))   # shared, eager
+        b, _ = compiled(b, batch(seed=i))
+    mt.assert_close(b.params, a.params, 1e-4)
+    assert counter.frame_count == len(scheme)
