@@ -27,7 +27,7 @@ from mlaan_func.shared_step import use_shared  # noqa: E402
 def build_released(method: str, arch: str, k: int, trunks: bool = True):
     """The scheme with the released leap-trunk table where one is published (MLAAN family);
     ``trunks=False``: MLM without LAM (no trunks), to separate the backbone's share."""
-    backbone = mf.from_module(common.ARCHS[arch](num_classes=10))
+    backbone = mf.from_module(common.model_for(arch))
     at = [] if method == "e2e" else common.split_for(arch, backbone, k)
     options = {}
     if method.endswith("mlaan") and not trunks:

@@ -863,7 +863,7 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
         "backbone_parameters": sum(ts.params[k].numel() for k in backbone.param_names),
         "seconds": train_seconds, "device": str(device), "precision": args.precision,
         "processes": world, "parallel": args.parallel or "none",
-        "lr": args.lr, "data_files": list(dataset.files),
+        "lr": args.lr, "data_files": [str(Path(args.data_dir).resolve())] if folder else list(dataset.files),
         "torch": torch.__version__,
     }
     if "val_accuracy" in rows[-1]:

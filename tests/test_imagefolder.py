@@ -183,17 +183,17 @@ def test_program_under_torchrun_with_two_gloo_processes(tiny, tmp_path):
     assert summary["processes"] == 2 and summary["parallel"] == "data"
 
 
-@pytest.mark.parametrize("kind, more, message", [
-    ("flat", [], "no class folders"),
-    ("class sets differ", [], "differ from train's"),
-    ("ok", ["--modules", "9"], "cannot be split into 9 modules"),
-    ("ok", ["--dataset", "imagenet"], "needs 1000 class folders"),
+@pytest.mark.parametrize("kind, more, message, code", [
+    ("flat", [], "no class folders", 3),  # 3: the data is invalid (the program's exit codes)
+    ("class sets differ", [], "differ from train's", 3),
+    ("ok", ["--modules", "9"], "cannot be split into 9 modules", 2),  # 2: a bad command line
+    ("ok", ["--dataset", "imagenet"], "needs 1000 class folders", 3),
 ])
-def test_program_bad_input_is_one_line_and_writes_nothing(tmp_path, kind, more, message):
+def test_program_bad_input_is_one_line_and_writes_nothing(tmp_path, kind, more, message, code):
     root = write_bad(tmp_path / "d", kind)
     out = tmp_path / "out"
     r = program(quick(root, out, "--method", "dgl", "--modules", "2", *more), timeout=300)
-    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.returncode == code, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert "Traceback" not in r.stderr and len(errors) == 1 and message in errors[0]
     if kind != "ok":
