@@ -65,7 +65,7 @@ PAPERS = {"method": ["e2e", "dgl", "mlaan", "infopro", "dgl_mlaan", "infopro_mla
           "lambda_by": "stage", "rgb32": True}
 PAPERS_K = {"dgl": 16, "infopro": 16, "mlaan": 15, "dgl_mlaan": 15, "infopro_mlaan": 15}
 """K per scheme in the papers' ResNet-32 tables (InfoPro's 16 with the stem alone, MLAAN's 15)."""
-OPTION_DEFAULTS = {"supcon_anchors": ["with_positive"], "dgl_head": "dgl", "trunks": "rule",
+OPTION_DEFAULTS = {"supcon_anchors": ["all"], "dgl_head": "dgl", "trunks": "rule",
                    "lambda_by": "module", "rgb32": False}
 
 

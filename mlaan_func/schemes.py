@@ -115,7 +115,7 @@ def stage_fraction(name: str, modules: int) -> float:
 
 def infopro_loss(i: int, modules: int, lambdas: Sequence[float], *, contrastive: bool,
                  mean: Sequence[float], std: Sequence[float], stage_fraction: float | None = None,
-                 supcon_anchors: str = "with_positive"):
+                 supcon_anchors: str = "all"):
     """``λ1(i) · BCE(reconstruction) + λ2(i) · task`` for module ``i`` of ``modules``.
 
     λ is interpolated by module (``r = i / max(K-2, 1)``) or, with ``stage_fraction``, at that
@@ -155,7 +155,7 @@ def imagenet_infopro_head(shape: Sequence[int], num_classes: int, input_shape: S
 def infopro(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32),
             lambdas: Sequence[float] | None = None, contrastive: bool = True,
             mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD,
-            supcon_anchors: str = "with_positive", head: str = "infopro") -> list[Objective]:
+            supcon_anchors: str = "all", head: str = "infopro") -> list[Objective]:
     """InfoPro (Wang et al.): module ``i < K-1`` trains on ``λ1·BCE(decoder(h_i), image) +
     λ2·task(classifier(h_i))`` (task: supervised contrastive by default); the last module on
     the backbone's classifier. ``lambdas = (ixx_1, ixy_1, ixx_2, ixy_2)``;
@@ -269,7 +269,7 @@ def dgl_mlaan(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = 
 def infopro_mlaan(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32),
                   width: int | None = None, lambdas: Sequence[float] | None = None,
                   lambda_by: str = "module", mean: Sequence[float] = CIFAR10_MEAN,
-                  std: Sequence[float] = CIFAR10_STD, supcon_anchors: str = "with_positive",
+                  std: Sequence[float] = CIFAR10_STD, supcon_anchors: str = "all",
                   **options) -> list[Objective]:
     """InfoPro + MLAAN: decoder + classifier heads; λ1·BCE + λ2·SupCon on the independent
     path, λ1·BCE + λ2·CE on the cascaded one (W = 3 by default). ``lambda_by="stage"``

@@ -214,7 +214,7 @@ def supcon_reference(features, y, temperature):
        temperature=st.sampled_from([0.07, 0.5, 1.0]))
 def test_supervised_contrastive_equals_naive_reference(seed, n, classes, dim, temperature):
     out, batch = labelled(seed, n, classes, dim=dim)
-    loss, m = losses.supervised_contrastive(temperature)(out, batch)
+    loss, m = losses.supervised_contrastive(temperature, "with_positive")(out, batch)
     want = supcon_reference(out, batch.y, temperature)
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
     assert set(m) == {"loss"}
