@@ -24,6 +24,16 @@ def _stage_of(name: str) -> int | None:
     return int(head) if head.isdigit() and tail.isdigit() else None
 
 
+def _spread(candidates: list, places: int) -> list:
+    """``places`` of ``candidates`` spread evenly, at positions ceil((j+1)·L/n) − 1 (all of
+    them when there are places for all)."""
+    if places >= len(candidates):
+        return candidates
+    if places <= 0:
+        return []
+    return [candidates[math.ceil((j + 1) * len(candidates) / places) - 1] for j in range(places)]
+
+
 def leap_trunk_rule(block_names: Sequence[str], after: str, depth: int = 4) -> list[str]:
     """The blocks a trunk copies after module-ending block ``after`` (DESIGN.md §2): the first
     block of every later stage, then up to ``depth`` blocks in all from the remaining blocks
@@ -39,13 +49,7 @@ def leap_trunk_rule(block_names: Sequence[str], after: str, depth: int = 4) -> l
               if (i == 0 or _stage_of(later[i - 1]) != _stage_of(n)) and
               (i > 0 or after == "stem" or _stage_of(n) != _stage_of(after))]
     candidates = [n for n in later if _stage_of(n) == last_stage and n not in firsts]
-    places = depth - len(firsts)
-    if places >= len(candidates):
-        chosen = candidates
-    elif places <= 0:
-        chosen = []
-    else:
-        chosen = [candidates[math.ceil((j + 1) * len(candidates) / places) - 1] for j in range(places)]
+    chosen = _spread(candidates, depth - len(firsts))
     return [n for n in later if n in set(firsts) | set(chosen)]
 
 
@@ -106,13 +110,7 @@ def leap_trunk_blocks(backbone: Net, after: str, depth: int = 4, *, input_shape:
     firsts = [j for j in later if stage[j] != stage[j - 1]]
     last_stage = stage[len(names) - 2] if len(names) > 1 else 0
     candidates = [j for j in later if stage[j] == last_stage and j not in firsts]
-    places = depth - len(firsts)
-    if places >= len(candidates):
-        chosen = candidates
-    elif places <= 0:
-        chosen = []
-    else:
-        chosen = [candidates[math.ceil((j + 1) * len(candidates) / places) - 1] for j in range(places)]
+    chosen = _spread(candidates, depth - len(firsts))
     return [names[j] for j in later if j in set(firsts) | set(chosen)]
 
 

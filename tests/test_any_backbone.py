@@ -1,19 +1,18 @@
 """Any backbone: torch.fx splits of a module's real forward, the ViT, heads for every feature
 rank, the generic leap-trunk rule, block access by name, and the laws on a ViT."""
 
-import copy
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.nn import functional as F
 
 import mlaan_func as mf
 from mlaan_func import testing as mt
 from mlaan_func.trace import TraceError
 from mlaan_func.trunks import leap_trunk_blocks, leap_trunk_rule
+from oracles import local_reference
 
 SETTINGS = settings(deadline=None, max_examples=6)
 CLASSES = 5
@@ -335,86 +334,13 @@ def test_generic_trunk_rule_equals_the_resnet_rule():
                     leap_trunk_rule(names, after, depth), (after, depth)
 
 
-class Reference:
-    """Ordinary modules and .backward(); every run starts from the step's initial state."""
-
-    def __init__(self, params, state):
-        self.params, self.state, self.new_state, self.modules = params, state, {}, {}
-
-    def run(self, prefix, template, x, in_state=False):
-        if prefix not in self.modules:
-            m = copy.deepcopy(template).train()
-            for k, v in m.named_parameters():
-                v.data.copy_((self.state if in_state else self.params)[f"{prefix}.{k}"])
-                v.requires_grad_(not in_state)
-            self.modules[prefix] = (m, in_state)
-        m = self.modules[prefix][0]
-        for k, v in m.named_buffers():
-            v.data.copy_(self.state[f"{prefix}.{k}"])
-        y = m(x)
-        for k, v in m.named_buffers():
-            self.new_state.setdefault(f"{prefix}.{k}", v.detach().clone())
-        return y
-
-    def grads(self):
-        return {f"{p}.{k}": (v.grad if v.grad is not None else torch.zeros_like(v))
-                for p, (m, in_state) in self.modules.items() if not in_state
-                for k, v in m.named_parameters()}
-
-
 def vit_reference(scheme, at, method, detach=True):
     """DGL or MLAAN (DESIGN.md §2) on the ViT as plain nn.Module code, one backward()."""
     model = vit()
-    blocks = dict(model.named_blocks())
-    names = list(blocks)
-    ends = [names.index(a) for a in at] + [len(names) - 1]
-    per_module = [names[(ends[j - 1] + 1 if j else 0):ends[j] + 1] for j in range(len(ends))]
-    k = len(per_module)
-    heads = {b.prefix: b.module for o in scheme if o.head is not None for b in o.head.blocks if hasattr(b, "module")}
-    width = min(2, k)
     backbone = mf.from_module(model)
-
-    def reference(params, state, xy):
-        x, y = xy
-        ref = Reference(params, state)
-
-        def run(j, h):
-            for b in per_module[j]:
-                h = ref.run(b, blocks[b], h)
-            return h
-
-        hs = [x]
-        for j in range(k):
-            hs.append(run(j, hs[-1].detach() if detach else hs[-1]))
-            hs[-1] = hs[-1].detach() if detach else hs[-1]
-        total = 0.0
-        if method == "dgl":
-            for i in range(k - 1):
-                total = total + F.cross_entropy(ref.run(f"head{i}", heads[f"head{i}"], run(i, hs[i])), y)
-            total = total + F.cross_entropy(run(k - 1, hs[k - 1]), y)
-        else:
-            for i in range(width - 1, k - 1):
-                z = hs[i - width + 1]
-                for j in range(i - width + 1, i + 1):
-                    z = run(j, z)
-                trunk = leap_trunk_blocks(backbone, names[ends[i]], 4, input_shape=VIT_SHAPE)
-                if trunk:
-                    t = ref.run(f"trunk{i}.{trunk[0]}", blocks[trunk[0]], z) + \
-                        ref.run(f"twin.{trunk[0]}", blocks[trunk[0]], z, in_state=True)
-                    for b in trunk[1:]:
-                        t = ref.run(f"trunk{i}.{b}", blocks[b], t)
-                else:
-                    t = z
-                total = total + 0.999 * F.cross_entropy(ref.run(f"chead{i}", heads[f"chead{i}"], t), y)
-                total = total + 0.001 * F.cross_entropy(ref.run(f"head{i}", heads[f"head{i}"], run(i, hs[i])), y)
-            z = hs[k - width]
-            for j in range(k - width, k):
-                z = run(j, z)
-            total = total + F.cross_entropy(z, y)
-        total.backward()
-        return ref.grads(), {**state, **ref.new_state}
-
-    return reference
+    return local_reference(model, scheme, at, method,
+                           lambda i, end: leap_trunk_blocks(backbone, end, 4, input_shape=VIT_SHAPE),
+                           width=min(2, len(at) + 1), detach=detach)
 
 
 @pytest.mark.parametrize("k", [2, 4, 6])

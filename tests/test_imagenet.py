@@ -1,17 +1,16 @@
 """ImageNet ResNets: standard sizes, published tables and heads, split identity and the
 oracle for DGL and MLAAN on ResNet-18 at small resolution."""
 
-import copy
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 import mlaan_func as mf
 from mlaan_func import imagenet_heads
 from mlaan_func import testing as mt
 from mlaan_func.models import imagenet_resnet
 from mlaan_func.trunks import leap_trunk_rule
+from oracles import local_reference
 
 CLASSES = 5
 SHAPE = (3, 16, 16)  # stem /4, then 4×4, 2×2, 1×1, 1×1
@@ -102,80 +101,11 @@ def test_split_and_cascade_give_back_resnet18(at):
     mt.check_split_identity(net, at, ts.params, ts.state, batch()[0], train=False)
 
 
-class Runner:
-    """Blocks as ordinary modules loaded from the library's tensors; every run starts from the
-    step's BatchNorm statistics and the first run writes (DESIGN.md §2)."""
-
-    def __init__(self, params, state):
-        self.params, self.state, self.new_state, self.modules = params, state, {}, {}
-
-    def run(self, prefix, template, x, in_state=False):
-        if prefix not in self.modules:
-            m = copy.deepcopy(template).train()
-            for k, v in m.named_parameters():
-                v.data.copy_((self.state if in_state else self.params)[f"{prefix}.{k}"])
-                v.requires_grad_(not in_state)
-            self.modules[prefix] = (m, in_state)
-        m = self.modules[prefix][0]
-        for k, v in m.named_buffers():
-            v.data.copy_(self.state[f"{prefix}.{k}"])
-        y = m(x)
-        for k, v in m.named_buffers():
-            self.new_state.setdefault(f"{prefix}.{k}", v.detach().clone())
-        return y
-
-    def grads(self):
-        return {f"{p}.{k}": (v.grad if v.grad is not None else torch.zeros_like(v))
-                for p, (m, in_state) in self.modules.items() if not in_state for k, v in m.named_parameters()}
-
-
-def reference(scheme, at, width, method, w_x=0.001, w_y=0.999):
+def reference(scheme, at, width, method):
+    """DGL or MLAAN on the small ResNet-18 as plain nn.Module code, one backward()."""
     model = small_resnet18()
-    blocks = dict(model.named_blocks())
-    names = list(blocks)
-    ends = [names.index(a) for a in at] + [len(names) - 1]
-    module_blocks = [names[(ends[j - 1] + 1 if j else 0):ends[j] + 1] for j in range(len(ends))]
-    k = len(module_blocks)
-    heads = {b.prefix: b.module for o in scheme if o.head is not None for b in o.head.blocks if hasattr(b, "module")}
-
-    def fn(params, state, xy):
-        x, y = xy
-        ref = Runner(params, state)
-
-        def run_module(j, h):
-            for b in module_blocks[j]:
-                h = ref.run(b, blocks[b], h)
-            return h
-
-        hs = [x]
-        for j in range(k):
-            hs.append(run_module(j, hs[-1].detach()).detach())
-        total = 0.0
-        if method == "dgl":
-            for i in range(k - 1):
-                total = total + F.cross_entropy(ref.run(f"head{i}", heads[f"head{i}"], run_module(i, hs[i])), y)
-            total = total + F.cross_entropy(run_module(k - 1, hs[k - 1]), y)
-        else:
-            for i in range(width - 1, k - 1):
-                z = hs[i - width + 1]
-                for j in range(i - width + 1, i + 1):
-                    z = run_module(j, z)
-                trunk = leap_trunk_rule(names, names[ends[i]])
-                t = ref.run(f"trunk{i}.{trunk[0]}", blocks[trunk[0]], z) + \
-                    ref.run(f"twin.{trunk[0]}", blocks[trunk[0]], z, in_state=True)
-                for b in trunk[1:]:
-                    t = ref.run(f"trunk{i}.{b}", blocks[b], t)
-                total = total + w_y * F.cross_entropy(ref.run(f"chead{i}", heads[f"chead{i}"], t), y)
-                ind = run_module(i, hs[i])
-                total = total + w_x * F.cross_entropy(ref.run(f"head{i}", heads[f"head{i}"], ind), y)
-            z = hs[k - width]
-            for j in range(k - width, k):
-                z = run_module(j, z)
-            total = total + F.cross_entropy(z, y)
-        total.backward()
-        return ref.grads(), {**state, **ref.new_state}
-
-    return fn
+    names = [n for n, _ in model.named_blocks()]
+    return local_reference(model, scheme, at, method, lambda i, end: leap_trunk_rule(names, end), width=width)
 
 
 @pytest.mark.parametrize("method, options", [("dgl", {}), ("mlaan", {"head": "imagenet", "width": 3}),

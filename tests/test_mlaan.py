@@ -1,6 +1,5 @@
 """MLAAN (MLM + LAM), InfoPro and the combined schemes: routing, the oracle, twins, export."""
 
-import copy
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import mlaan_func as mf
 from mlaan_func import testing as mt
 from mlaan_func.models.resnet import CifarResNet
 from mlaan_func.trunks import leap_trunk_rule
+from oracles import ce, local_reference
 
 SETTINGS = settings(deadline=None, max_examples=6)
 WIDTHS = (4, 8, 8)
@@ -114,89 +114,12 @@ def test_unknown_scheme_and_bad_options_are_refused():
 
 # ----------------------------------------------------------------------------- oracle
 
-class Reference:
-    """DESIGN.md §2 written with ordinary modules, .backward() and explicit BN bookkeeping:
-    every run of a block starts from the step's initial statistics; the first run writes."""
-
-    def __init__(self, params, state):
-        self.params, self.state, self.new_state, self.modules = params, state, {}, {}
-
-    def module(self, prefix, template, in_state=False):
-        if prefix not in self.modules:
-            m = copy.deepcopy(template).train()
-            source = self.state if in_state else self.params
-            for k, v in m.named_parameters():
-                v.data.copy_(source[f"{prefix}.{k}"])
-                v.requires_grad_(not in_state)
-            self.modules[prefix] = (m, in_state)
-        return self.modules[prefix][0]
-
-    def run(self, prefix, template, x, in_state=False):
-        m = self.module(prefix, template, in_state)
-        for k, v in m.named_buffers():
-            v.data.copy_(self.state[f"{prefix}.{k}"])
-        y = m(x)
-        for k, v in m.named_buffers():
-            self.new_state.setdefault(f"{prefix}.{k}", v.detach().clone())
-        return y
-
-    def grads(self):
-        out = {}
-        for prefix, (m, in_state) in self.modules.items():
-            if not in_state:
-                out.update({f"{prefix}.{k}": (v.grad if v.grad is not None else torch.zeros_like(v))
-                            for k, v in m.named_parameters()})
-        return out
-
-
-def reference_mlaan(scheme_objectives, at, width, ind_loss, cas_loss, w_x=0.001, w_y=0.999):
+def reference_mlaan(scheme_objectives, at, width, ind_loss, cas_loss):
     """``ind_loss(i)`` / ``cas_loss(i)``: module ``i``'s loss ``(output, x, y) -> loss``."""
     model = small_resnet()
-    blocks = dict(model.named_blocks())
-    names = list(blocks)
-    ends = [names.index(a) for a in at] + [len(names) - 1]
-    module_blocks = [names[(ends[j - 1] + 1 if j else 0):ends[j] + 1] for j in range(len(ends))]
-    k = len(module_blocks)
-    heads = {b.prefix: b.module for o in scheme_objectives if o.head is not None
-             for b in o.head.blocks if hasattr(b, "module")}
-
-    def reference(params, state, xy):
-        x, y = xy
-        ref = Reference(params, state)
-
-        def run_module(j, h):
-            for b in module_blocks[j]:
-                h = ref.run(b, blocks[b], h)
-            return h
-
-        hs = [x]
-        for j in range(k):
-            hs.append(run_module(j, hs[-1].detach()).detach())
-        total = 0.0
-        for i in range(width - 1, k - 1):
-            z = hs[i - width + 1]
-            for j in range(i - width + 1, i + 1):
-                z = run_module(j, z)
-            trunk = leap_trunk_rule(names, names[ends[i]])
-            t = ref.run(f"trunk{i}.{trunk[0]}", blocks[trunk[0]], z) + \
-                ref.run(f"twin.{trunk[0]}", blocks[trunk[0]], z, in_state=True)
-            for b in trunk[1:]:
-                t = ref.run(f"trunk{i}.{b}", blocks[b], t)
-            total = total + w_y * cas_loss(i)(ref.run(f"chead{i}", heads[f"chead{i}"], t), x, y)
-            ind = run_module(i, hs[i])
-            total = total + w_x * ind_loss(i)(ref.run(f"head{i}", heads[f"head{i}"], ind), x, y)
-        z = hs[k - width]
-        for j in range(k - width, k):
-            z = run_module(j, z)
-        total = total + F.cross_entropy(z, y)
-        total.backward()
-        return ref.grads(), {**state, **ref.new_state}
-
-    return reference
-
-
-def ce(out, x, y):
-    return F.cross_entropy(out, y)
+    names = [n for n, _ in model.named_blocks()]
+    return local_reference(model, scheme_objectives, at, "mlaan", lambda i, end: leap_trunk_rule(names, end),
+                           width=width, ind_loss=ind_loss, cas_loss=cas_loss)
 
 
 def infopro_parts(i, k, contrastive):

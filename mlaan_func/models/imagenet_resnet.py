@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .resnet import Classifier
+from .resnet import Classifier, StagedResNet
 
 LAYOUTS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
@@ -121,7 +121,7 @@ class Bottleneck(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-class ImageNetResNet(nn.Module):
+class ImageNetResNet(StagedResNet):
     """Stem, four stages at widths 64/128/256/512 (× expansion), classifier.
 
     Stages 2–4 open with a stride-2 block; stage 1 keeps the stem's resolution.
@@ -149,19 +149,6 @@ class ImageNetResNet(nn.Module):
                 width_in = width * block.expansion
             self.stages.append(nn.Sequential(*blocks))
         self.classifier = Classifier(width_in, num_classes)
-
-    def named_blocks(self) -> list[tuple[str, nn.Module]]:
-        """The ordered blocks local learning splits between: stem, ``s.b``, classifier."""
-        blocks: list[tuple[str, nn.Module]] = [("stem", self.stem)]
-        for s, stage in enumerate(self.stages, start=1):
-            blocks += [(f"{s}.{b}", block) for b, block in enumerate(stage)]
-        blocks.append(("classifier", self.classifier))
-        return blocks
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _, block in self.named_blocks():
-            x = block(x)
-        return x
 
 
 def resnet18(num_classes: int = 1000, in_channels: int = 3, *, zero_init_residual: bool = False) -> ImageNetResNet:

@@ -93,7 +93,25 @@ class Classifier(nn.Module):
         return self.fc(self.pool(x))
 
 
-class CifarResNet(nn.Module):
+class StagedResNet(nn.Module):
+    """A ResNet as ``stem``, ``stages`` (an ``nn.ModuleList`` of ``nn.Sequential``) and
+    ``classifier``, addressable per block: ``"stem"``, ``"1.0"`` … , ``"classifier"``."""
+
+    def named_blocks(self) -> list[tuple[str, nn.Module]]:
+        """The ordered blocks local learning splits between: stem, ``s.b``, classifier."""
+        blocks: list[tuple[str, nn.Module]] = [("stem", self.stem)]
+        for s, stage in enumerate(self.stages, start=1):
+            blocks += [(f"{s}.{b}", block) for b, block in enumerate(stage)]
+        blocks.append(("classifier", self.classifier))
+        return blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _, block in self.named_blocks():
+            x = block(x)
+        return x
+
+
+class CifarResNet(StagedResNet):
     """Stem, three stages of BasicBlocks at widths 16/32/64, classifier."""
 
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3,
@@ -114,19 +132,6 @@ class CifarResNet(nn.Module):
             self.stages.append(nn.Sequential(*blocks))
             width_in = width
         self.classifier = Classifier(widths[-1], num_classes)
-
-    def named_blocks(self) -> list[tuple[str, nn.Module]]:
-        """The ordered blocks local learning splits between: stem, ``s.b``, classifier."""
-        blocks: list[tuple[str, nn.Module]] = [("stem", self.stem)]
-        for s, stage in enumerate(self.stages, start=1):
-            blocks += [(f"{s}.{b}", block) for b, block in enumerate(stage)]
-        blocks.append(("classifier", self.classifier))
-        return blocks
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _, block in self.named_blocks():
-            x = block(x)
-        return x
 
 
 def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
