@@ -31,13 +31,13 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .combinators import Objective
 from .core import INPUT, Params, State
 from .engine import (NonFiniteLossError, TrainState, _as_batch, _step_randomness, after_steps,
                      apply_gradients, gradient_fns, plan_routes, scheme_names)
-from .losses import Batch
+from .losses import input_of
 from .optim import Optimizer
 from .randomness import fold_in
 from .routing import accumulate, fold
@@ -162,15 +162,23 @@ def _finish_step(ts: TrainState, grads: Params, state: State, finite: Tensor, lo
     return apply_gradients(ts, grads, state, optimizer, post), metrics
 
 
-def shard(batch: Any, rank: int, world: int) -> Batch:
+def samples(batch: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of a batch (any pytree): every tensor whose first dimension is
+    the input's is sliced, anything else is kept as it is."""
+    n = input_of(batch).shape[0]
+    return tree_map(lambda t: t[start:stop] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else t,
+                    batch)
+
+
+def shard(batch: Any, rank: int, world: int) -> Any:
     """Rank ``rank``'s contiguous share of a global batch (sizes must divide evenly)."""
     batch = _as_batch(batch)
-    n = batch.y.shape[0]
+    n = input_of(batch).shape[0]
     if n % world:
         raise ValueError(f"the global batch of {n} does not split evenly over {world} ranks; "
                          "choose a batch size divisible by the number of processes")
     per = n // world
-    return Batch(batch.x[rank * per:(rank + 1) * per], batch.y[rank * per:(rank + 1) * per])
+    return samples(batch, rank * per, (rank + 1) * per)
 
 
 def data_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, *, group=None,
@@ -318,7 +326,7 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
 
     def train_step(ts: TrainState, batch: Any):
         batch = _as_batch(batch)
-        n = batch.y.shape[0]
+        n = input_of(batch).shape[0]
         if n % micro_batches:
             raise ValueError(f"the batch of {n} does not split into {micro_batches} equal micro-batches")
         per = n // micro_batches
@@ -332,15 +340,16 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
         busy = wait = 0.0
         pending: list = []
         for m in range(micro_batches):
-            mb = Batch(batch.x[m * per:(m + 1) * per], batch.y[m * per:(m + 1) * per])
-            acts: dict[str, Tensor] = {INPUT: mb.x}
+            mb = samples(batch, m * per, (m + 1) * per)
+            x = input_of(mb)
+            acts: dict[str, Tensor] = {INPUT: x}
             tic = time.perf_counter()
             for name in plan.receives[rank]:
                 if name not in shapes:
                     shape = torch.zeros(8, dtype=torch.int64)
                     _guard(f"receiving the shape of {name!r}", dist.recv, shape, rank - 1, group=group)
                     shapes[name] = tuple(int(s) for s in shape[1:1 + int(shape[0])])
-                buf = torch.empty(shapes[name], dtype=mb.x.dtype, device=mb.x.device)
+                buf = torch.empty(shapes[name], dtype=x.dtype, device=x.device)
                 _guard(f"receiving {name!r}", dist.recv, buf, rank - 1, group=group)
                 acts[name] = buf
             wait += time.perf_counter() - tic
@@ -361,7 +370,7 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
                 return outputs
 
             micro_ts = ts if ts.key is None else ts._replace(key=fold_in(ts.key, m))
-            with _step_randomness(micro_ts, mb.x):
+            with _step_randomness(micro_ts, x):
                 acts = fold(objectives, routes, None, run_objective, acts=acts, only=mine, free=False)
             state.update(updates)
             busy += time.perf_counter() - tic

@@ -160,3 +160,14 @@ def test_default_owner_balances_the_work_of_objectives():
 def test_uneven_shards_are_refused():
     with pytest.raises(ValueError, match="divisible"):
         mfd.shard((torch.zeros(5, 3), torch.zeros(5)), 0, 2)
+
+
+def test_shards_of_any_batch_slice_every_per_sample_tensor():
+    x, y, x2 = torch.randn(6, 3), torch.arange(6), torch.randn(6, 3)
+    temperature = torch.tensor(0.5)  # not per sample: every rank gets it whole
+    part = mfd.shard({"x": x, "y": y, "x2": x2, "t": temperature}, 1, 3)
+    assert set(part) == {"x", "y", "x2", "t"}
+    assert torch.equal(part["x"], x[2:4]) and torch.equal(part["y"], y[2:4]) and torch.equal(part["x2"], x2[2:4])
+    assert part["t"] is temperature
+    a, b, mask = mfd.shard((x, y, torch.ones(6, dtype=torch.bool)), 0, 2)
+    assert torch.equal(a, x[:3]) and torch.equal(b, y[:3]) and mask.shape == (3,)
