@@ -6,6 +6,8 @@ import copy
 import torch
 from torch.nn import functional as F
 
+from mlaan_func import optim
+
 
 class Reference:
     """Blocks as ordinary modules loaded from the library's tensors: every run of a block
@@ -104,3 +106,12 @@ def local_reference(model, scheme, at, method, trunk_of=None, *, width=2, ind_lo
         return ref.grads(), {**state, **ref.new_state}
 
     return reference
+
+
+def run_pure(opt, params, grads):
+    """Apply an optax-style optimizer to a list of gradient dicts, one update each."""
+    state = opt.init(params)
+    for g in grads:
+        updates, state = opt.update(g, state, params)
+        params = optim.apply_updates(params, updates)
+    return params, state

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from oracles import run_pure
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,14 +27,6 @@ def make(shape_list, seed, dtype=torch.float32, steps=3, grad_scale=1.0):
     grads = [{k: grad_scale * torch.randn(v.shape, generator=g, dtype=dtype) for k, v in params.items()}
              for _ in range(steps)]
     return params, grads
-
-
-def run_pure(opt, params, grads):
-    state = opt.init(params)
-    for g in grads:
-        updates, state = opt.update(g, state, params)
-        params = optim.apply_updates(params, updates)
-    return params, state
 
 
 def run_torch(make_opt, params, grads, before_step=None):

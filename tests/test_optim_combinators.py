@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from oracles import run_pure
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -41,14 +42,6 @@ def params_and_grads(names, seed, steps):
     params = {n: torch.randn(3, 2, generator=g) for n in names}
     grads = [{n: torch.randn(3, 2, generator=g) for n in names} for _ in range(steps)]
     return params, grads
-
-
-def run_pure(opt, params, grads):
-    state = opt.init(params)
-    for g in grads:
-        updates, state = opt.update(g, state, params)
-        params = optim.apply_updates(params, updates)
-    return params, state
 
 
 # --------------------------------------------------------------------------- partition

@@ -18,14 +18,6 @@ from mlaan_func.models.resnet import CifarResNet
 SETTINGS = settings(deadline=None, max_examples=10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- λ by stage
 
 # The released ResNet-32 InfoPro/MLAAN module table (networks/config2.py): [stage, block] where
