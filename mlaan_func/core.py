@@ -218,17 +218,22 @@ class Block:
         template = self.train_template if train else self.eval_template
         if train:
             seed_block(self.name)
-        if torch.compiler.is_compiling():
-            y = functional_call(template, (p, s), (x,), strict=True)
-        else:
-            try:
-                y = functional_call(template, (p, s), (x,), strict=True)
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError as err:
-                raise _explain(self, x, p, err) from err
+        y = call_explained(self, x, p, lambda: functional_call(template, (p, s), (x,), strict=True))
         new_state = {_join(self.prefix, n): v for n, v in s.items()} if train else {}
         return y, new_state
+
+
+def call_explained(block: "Block", x: Tensor, params: Params, call: Callable[[], Any]) -> Any:
+    """``call()``, which runs ``block`` on ``x``; a failure is re-raised as ``_explain`` says
+    (shape and device errors named, out-of-memory untouched)."""
+    if torch.compiler.is_compiling():
+        return call()
+    try:
+        return call()
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:
+        raise _explain(block, x, params, err) from err
 
 
 _SHAPE_WORDS = ("shape", "size", "dimension", "channels", "mat1 and mat2", "must match",

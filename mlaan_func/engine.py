@@ -287,7 +287,7 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
         return batch, x
 
     if use_shared(objectives, share=share, compile=compile):
-        shared = shared_gradients(objectives)
+        shared = shared_gradients(objectives, compile=compile, backend=backend)
 
         def run_shared(ts: TrainState, batch: Any) -> Gradients:
             batch, x = checked(ts, batch)
@@ -355,8 +355,10 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
     (``optim.state_metrics``: skipped updates, injected hyper-parameters), when anything,
     under ``"optimizer"``.
 
-    ``compile=True`` compiles each objective's gradient function with ``torch.compile``.
-    ``share`` as in ``gradients`` (``share=False``: the per-objective engine).
+    ``compile=True`` runs every block through a ``torch.compile``d kernel shared by all
+    blocks of its kind (``mlaan_func.kernels``; the compile count does not grow with the
+    number of modules); with ``share=False`` it compiles each objective's whole gradient
+    function instead (one graph per objective). ``share`` as in ``gradients``.
     A non-finite loss raises ``NonFiniteLossError`` (one flag per step, checked outside
     compiled code) and nothing is updated; with ``check_finite=False`` the step goes on
     (use ``optim.apply_if_finite`` to skip such updates).

@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import attrs
-from torch import nn
 
 from .combinators import Objective
 from .core import INPUT, Block, Net
@@ -193,37 +192,3 @@ def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None) 
             tail -= 1
         plans.append(ObjectivePath(tuple(path), tail))
     return Plan(tuple(pieces), tuple(plans))
-
-
-def stochastic_blocks(objectives: Sequence[Objective]) -> list[str]:
-    """Blocks holding a module that draws random numbers in training (dropout).
-
-    A shared forward draws once per block application where the per-objective engine draws
-    once per objective, so sharing is not the default for such schemes.
-
-    >>> import mlaan_func as mf
-    >>> net = mf.from_module(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)))
-    >>> stochastic_blocks([mf.local_loss(net, None, mf.losses.cross_entropy)])
-    ['1']
-    """
-    from .core import blocks_of
-
-    found: dict[str, None] = {}
-    for o in objectives:
-        for block in _flat_blocks(blocks_of(o)):
-            if any(isinstance(m, (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout))
-                   for m in block.module.modules()):
-                found.setdefault(block.name, None)
-    return list(found)
-
-
-def _flat_blocks(blocks) -> list[Block]:
-    out = []
-    for b in blocks:
-        if isinstance(b, Block):
-            out.append(b)
-        else:  # a composite block (leap block): its copy and twin
-            for net in (getattr(b, "copy", None), getattr(b, "twin", None)):
-                if net is not None:
-                    out.extend(_flat_blocks(net.blocks))
-    return out

@@ -12,10 +12,10 @@ objective's loss function is seeded with its objective's name. So
   engine that computes a block once for several objectives draws what each would;
 * the global generator is saved before and restored after the step, untouched.
 
-Under ``torch.compile`` a block cannot reseed the generator inside the compiled graph, so
-the stream is seeded once per objective (from its name) and every draw inside it follows
-from that: still a function of ``(key, step)``, repeatable, but a block shared by two
-objectives draws the same values only in eager mode.
+Compiled steps (``mlaan_func.kernels``) call each block's compiled kernel eagerly, so the
+block is seeded by its name as in eager mode. Only the per-objective compiled engine
+(``compile=True, share=False``) cannot reseed inside its one graph per objective: there the
+stream is seeded once per objective (from its name), still a function of ``(key, step)``.
 
 >>> import torch
 >>> from torch.nn import functional as F

@@ -27,6 +27,7 @@ engine.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import torch
@@ -37,7 +38,8 @@ from .core import INPUT, Params, check_keys
 from .engine import Gradients, TrainState, _as_batch, scheme_names
 from .losses import input_of
 from .randomness import seed_block
-from .plan import Plan, plan_scheme, stochastic_blocks
+from .kernels import kernel_net, kernel_table, retainable
+from .plan import Plan, plan_scheme
 from .remat import _rng_devices, _rng_state, _set_rng_state
 
 
@@ -51,27 +53,25 @@ def remat_every(objectives: Sequence[Objective]) -> int | None:
 def use_shared(objectives: Sequence[Objective], *, share: bool | None, compile: bool) -> bool:
     """Whether ``gradients``/``step`` run the shared step.
 
-    ``share=None`` (the default): where it is exact and changes something — eager, no
-    objective with a ``grad_fn`` other than ``mf.remat``'s, no dropout, and at least one
-    block application that two objectives share. ``share=True`` asks for it (an error where
-    it cannot run); ``share=False`` keeps the per-objective engine.
+    ``share=None`` (the default): wherever it is exact — no objective with a ``grad_fn``
+    other than ``mf.remat``'s — and it changes something: a block application that two
+    objectives share, or ``compile=True`` (whose kernels are shared by kind, so the number
+    of compiles does not grow with the number of modules). Blocks that draw random numbers
+    (dropout) are shared too: each block draws from its own name's stream
+    (``mlaan_func.randomness``), so the one shared forward draws what every objective's own
+    forward would. ``share=True`` asks for it (an error where it cannot run);
+    ``share=False`` keeps the per-objective engine.
     """
     if share is False:
         return False
-    blockers = []
-    if compile:
-        blockers.append("compile=True (the shared step runs eagerly)")
     own = [o.name for o in objectives if o.grad_fn is not None]
     if own and remat_every(objectives) is None:
-        blockers.append(f"objectives {own[:3]} bring their own grad_fn (other than mf.remat)")
-    if share is True:
-        if blockers:
-            raise ValueError("share=True cannot be used here: " + "; ".join(blockers)
-                             + ". Pass share=False (or leave share unset) to use the per-objective engine.")
-        return True
-    if blockers or stochastic_blocks(objectives):
+        if share is True:
+            raise ValueError(f"share=True cannot be used here: objectives {own[:3]} bring their own grad_fn "
+                             "(other than mf.remat). Pass share=False (or leave share unset) to use the "
+                             "per-objective engine.")
         return False
-    return bool(plan_scheme(objectives).shared)
+    return share is True or compile or bool(plan_scheme(objectives).shared)
 
 
 class _Live:
@@ -95,20 +95,29 @@ def _add(a: Tensor | None, b: Tensor) -> Tensor:
     return b if a is None else a + b
 
 
-def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
-                     ) -> Callable[[TrainState, Any], Gradients]:
+def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None, *, compile: bool = False,
+                     backend: str = "inductor") -> Callable[[TrainState, Any], Gradients]:
     """``gradients(objectives)`` computed with one forward per shared piece (see the module
     docstring); same signature and result as ``mlaan_func.gradients``.
 
     When the objectives use ``mf.remat(objective, every=n)``, pieces hold at most ``n``
     blocks and each runs forward without a graph, keeping only its input; it is recomputed
     inside its own VJPs (BatchNorm statistics from the first forward, the generator replayed).
+
+    ``compile=True`` runs every block through a compiled kernel shared by all blocks of its
+    kind (``mlaan_func.kernels``): the number of compiles depends on the kinds of blocks,
+    not on the number of modules.
     """
     objectives = list(objectives)
     every = remat_every(objectives)
     plan = plan or plan_scheme(objectives, max_blocks=every)
     param_keys, state_keys = scheme_names(objectives)
     pieces = plan.pieces
+    if compile:
+        table = kernel_table(objectives, backend=backend)
+        nets = [kernel_net(p.net, table) for p in pieces]
+    else:
+        nets = [p.net for p in pieces]
     tails = []
     for i, op in enumerate(plan.objectives):
         if every is None:
@@ -117,6 +126,10 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
             tails.append(len(op.path) - 1 if op.tail < len(op.path) else len(op.path))
 
     def run(ts: TrainState, batch: Any) -> Gradients:
+        with retainable() if compile else contextlib.nullcontext():
+            return run_step(ts, batch)
+
+    def run_step(ts: TrainState, batch: Any) -> Gradients:
         check_keys("the train state's params", ts.params, param_keys)
         check_keys("the train state's state", ts.state, state_keys)
         batch = _as_batch(batch)
@@ -154,7 +167,7 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
             lk.inp = x.detach().requires_grad_(piece.needs_input_grad)
             lk.leaves = {n: ts.params[n].detach().requires_grad_(True) for n in piece.param_names}
             with torch.enable_grad():
-                lk.out, updates = piece.net.run(lk.leaves, ts.state, lk.inp, train=True)
+                lk.out, updates = nets[k].run(lk.leaves, ts.state, lk.inp, train=True)
             return updates
 
         def forward(k: int) -> None:
@@ -167,7 +180,7 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
             else:  # no graph: keep the input (to recompute) and the output (for the children, a loss)
                 lk.rng = _rng_state(devices)
                 with torch.no_grad():
-                    lk.value, lk.updates = piece.net.run(ts.params, ts.state, x, train=True)
+                    lk.value, lk.updates = nets[k].run(ts.params, ts.state, x, train=True)
                 lk.inp = x
 
         def deliver(k: int, g: Tensor, users: tuple[int, ...], start: int) -> None:
@@ -244,7 +257,7 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None
                     for j, k in enumerate(tail):
                         if j:
                             parent_value(k)  # bookkeeping: the value flows inside this graph
-                        h, live[k].updates = pieces[k].net.run(leaves, ts.state, h, train=True)
+                        h, live[k].updates = nets[k].run(leaves, ts.state, h, train=True)
                         live[k].computed = True
                         live[k].pending.clear()  # its gradient is this graph's
                         if pieces[k].children:

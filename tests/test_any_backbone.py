@@ -375,7 +375,7 @@ def test_a_compiled_vit_scheme_compiles_once_per_objective():
     counter = CompileCounterWithBackend("aot_eager")
     scheme = vit_scheme("mlaan", 4)
     opt = mf.optim.sgd(0.05, momentum=0.9)
-    eager, compiled = mf.step(scheme, opt), mf.step(scheme, opt, compile=True, backend=counter)
+    eager, compiled = mf.step(scheme, opt), mf.step(scheme, opt, compile=True, backend=counter, share=False)
     a = b = mf.init(scheme, opt, seed=1)
     for i in range(2):
         a, _ = eager(a, vit_batch(seed=i))

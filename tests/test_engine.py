@@ -229,7 +229,7 @@ def test_compiled_equals_eager_with_one_compile_per_objective():
     counter = CompileCounter()
     scheme = dgl_scheme(["1.0", "2.0"])
     opt = mf.optim.sgd(mf.optim.warmup_cosine(0.1, 2, 10), momentum=0.9)
-    eager, compiled = mf.step(scheme, opt), mf.step(scheme, opt, compile=True, backend=counter)
+    eager, compiled = mf.step(scheme, opt), mf.step(scheme, opt, compile=True, backend=counter, share=False)
     a = b = mf.init(scheme, opt, seed=5)
     for i in range(4):
         a, _ = eager(a, batch(seed=i))
@@ -263,7 +263,7 @@ def test_more_objectives_than_the_recompile_limit_compile_once_each():
     scheme.append(mf.local_loss(modules[-1], None, mf.losses.cross_entropy, name="final"))
     assert len(scheme) > torch._dynamo.config.recompile_limit
     opt = mf.optim.sgd(0.1)
-    eager, compiled = mf.step(scheme, opt), mf.step(scheme, opt, compile=True, backend=counter)
+    eager, compiled = mf.step(scheme, opt), mf.step(scheme, opt, compile=True, backend=counter, share=False)
     a = b = mf.init(scheme, opt, seed=1)
     for i in range(2):
         xy = (torch.randn(8, 6, generator=torch.Generator().manual_seed(i)), torch.arange(8) % 3)

@@ -193,7 +193,7 @@ def test_injected_lr_changed_mid_run_equals_a_rebuilt_run_without_recompiling():
     counter = CompileCounterWithBackend("aot_eager")
     scheme = linear_scheme()
     opt = optim.inject_hyperparams(optim.sgd)(learning_rate=0.2, momentum=0.9)
-    compiled = mf.step(scheme, opt, compile=True, backend=counter)
+    compiled = mf.step(scheme, opt, compile=True, backend=counter, share=False)  # one graph per objective, values inside it
     data = [(torch.randn(6, 5, generator=torch.Generator().manual_seed(i)), torch.arange(6) % 3)
             for i in range(4)]
     ts = mf.init(scheme, opt, seed=2)

@@ -65,7 +65,7 @@ def test_shared_equals_per_objective_for_every_scheme(case, seed, data_seed):
 def test_published_mlaan_family_shares_and_is_the_default(method):
     scheme = mf.schemes.build(method, backbone(), ["1.0", "1.1", "2.0", "2.1", "3.0"], input_shape=SHAPE)
     assert use_shared(scheme, share=None, compile=False)
-    assert not use_shared(scheme, share=None, compile=True)
+    assert use_shared(scheme, share=None, compile=True)
     assert not use_shared(scheme, share=False, compile=False)
     plan = plan_scheme(scheme)
     w = mf.schemes.DEFAULT_WIDTH[method]
@@ -143,30 +143,107 @@ def test_rematerialised_shared_step_equals_per_objective(case, every, data_seed)
     mt.assert_identical(got.state, want.state, "state")
 
 
-def test_own_grad_fn_compile_and_dropout_fall_back_to_per_objective():
+def test_own_grad_fn_falls_back_to_per_objective():
     import attrs
 
     scheme = mf.schemes.mlaan(backbone(), ["1.0", "2.0"], input_shape=SHAPE)
     assert use_shared([mf.remat(o) for o in scheme], share=None, compile=False)
     own = [attrs.evolve(o, grad_fn=lambda objective, taps: None) for o in scheme]
     assert not use_shared(own, share=None, compile=False)
+    assert not use_shared(own, share=None, compile=True)
     with pytest.raises(ValueError, match="share=False"):
         use_shared(own, share=True, compile=False)
-    with pytest.raises(ValueError, match="compile"):
-        mf.gradients(scheme, compile=True, share=True)
-    blocks = [nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5)) for _ in range(2)] + [nn.Linear(6, 3)]
+
+
+def dropout_scheme(p=0.5):
+    """Two modules with dropout and a window over both: block "0" is shared."""
+    blocks = [nn.Sequential(nn.Linear(6, 6), nn.Dropout(p)) for _ in range(2)] + [nn.Linear(6, 3)]
     mods = mf.split(mf.from_module(nn.Sequential(*blocks)), ["0", "1"])
-    dropout = [mf.local_loss(mods[0], mf.from_module(nn.Linear(6, 3), name="h"), mf.losses.cross_entropy, name="a"),
-               mf.local_loss(mf.cascade(*mods), None, mf.losses.cross_entropy, name="final")]
-    assert not use_shared(dropout, share=None, compile=False)
-    # forced sharing with dropout: one draw per block application per step (documented)
-    ts = mf.init(dropout, mf.optim.sgd(0.1))
+    return [mf.local_loss(mods[0], mf.from_module(nn.Sequential(nn.Dropout(p), nn.Linear(6, 3)), name="h"),
+                          mf.losses.cross_entropy, name="a"),
+            mf.local_loss(mf.cascade(*mods), None, mf.losses.cross_entropy, name="final")]
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_dropout_is_shared_and_draws_what_each_objective_would(remat):
+    """Each block draws from its own name's stream, so the shared forward's masks are the
+    ones every objective's own forward draws: the shared step equals the per-objective one
+    exactly, whatever the global generator holds."""
+    scheme = dropout_scheme()
+    scheme = [mf.remat(o) for o in scheme] if remat else scheme
+    assert use_shared(scheme, share=None, compile=False)
+    assert [p.block_names for p in plan_scheme(scheme).shared] == [("0",)]
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=3)
+    xy = (torch.randn(8, 6, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 3)
+    torch.manual_seed(0)
+    got = mf.gradients(scheme)(ts, xy)
+    torch.manual_seed(1)
+    want = mf.gradients(scheme, share=False)(ts, xy)
+    mt.assert_close(got.grads, want.grads, mt.RTOL, "gradient")
+    mt.assert_close(got.losses, want.losses, mt.RTOL, "loss")
+    assert bool((got.grads["0.0.weight"] == 0).any()) or bool(got.losses["a"] > 0)
+    other = mf.gradients(scheme)(ts._replace(step=ts.step + 1), xy)   # another step, other masks
+    assert not torch.equal(other.losses["final"], got.losses["final"])
+
+
+def compiled_case(k, method="mlaan", depth=32):
+    net = mf.from_module(CifarResNet(depth, num_classes=CLASSES, widths=WIDTHS))
+    at = mf.published.split_for(None, net.block_names, k)
+    return mf.schemes.build(method, net, at, input_shape=SHAPE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mlaan", "infopro_mlaan"])
+def test_compiled_shared_step_equals_eager_with_compiles_fixed_in_k(method):
+    """Blocks of one kind share one compiled kernel: the number of compiles does not grow
+    with the number of modules, and stays fixed over steps."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from mlaan_func.kernels import kernel_table
+
+    counts = []
+    for k in (12, 15):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        scheme = compiled_case(k, method)
+        assert use_shared(scheme, share=None, compile=True)
+        opt = mf.optim.sgd(0.1, momentum=0.9)
+        eager, compiled = mf.step(scheme, opt), mf.step(scheme, opt, compile=True, backend=counter)
+        a = b = mf.init(scheme, opt, seed=5)
+        for i in range(3):
+            a, _ = eager(a, batch(seed=i))
+            b, _ = compiled(b, batch(seed=i))
+            if i == 0:
+                first = counter.frame_count
+        assert counter.frame_count == first   # no recompiles after the first step
+        mt.assert_close(b.params, a.params, 1e-4)
+        mt.assert_close(b.state, a.state, 1e-4)
+        counts.append(counter.frame_count)
+        # a kernel per kind of block, compiled once per variant (input and weights with or without gradient)
+        assert counter.frame_count <= 3 * len(kernel_table(scheme, backend="eager"))
+    assert counts[0] == counts[1] < len(compiled_case(15, method))
+
+
+@pytest.mark.slow
+def test_compiled_shared_step_with_remat_and_dropout_equals_eager():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    scheme = [mf.remat(o) for o in compiled_case(5, "dgl_mlaan", depth=20)]
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=2)
+    got = mf.gradients(scheme, compile=True, backend=CompileCounterWithBackend("aot_eager"))(ts, batch())
+    want = mf.gradients(scheme, share=False)(ts, batch())
+    mt.assert_close(got.grads, want.grads, 1e-4, "gradient")
+    mt.assert_close(got.state, want.state, 1e-4, "state")
+    drop = dropout_scheme()
+    ts = mf.init(drop, mf.optim.sgd(0.1), seed=2)
     xy = (torch.randn(8, 6), torch.arange(8) % 3)
+    run = mf.gradients(drop, compile=True, backend="aot_eager")
     torch.manual_seed(0)
-    g = mf.gradients(dropout, share=True)(ts, xy)
-    torch.manual_seed(0)
-    h = mf.gradients(dropout, share=True)(ts, xy)
-    mt.assert_identical(g.grads, h.grads)
+    a = run(ts, xy)
+    torch.manual_seed(1)
+    b = run(ts, xy)
+    mt.assert_identical(a.grads, b.grads)   # repeatable: every draw from (key, step, block)
 
 
 def test_oracle_passes_through_the_shared_step():
@@ -208,15 +285,14 @@ def test_no_sharing_means_the_per_objective_engine():
     mt.assert_identical(got.grads, want.grads)   # nothing shared: the same computation
 
 
-@pytest.mark.slow
-def test_compiled_steps_keep_the_per_objective_engine_and_a_fixed_compile_count():
+def test_compiled_per_objective_engine_compiles_once_per_objective():
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
     counter = CompileCounter()
     scheme = mf.schemes.mlaan(backbone(), ["1.0", "2.0"], input_shape=SHAPE)
     opt = mf.optim.sgd(0.1, momentum=0.9)
-    eager, compiled = mf.step(scheme, opt), mf.step(scheme, opt, compile=True, backend=counter)
+    eager, compiled = mf.step(scheme, opt), mf.step(scheme, opt, compile=True, backend=counter, share=False)
     a = b = mf.init(scheme, opt, seed=5)
     for i in range(3):
         a, _ = eager(a, batch(seed=i))   # shared, eager

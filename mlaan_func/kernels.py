@@ -1,0 +1,174 @@
+"""Compiled block kernels: one compiled function per kind of block, shared by every block of
+that kind.
+
+A block computes a function of its module-local tensors and its input; its names only say
+where those tensors live. Blocks whose modules have the same type, configuration and tensor
+shapes therefore compute the same function, so one ``torch.compile``d kernel serves them all:
+the fifteen BasicBlocks of a ResNet-32 stage, their trunk copies and their EMA twins compile
+once (once per variant dynamo tells apart: input with or without gradient, parameters with or
+without gradient), however many modules the scheme has. The compiled step of
+``mlaan_func.shared_step`` runs every block through its kernel; losses stay eager.
+
+A kernel is called eagerly per block, so the block's random stream is seeded by its name
+before the call (``mlaan_func.randomness``), compiled or not.
+
+>>> import torch
+>>> from torch import nn
+>>> import mlaan_func as mf
+>>> net = mf.from_module(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh()))
+>>> table = kernel_table([net], backend="eager")
+>>> len(table)            # two Linear(4, 4) and two Tanh: two kernels
+2
+>>> fast = kernel_net(net, table)
+>>> params, state = mf.init_params(net)
+>>> x = torch.randn(3, 4)
+>>> torch.allclose(fast.run(params, state, x)[0], net.run(params, state, x)[0])
+True
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Callable, Hashable, Iterable
+
+import attrs
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .combinators import LeapBlock
+from .core import AfterStep, Block, Net, Params, State, _join, call_explained
+from .randomness import seed_block
+
+Kernel = Callable[[Params, State, Tensor], tuple[Tensor, State]]
+
+
+def _key(value: Any) -> Hashable:
+    """``value`` as a dictionary key (lists and dicts by content), or ``TypeError``."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_key(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _key(v)) for k, v in value.items()))
+    hash(value)
+    return value
+
+
+def signature(block: Block) -> Hashable | None:
+    """What a block computes, as a key: module types, public configuration (every plain
+    attribute of every submodule) and tensor shapes and dtypes, without names. ``None``
+    when that cannot be told from the outside (an unhashable attribute, a hook): such a
+    block gets a kernel of its own.
+
+    >>> a = Block.of("a", nn.Linear(3, 2))
+    >>> signature(a) == signature(Block.of("b", nn.Linear(3, 2))) != signature(Block.of("c", nn.Linear(3, 4)))
+    True
+    """
+    parts: list[Hashable] = []
+    for path, m in block.module.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
+            return None
+        try:
+            config = tuple(sorted((k, _key(v)) for k, v in vars(m).items()
+                                  if not k.startswith("_") and k != "training"))
+        except TypeError:
+            return None
+        parts.append((path, type(m), config))
+    tensors = [*block.module.named_parameters(), *block.module.named_buffers()]
+    parts.append(tuple((n, tuple(t.shape), t.dtype) for n, t in tensors))
+    return tuple(parts)
+
+
+def _train_kernel(template: nn.Module) -> Kernel:
+    def kernel(params: Params, state: State, x: Tensor) -> tuple[Tensor, State]:
+        state = {n: v.clone() for n, v in state.items()}  # BatchNorm writes into these
+        return functional_call(template, (params, state), (x,), strict=True), state
+
+    return kernel
+
+
+def _own_code(fn: Callable, label: str) -> Callable:
+    """``fn`` behind a code object of its own: ``torch.compile`` keeps one cache (and one
+    recompile limit) per code object, so each kernel counts only its own variants."""
+    code = fn.__code__.replace(co_name=label)
+    return types.FunctionType(code, fn.__globals__, label, fn.__defaults__, fn.__closure__)
+
+
+def _blocks(nets: Iterable[Any]) -> Iterable[Block]:
+    for net in nets:
+        for b in net.blocks:
+            if isinstance(b, Block):
+                yield b
+            elif isinstance(b, LeapBlock):
+                yield from _blocks((b.copy, b.twin))
+
+
+def kernel_table(nets: Iterable[Any], *, backend: str = "inductor") -> dict[Hashable, Kernel]:
+    """One compiled training kernel per block signature found in ``nets`` (nets, or anything
+    with ``.nets`` such as objectives), keyed by ``signature`` (by the block itself where
+    that is ``None``)."""
+    table: dict[Hashable, Kernel] = {}
+    flat = [n for item in nets for n in getattr(item, "nets", (item,))]
+    for block in _blocks(flat):
+        key = signature(block)
+        key = block if key is None else key
+        if key not in table:
+            label = f"block_kernel_{len(table)}_{type(block.module).__name__}"
+            table[key] = torch.compile(_own_code(_train_kernel(block.train_template), label),
+                                       backend=backend, dynamic=False)
+    return table
+
+
+def retainable():
+    """The context to run (and differentiate) kernels in: compiled without donated buffers,
+    since the shared step takes several VJPs through one forward (``retain_graph=True``),
+    which a backward that donates its buffers refuses. Backward graphs compile lazily, at
+    the first VJP, so the whole step runs inside it."""
+    return torch._functorch.config.patch(donated_buffer=False)
+
+
+@attrs.frozen(eq=False)
+class KernelBlock:
+    """``block`` whose training forward runs through a shared compiled kernel (evaluation
+    runs the block itself)."""
+
+    block: Block
+    kernel: Kernel
+
+    @property
+    def name(self) -> str:
+        return self.block.name
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return self.block.param_names
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return self.block.state_names
+
+    @property
+    def after_steps(self) -> tuple[AfterStep, ...]:
+        return ()
+
+    def apply(self, params: Params, state: State, x: Tensor, *, train: bool) -> tuple[Tensor, State]:
+        if not train:
+            return self.block.apply(params, state, x, train=False)
+        block = self.block
+        p, s = block.gather(params, state, train=False)  # the kernel clones what it writes
+        seed_block(block.name)
+        y, s = call_explained(block, x, p, lambda: self.kernel(p, s, x))
+        return y, {_join(block.prefix, n): v for n, v in s.items()}
+
+
+def kernel_net(net: Net, table: dict[Hashable, Kernel]) -> Net:
+    """``net`` with every block (leap blocks' copies and twins included) running through its
+    kernel from ``table``; blocks of other kinds run as they are."""
+    def convert(b: Any) -> Any:
+        if isinstance(b, Block):
+            key = signature(b)
+            return KernelBlock(b, table[b if key is None else key])
+        if isinstance(b, LeapBlock):
+            return attrs.evolve(b, copy=kernel_net(b.copy, table), twin=kernel_net(b.twin, table))
+        return b
+
+    return Net(tuple(convert(b) for b in net.blocks), input_name=net.input_name)
