@@ -140,7 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ema-update", default="all", choices=("all", "last"), help="which EMA twins follow their source")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and augmentation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--compile", action="store_true", help="torch.compile each objective")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step: one kernel per kind of block")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="compute precision")
     p.add_argument("--remat", action="store_true", help="rematerialise every objective (less memory)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this much of train")
