@@ -9,7 +9,8 @@ Both return a step with the signature of ``mlaan_func.step`` and keep every rank
   update and the EMA twins then agree on every rank. Equals one process that treats each
   shard as its own BatchNorm batch and averages the shards' gradients.
 * ``module_parallel_step``: each rank owns a contiguous run of modules and runs the
-  objectives that end in them; module boundaries flow forward rank to rank (``send`` /
+  objectives that end in them (through the shared step, from the boundaries it receives,
+  where they share blocks); module boundaries flow forward rank to rank (``send`` /
   ``recv``) one micro-batch at a time, so rank r works on micro-batch m while rank r+1
   works on m-1. Gradients that a window loss sends into modules of an earlier rank, and
   the parameters that EMA twins follow on later ranks, travel in the one bucketed
@@ -35,12 +36,13 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .combinators import Objective
 from .core import INPUT, Params, State
-from .engine import (NonFiniteLossError, TrainState, _as_batch, _step_randomness, after_steps,
+from .engine import (Gradients, NonFiniteLossError, TrainState, _as_batch, _step_randomness, after_steps,
                      apply_gradients, gradient_fns, plan_routes, scheme_names)
 from .losses import input_of
 from .optim import Optimizer
 from .randomness import fold_in
 from .routing import accumulate, fold
+from .shared_step import shared_gradients_from, use_shared
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -304,25 +306,71 @@ def _gather_metrics(objectives, losses, metrics, group):
     return {o.name: flat[f"{o.name}/weighted_loss"] for o in objectives}, gathered
 
 
+def _rank_gradients(objectives: Sequence[Objective], mine: Sequence[int], receives: Sequence[str],
+                    sends: Sequence[str], share: bool | None
+                    ) -> Callable[[TrainState, Any, dict[str, Tensor]], tuple[Gradients, dict[str, Tensor]]]:
+    """``(ts, micro_batch, boundaries) -> (gradients, boundaries)`` for the objectives ``mine``
+    of a rank, started from the input and the received boundaries; the boundaries returned
+    hold the ones to send. The shared step where ``use_shared`` says so, else one objective
+    at a time; ``gradients.state`` holds at least the keys they write."""
+    local = [objectives[i] for i in mine]
+    if local and use_shared(local, share=share, compile=False, given=receives):
+        shared = shared_gradients_from(local, given=receives, keep=sends)
+
+        def run_shared(ts: TrainState, batch: Any, acts: dict[str, Tensor]) -> tuple[Gradients, dict[str, Tensor]]:
+            g, sent = shared(ts, batch, {name: acts[name] for name in receives})
+            return g, {**acts, **sent}
+
+        return run_shared
+    routes = plan_routes(objectives)
+    fns = gradient_fns(objectives, routes)
+
+    def run(ts: TrainState, batch: Any, acts: dict[str, Tensor]) -> tuple[Gradients, dict[str, Tensor]]:
+        grads: Params = {}
+        updates: State = {}
+        losses: dict[str, Tensor] = {}
+        metrics: dict[str, dict[str, Tensor]] = {}
+
+        def run_objective(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
+            nonlocal grads
+            p = {k: ts.params[k] for k in o.param_names}
+            g, (loss, (new, outputs, met)) = fns[i](p, ts.state, x, batch, ts.step)
+            grads = accumulate(grads, g)
+            for k, v in new.items():
+                updates.setdefault(k, v)
+            losses[o.name], metrics[o.name] = loss, met
+            return outputs
+
+        acts = fold(objectives, routes, None, run_objective, acts=acts, only=mine, free=False)
+        finite = torch.stack([torch.isfinite(v) for v in losses.values()]).all() if losses else torch.tensor(True)
+        return Gradients(grads, updates, losses, metrics, finite), acts
+
+    return run
+
+
 def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, module_ends: Sequence[str],
                          *, micro_batches: int = 4, owner: Sequence[int] | None = None, group=None,
-                         check_finite: bool = True, stats: dict | None = None):
+                         check_finite: bool = True, stats: dict | None = None, share: bool | None = None):
     """A module-parallel, synchronous step; ``module_ends`` names each module's last block
     (``[m.output_name for m in split(net, at)]``). ``stats``, when given, receives this
-    rank's busy and waiting seconds."""
+    rank's busy and waiting seconds.
+
+    ``share`` as in ``mlaan_func.step``: by default a rank runs its objectives through the
+    shared step, from the boundaries it receives (``shared_step.shared_gradients_from``),
+    where that is exact and changes something (MLAAN windows on one rank); ``share=False``
+    runs them one at a time.
+    """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     owner = list(owner) if owner is not None else balanced_owner(objectives, module_ends, world)
     plan = plan_modules(objectives, module_ends, owner, world)
     mine = [i for i, r in enumerate(plan.rank_of_objective) if r == rank]
-    routes = plan_routes(objectives)
-    fns = gradient_fns(objectives, routes)
     param_keys, _ = scheme_names(objectives)
-    sub_keys = [o.param_names for o in objectives]
     post = after_steps(objectives)
     first_writer: dict[str, int] = {}
     for i, o in enumerate(objectives):
         for k in o.state_names:
             first_writer.setdefault(k, plan.rank_of_objective[i])
+    run_rank = _rank_gradients(objectives, mine, plan.receives[rank], plan.sends[rank], share)
 
     def train_step(ts: TrainState, batch: Any):
         batch = _as_batch(batch)
@@ -354,25 +402,16 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
                 acts[name] = buf
             wait += time.perf_counter() - tic
             tic = time.perf_counter()
-            updates: State = {}
-
-            def run_objective(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
-                nonlocal grads, finite
-                p = {k: ts.params[k] for k in sub_keys[i]}
-                g, (loss, (new, outputs, met)) = fns[i](p, state, x, mb, ts.step)
-                grads = accumulate(grads, g)
-                for k, v in new.items():
-                    if first_writer[k] == rank:
-                        updates.setdefault(k, v)
-                losses[o.name] = losses.get(o.name, 0) + loss / micro_batches
-                metrics[o.name] = {k: metrics.get(o.name, {}).get(k, 0) + v / micro_batches for k, v in met.items()}
-                finite = finite & torch.isfinite(loss).to(device)
-                return outputs
-
             micro_ts = ts if ts.key is None else ts._replace(key=fold_in(ts.key, m))
             with _step_randomness(micro_ts, x):
-                acts = fold(objectives, routes, None, run_objective, acts=acts, only=mine, free=False)
-            state.update(updates)
+                g, acts = run_rank(micro_ts._replace(state=state), mb, acts)
+            grads = accumulate(grads, g.grads)
+            state.update({k: v for k, v in g.state.items() if first_writer.get(k) == rank})
+            for name, loss in g.losses.items():
+                losses[name] = losses.get(name, 0) + loss / micro_batches
+                metrics[name] = {k: metrics.get(name, {}).get(k, 0) + v / micro_batches
+                                 for k, v in g.metrics[name].items()}
+            finite = finite & g.finite.to(device)
             busy += time.perf_counter() - tic
             for name in plan.sends[rank]:
                 t = acts[name].contiguous()

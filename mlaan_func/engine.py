@@ -98,22 +98,27 @@ class Route(NamedTuple):
     free_after: frozenset[str]
 
 
-def plan_routes(objectives: Sequence[Objective]) -> list[Route]:
-    """Check that every objective's input is produced before it; plan what to keep and free."""
+def plan_routes(objectives: Sequence[Objective], *, given: Iterable[str] = ()) -> list[Route]:
+    """Check that every objective's input is produced before it; plan what to keep and free.
+
+    ``given`` names boundaries supplied from outside besides the input (a module-parallel
+    rank's received activations): they count as produced from the start."""
     if not objectives:
         raise ValueError("a scheme needs at least one objective")
     names = [o.name for o in objectives]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"objective names must be unique, {dup} repeat; pass name= to local_loss")
-    available = {INPUT}
+    given = tuple(given)
+    available = {INPUT, *given}
     last_use: dict[str, int] = {}
     taps: list[tuple[str, ...]] = []
     for i, o in enumerate(objectives):
         if o.input_name not in available:
             raise ValueError(
                 f"objective {o.name!r} reads the output of block {o.input_name!r}, which no earlier "
-                "objective produces; order the objectives from the input to the output")
+                "objective produces" + (f" and which is not given (given: {list(given)})" if given else "")
+                + "; order the objectives from the input to the output")
         last_use[o.input_name] = i
         later = {p.input_name for p in objectives[i + 1:]}
         taps.append(tuple(b for b in o.net.block_names[:-1] if b in later and b not in available))

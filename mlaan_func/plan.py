@@ -4,7 +4,8 @@ gradient may reach through them, and when each can be freed (DESIGN.md §7).
 Nets are pure and names are identities, so two objectives that run the same block on the
 same input compute the same tensor. The planner keys every block application by (block
 name, the application that produced its input) and merges the applications of all
-objectives into one tree rooted at the batch. Chains of applications that the same
+objectives into one tree rooted at the batch and at any boundaries *given* from outside
+(the activations a module-parallel rank receives). Chains of applications that the same
 objectives pass through become one *piece*, computed once per step. An objective's
 gradient may *reach* only the pieces on its own path (its window, trunk and head); at each
 piece the objectives passing through are grouped by the piece where they start (their
@@ -20,11 +21,14 @@ input boundary): a group that started above a piece continues below it, the othe
 [('2.0', (0, 1, 2))]
 >>> plan.reach(scheme, 1)      # the independent objective reaches module 1 and its head only
 ('2.0', 'head1')
+>>> rank = plan_scheme(scheme[1:], given=["1.0"], keep=["2.0"])   # started from a received boundary
+>>> [(p.parent, p.block_names, p.users) for p in rank.shared], rank.kept
+([('1.0', ('2.0',), (0, 1))], (('2.0', 0),))
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import attrs
 
@@ -36,16 +40,16 @@ from .core import INPUT, Block, Net
 class Piece:
     """A chain of block applications computed once per step.
 
-    ``parent`` is the piece whose output it reads (``None``: the batch). ``users`` are the
-    objectives whose gradient passes through it, in scheme order; ``groups`` pairs each
-    piece where some of them start above this one with those objectives (their gradient
-    continues below); ``stops`` are the users that start here. ``children`` counts the
-    pieces that read its output.
+    ``parent`` is the piece whose output it reads, or the given boundary it reads by name
+    (``"input"``: the batch). ``users`` are the objectives whose gradient passes through
+    it, in scheme order; ``groups`` pairs each piece where some of them start above this
+    one with those objectives (their gradient continues below); ``stops`` are the users
+    that start here. ``children`` counts the pieces that read its output.
     """
 
     index: int
     net: Net
-    parent: int | None
+    parent: int | str
     users: tuple[int, ...]
     groups: tuple[tuple[int, tuple[int, ...]], ...]
     stops: tuple[int, ...]
@@ -79,10 +83,13 @@ class ObjectivePath:
 
 @attrs.frozen(eq=False)
 class Plan:
-    """Pieces in forward (topological) order and each objective's path through them."""
+    """Pieces in forward (topological) order and each objective's path through them;
+    ``kept`` pairs each boundary asked for with ``keep`` with the piece that ends with it
+    (or with its own name, where it is given)."""
 
     pieces: tuple[Piece, ...]
     objectives: tuple[ObjectivePath, ...]
+    kept: tuple[tuple[str, int | str], ...] = ()
 
     @property
     def shared(self) -> tuple[Piece, ...]:
@@ -113,22 +120,27 @@ def same_block(a: Any, b: Any) -> bool:
             and a.local_state == b.local_state and repr(a.module) == repr(b.module))
 
 
-def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None) -> Plan:
+def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None, *,
+                given: Iterable[str] = (), keep: Iterable[str] = ()) -> Plan:
     """Merge the objectives' block applications into pieces; see the module docstring.
 
     The input an objective reads is the output of the first application (in scheme order)
-    of the block it names, as in the per-objective engine. ``max_blocks`` caps the blocks
-    of a piece (a rematerialised step recomputes one piece at a time).
+    of the block it names, as in the per-objective engine, unless the boundary is among
+    ``given`` (supplied from outside besides the input, e.g. received from another rank).
+    Each boundary named in ``keep`` ends a piece, so a step can return its value
+    (``Plan.kept``). ``max_blocks`` caps the blocks of a piece (a rematerialised step
+    recomputes one piece at a time).
     """
     from .engine import plan_routes
 
     objectives = list(objectives)
-    plan_routes(objectives)  # order and names are checked there, with its error messages
+    given = tuple(given)
+    plan_routes(objectives, given=given)  # order and names are checked there, with its error messages
     nodes_block: list[Any] = []
-    nodes_parent: list[int | None] = []
+    nodes_parent: list[int | str] = []
     nodes_users: list[list[int]] = []
     index: dict[tuple, list[int]] = {}
-    boundary: dict[str, int | None] = {INPUT: None}
+    boundary: dict[str, int | str] = {name: name for name in (INPUT, *given)}
     paths: list[list[int]] = []
     for i, o in enumerate(objectives):
         parent = boundary[o.input_name]
@@ -150,13 +162,19 @@ def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None) 
             parent = node
         paths.append(path)
 
-    children: dict[int | None, list[int]] = {}
+    keep = tuple(keep)
+    unknown = [name for name in keep if name not in boundary]
+    if unknown:
+        raise ValueError(f"keep names {unknown}, which no objective's net runs and which are not given "
+                         f"(given: {list(given)}); keep only boundaries these objectives produce or receive")
+    ends = {boundary[name] for name in keep}
+    children: dict[int | str, list[int]] = {}
     for n, p in enumerate(nodes_parent):
         children.setdefault(p, []).append(n)
     piece_of: list[int] = []
     members: list[list[int]] = []
     for n, p in enumerate(nodes_parent):
-        if (p is not None and children[p] == [n] and nodes_users[p] == nodes_users[n]
+        if (isinstance(p, int) and p not in ends and children[p] == [n] and nodes_users[p] == nodes_users[n]
                 and (max_blocks is None or len(members[piece_of[p]]) < max_blocks)):
             piece_of.append(piece_of[p])
             members[piece_of[p]].append(n)
@@ -171,7 +189,7 @@ def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None) 
     pieces = []
     for k, nodes in enumerate(members):
         first = nodes[0]
-        parent = None if nodes_parent[first] is None else piece_of[nodes_parent[first]]
+        parent = nodes_parent[first] if isinstance(nodes_parent[first], str) else piece_of[nodes_parent[first]]
         users = tuple(nodes_users[first])
         groups: dict[int, list[int]] = {}
         stops = []
@@ -191,4 +209,6 @@ def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None) 
         while tail > 0 and pieces[path[tail - 1]].users == (i,):
             tail -= 1
         plans.append(ObjectivePath(tuple(path), tail))
-    return Plan(tuple(pieces), tuple(plans))
+    kept = tuple((name, boundary[name] if isinstance(boundary[name], str) else piece_of[boundary[name]])
+                 for name in keep)
+    return Plan(tuple(pieces), tuple(plans), kept)

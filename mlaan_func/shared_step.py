@@ -11,7 +11,8 @@ is not asked for) passes the group's sum down; when every objective through it h
 delivered, one parameter VJP of the sum of all of them gives its parameter gradients and
 its graph is freed. BatchNorm statistics come from the one shared forward; for each key the
 first objective in scheme order that runs the block writes it, as in the per-objective
-engine.
+engine. ``shared_gradients_from`` runs objectives that start from boundaries given from
+outside (a module-parallel rank's received activations) and returns the boundaries asked for.
 
 >>> import torch
 >>> import mlaan_func as mf
@@ -28,7 +29,7 @@ engine.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -50,7 +51,8 @@ def remat_every(objectives: Sequence[Objective]) -> int | None:
     return min(everies) if everies and None not in everies else None
 
 
-def use_shared(objectives: Sequence[Objective], *, share: bool | None, compile: bool) -> bool:
+def use_shared(objectives: Sequence[Objective], *, share: bool | None, compile: bool,
+               given: Iterable[str] = ()) -> bool:
     """Whether ``gradients``/``step`` run the shared step.
 
     ``share=None`` (the default): wherever it is exact — no objective with a ``grad_fn``
@@ -60,7 +62,8 @@ def use_shared(objectives: Sequence[Objective], *, share: bool | None, compile: 
     (dropout) are shared too: each block draws from its own name's stream
     (``mlaan_func.randomness``), so the one shared forward draws what every objective's own
     forward would. ``share=True`` asks for it (an error where it cannot run);
-    ``share=False`` keeps the per-objective engine.
+    ``share=False`` keeps the per-objective engine. ``given`` as in
+    ``plan_scheme`` (a part of a scheme that starts from received boundaries).
     """
     if share is False:
         return False
@@ -71,7 +74,7 @@ def use_shared(objectives: Sequence[Objective], *, share: bool | None, compile: 
                              "(other than mf.remat). Pass share=False (or leave share unset) to use the "
                              "per-objective engine.")
         return False
-    return share is True or compile or bool(plan_scheme(objectives).shared)
+    return share is True or compile or bool(plan_scheme(objectives, given=given).shared)
 
 
 class _Live:
@@ -89,6 +92,15 @@ class _Live:
         self.groups = {s: [None, set(us), tuple(us)] for s, us in piece.groups}
         self.children = piece.children
         self.updates = {}
+
+
+def _part(what: str, tensors: dict[str, Tensor], keys: tuple[str, ...]) -> dict[str, Tensor]:
+    """The entries of ``tensors`` named in ``keys``, in their order (a ``KeyError`` names the
+    missing ones)."""
+    wanted = set(keys)
+    part = {k: v for k, v in tensors.items() if k in wanted}
+    check_keys(what, part, keys)
+    return part
 
 
 def _add(a: Tensor | None, b: Tensor) -> Tensor:
@@ -109,8 +121,43 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None, 
     not on the number of modules.
     """
     objectives = list(objectives)
+    param_keys, state_keys = scheme_names(objectives)
+    from_given = shared_gradients_from(objectives, plan=plan, compile=compile, backend=backend)
+
+    def run(ts: TrainState, batch: Any) -> Gradients:
+        check_keys("the train state's params", ts.params, param_keys)
+        check_keys("the train state's state", ts.state, state_keys)
+        return from_given(ts, batch, {})[0]
+
+    return run
+
+
+def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] = (), keep: Iterable[str] = (),
+                          plan: Plan | None = None, *, compile: bool = False, backend: str = "inductor"
+                          ) -> Callable[[TrainState, Any, dict[str, Tensor]], tuple[Gradients, dict[str, Tensor]]]:
+    """The shared step of objectives that may start from boundaries ``given`` from outside
+    (what a module-parallel rank receives): ``(ts, batch, boundaries) -> (gradients, kept)``
+    with ``boundaries`` the given tensors by name and ``kept`` the (detached) values of the
+    boundaries named in ``keep`` (what the rank sends on). ``ts`` may hold a whole scheme's
+    parameters and state; the gradients and state returned are these objectives' only.
+
+    >>> import torch
+    >>> import mlaan_func as mf
+    >>> backbone = mf.from_module(mf.models.CifarResNet(8, num_classes=5, widths=(4, 8, 8)))
+    >>> scheme = mf.schemes.mlaan(backbone, ["1.0", "2.0"], input_shape=(3, 8, 8))
+    >>> ts = mf.init(scheme, mf.optim.sgd(0.1))
+    >>> rank = scheme[1:]                      # reads the output of block 1.0, as received
+    >>> batch, h = (torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])), torch.randn(4, 4, 8, 8)
+    >>> g, kept = shared_gradients_from(rank, given=["1.0"], keep=["2.0"])(ts, batch, {"1.0": h})
+    >>> list(g.losses), list(kept), tuple(kept["2.0"].shape)
+    (['m1.independent', 'final'], ['2.0'], (4, 8, 4, 4))
+    """
+    objectives = list(objectives)
     every = remat_every(objectives)
-    plan = plan or plan_scheme(objectives, max_blocks=every)
+    plan = plan or plan_scheme(objectives, max_blocks=every, given=given, keep=keep)
+    reads = {p.parent for p in plan.pieces if isinstance(p.parent, str)} | {
+        at for _, at in plan.kept if isinstance(at, str)}
+    kept_at = {at: name for name, at in plan.kept if isinstance(at, int)}
     param_keys, state_keys = scheme_names(objectives)
     pieces = plan.pieces
     if compile:
@@ -125,18 +172,23 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None, 
         else:  # rematerialised: only the last piece runs with the loss, as in remat.py
             tails.append(len(op.path) - 1 if op.tail < len(op.path) else len(op.path))
 
-    def run(ts: TrainState, batch: Any) -> Gradients:
+    def run(ts: TrainState, batch: Any, boundaries: dict[str, Tensor]) -> tuple[Gradients, dict[str, Tensor]]:
         with retainable() if compile else contextlib.nullcontext():
-            return run_step(ts, batch)
+            return run_step(ts, batch, boundaries)
 
-    def run_step(ts: TrainState, batch: Any) -> Gradients:
-        check_keys("the train state's params", ts.params, param_keys)
-        check_keys("the train state's state", ts.state, state_keys)
+    def run_step(ts: TrainState, batch: Any, boundaries: dict[str, Tensor]) -> tuple[Gradients, dict[str, Tensor]]:
+        ts = ts._replace(params=_part("the train state's params", ts.params, param_keys),
+                         state=_part("the train state's state", ts.state, state_keys))
         batch = _as_batch(batch)
         x_in = input_of(batch)
+        roots = {**boundaries, INPUT: x_in}
+        missing = sorted(reads - set(roots))
+        if missing:
+            raise ValueError(f"the boundaries {missing} are read but not passed; pass them by name")
         devices = _rng_devices(x_in)
         live = [_Live(p) for p in pieces]
         grads: Params = {}
+        kept: dict[str, Tensor] = {}
 
         def accumulate(keys, values) -> None:
             for k, g in zip(keys, values):
@@ -154,8 +206,8 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None, 
 
         def parent_value(k: int) -> Tensor:
             parent = pieces[k].parent
-            if parent is None:
-                return x_in
+            if isinstance(parent, str):
+                return roots[parent]
             lp = live[parent]
             value = lp.value
             lp.children -= 1
@@ -170,6 +222,10 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None, 
                 lk.out, updates = nets[k].run(lk.leaves, ts.state, lk.inp, train=True)
             return updates
 
+        def keep_output(k: int, value: Tensor) -> None:
+            if k in kept_at:
+                kept[kept_at[k]] = value.detach()
+
         def forward(k: int) -> None:
             piece, lk = pieces[k], live[k]
             x = parent_value(k)
@@ -182,6 +238,7 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None, 
                 with torch.no_grad():
                     lk.value, lk.updates = nets[k].run(ts.params, ts.state, x, train=True)
                 lk.inp = x
+            keep_output(k, lk.out if every is None else lk.value)
 
         def deliver(k: int, g: Tensor, users: tuple[int, ...], start: int) -> None:
             lk = live[k]
@@ -258,6 +315,7 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None, 
                         if j:
                             parent_value(k)  # bookkeeping: the value flows inside this graph
                         h, live[k].updates = nets[k].run(leaves, ts.state, h, train=True)
+                        keep_output(k, h)
                         live[k].computed = True
                         live[k].pending.clear()  # its gradient is this graph's
                         if pieces[k].children:
@@ -287,6 +345,8 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None, 
                 updates.setdefault(key, v.detach())
         finite = torch.stack([torch.isfinite(v) for v in losses.values()]).all()
         out = {k: grads[k] if k in grads else torch.zeros_like(v) for k, v in ts.params.items()}
-        return Gradients(out, {**ts.state, **updates}, losses, metrics, finite)
+        kept.update({name: roots[at] for name, at in plan.kept if isinstance(at, str)})
+        return (Gradients(out, {**ts.state, **updates}, losses, metrics, finite),
+                {name: kept[name] for name, _ in plan.kept})
 
     return run

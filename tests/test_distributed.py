@@ -134,6 +134,38 @@ def test_module_parallel_takes_a_smaller_last_batch(tmp_path):
     assert int(mf.load(out).step) == 2
 
 
+@pytest.fixture
+def one_process():
+    """A process group of one gloo rank inside the test process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_module_parallel_runs_a_rank_through_the_shared_plan(one_process):
+    """mlaan on one rank: module 1 (block 1.1) is in two windows and under its own head, so
+    one objective at a time runs it 3 times per micro-batch, the shared step once."""
+    forwards = []
+    model = w.CifarResNet(14, num_classes=5, widths=(4, 8, 8))
+    model.stages[0][1].register_forward_pre_hook(lambda module, args: forwards.append(1))
+    net = mf.from_module(model)
+    objectives = mf.schemes.mlaan(net, w.AT, input_shape=w.SHAPE)
+    ends = [m.output_name for m in mf.split(net, w.AT)]
+    opt = w.optimizer()
+    ts = mf.init(objectives, opt, seed=0)
+    (x, y), = w.batches(1)
+    got = {}
+    for share, per_micro_batch in [(None, 1), (False, 3)]:
+        forwards.clear()
+        step = mfd.module_parallel_step(objectives, opt, ends, micro_batches=2, share=share)
+        got[share], _ = step(ts, (x, y))
+        assert len(forwards) == 2 * per_micro_batch, share
+    mt.assert_close(got[None].params, got[False].params, 1e-4, "params")
+    mt.assert_close(got[None].state, got[False].state, 1e-4, "state")   # twins follow the params
+
+
 def test_plan_assigns_contiguous_modules_and_refuses_too_many_ranks():
     assert mfd.assign_modules(5, 2) == [0, 0, 0, 1, 1]
     assert mfd.assign_modules(3, 3) == [0, 1, 2]

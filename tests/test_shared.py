@@ -11,7 +11,7 @@ import mlaan_func as mf
 from mlaan_func import testing as mt
 from mlaan_func.models.resnet import CifarResNet
 from mlaan_func.plan import plan_scheme
-from mlaan_func.shared_step import shared_gradients, use_shared
+from mlaan_func.shared_step import shared_gradients, shared_gradients_from, use_shared
 
 SETTINGS = settings(deadline=None, max_examples=6)
 WIDTHS = (4, 8, 8)
@@ -127,6 +127,88 @@ def test_objectives_that_share_a_whole_path_and_a_block_reached_twice():
     ts = mf.init(scheme, mf.optim.sgd(0.1), seed=4)
     xy = (torch.randn(8, 6), torch.arange(8) % 3)
     assert_same_gradients(scheme, ts, xy)
+
+
+def per_objective_from(scheme, only, ts, xy, boundaries):
+    """The per-objective engine on the objectives ``only`` of a scheme, started from given
+    boundaries (the fold module_parallel_step runs without sharing): gradients, first
+    writes, losses, boundaries."""
+    routes = mf.engine.plan_routes(scheme)
+    fns = mf.engine.gradient_fns(scheme, routes)
+    grads, updates, losses = {}, {}, {}
+
+    def run(i, o, x):
+        nonlocal grads
+        g, (loss, (new, outputs, _)) = fns[i]({k: ts.params[k] for k in o.param_names}, ts.state, x, xy, ts.step)
+        grads = mf.routing.accumulate(grads, g)
+        for k, v in new.items():
+            updates.setdefault(k, v)
+        losses[o.name] = loss
+        return outputs
+
+    acts = mf.routing.fold(scheme, routes, None, run, acts={"input": xy[0], **boundaries}, only=only, free=False)
+    return grads, updates, losses, acts
+
+
+def check_rank_from_given_boundaries(method, at, options, ranks, rank, seed):
+    """A module-parallel rank's objectives, started from the boundaries it receives, on the
+    shared step and on the per-objective engine; returns the rank's plan."""
+    from mlaan_func import distributed as mfd
+
+    net = backbone()
+    scheme = mf.schemes.build(method, net, at, input_shape=SHAPE, **options)
+    ends = [m.output_name for m in mf.split(net, at)]
+    ranks = min(ranks, len(ends))
+    plan = mfd.plan_modules(scheme, ends, mfd.balanced_owner(scheme, ends, ranks), ranks)
+    rank = rank % ranks
+    mine = [i for i, r in enumerate(plan.rank_of_objective) if r == rank]
+    if not mine:
+        return None
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=seed)
+    xy = batch(seed=seed)
+    with torch.no_grad():   # what earlier ranks would send: the boundaries of the whole scheme
+        acts = per_objective_from(scheme, None, ts, xy, {})[3]
+    received = {n: acts[n] for n in plan.receives[rank]}
+    objectives = [scheme[i] for i in mine]
+    g, kept = shared_gradients_from(objectives, given=plan.receives[rank], keep=plan.sends[rank])(ts, xy, received)
+    grads, updates, losses, want = per_objective_from(scheme, mine, ts, xy, received)
+    assert set(g.grads) == set(grads) == {k for o in objectives for k in o.param_names}
+    mt.assert_close(g.grads, grads, mt.RTOL, "gradient")
+    mt.assert_identical({k: g.state[k] for k in updates}, updates, "state")
+    mt.assert_close(g.losses, losses, mt.RTOL, "loss")
+    assert list(kept) == plan.sends[rank]
+    mt.assert_identical(kept, {n: want[n] for n in plan.sends[rank]}, "sent boundary")
+    return plan_scheme(objectives, given=plan.receives[rank], keep=plan.sends[rank])
+
+
+@SETTINGS
+@given(case=scheme_cases(), ranks=st.integers(2, 3), rank=st.integers(0, 2), seed=st.integers(0, 1000))
+def test_shared_step_from_given_boundaries_equals_per_objective(case, ranks, rank, seed):
+    method, at, options = case
+    check_rank_from_given_boundaries(method, at, options, ranks, rank, seed)
+
+
+@pytest.mark.parametrize("method, ranks, rank, shares_received", [
+    ("mlaan", 3, 1, True), ("mlaan", 2, 1, True), ("dgl_mlaan", 3, 1, False)])
+def test_a_later_rank_shares_blocks_above_its_received_boundaries(method, ranks, rank, shares_received):
+    """On ResNet-14 split in five: the pieces read received boundaries, and a boundary that
+    is received and sent on (dgl_mlaan, rank 1 of 3) passes through."""
+    plan = check_rank_from_given_boundaries(method, ["1.0", "1.1", "2.0", "2.1"], {}, ranks, rank, 7)
+    from_received = [p for p in plan.shared if isinstance(p.parent, str) and p.parent != "input"]
+    assert bool(from_received) == shares_received
+    assert shares_received or plan.kept == (("1.1", "1.1"),)
+
+
+def test_given_and_kept_boundaries_are_checked():
+    scheme = mf.schemes.mlaan(backbone(), ["1.0", "2.0"], input_shape=SHAPE)
+    later = scheme[1:]    # both read the output of block 1.0
+    with pytest.raises(ValueError, match="no earlier objective produces"):
+        plan_scheme(later)
+    with pytest.raises(ValueError, match=r"keep names \['9.9'\]"):
+        plan_scheme(later, given=["1.0"], keep=["9.9"])
+    ts = mf.init(scheme, mf.optim.sgd(0.1))
+    with pytest.raises(ValueError, match=r"\['1.0'\] are read but not passed"):
+        shared_gradients_from(later, given=["1.0"])(ts, batch(), {})
 
 
 @SETTINGS
