@@ -37,11 +37,11 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .combinators import Objective
 from .core import INPUT, Params, State
 from .engine import (Gradients, NonFiniteLossError, TrainState, _as_batch, _step_randomness, after_steps,
-                     apply_gradients, gradient_fns, plan_routes, scheme_names)
+                     apply_gradients, gradient_fns, objectives_alone, plan_routes, scheme_names)
 from .losses import input_of
 from .optim import Optimizer
 from .randomness import fold_in
-from .routing import accumulate, fold
+from .routing import accumulate
 from .shared_step import shared_gradients_from, use_shared
 
 BUCKET_BYTES = 25 * 2**20
@@ -326,24 +326,7 @@ def _rank_gradients(objectives: Sequence[Objective], mine: Sequence[int], receiv
     fns = gradient_fns(objectives, routes)
 
     def run(ts: TrainState, batch: Any, acts: dict[str, Tensor]) -> tuple[Gradients, dict[str, Tensor]]:
-        grads: Params = {}
-        updates: State = {}
-        losses: dict[str, Tensor] = {}
-        metrics: dict[str, dict[str, Tensor]] = {}
-
-        def run_objective(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
-            nonlocal grads
-            p = {k: ts.params[k] for k in o.param_names}
-            g, (loss, (new, outputs, met)) = fns[i](p, ts.state, x, batch, ts.step)
-            grads = accumulate(grads, g)
-            for k, v in new.items():
-                updates.setdefault(k, v)
-            losses[o.name], metrics[o.name] = loss, met
-            return outputs
-
-        acts = fold(objectives, routes, None, run_objective, acts=acts, only=mine, free=False)
-        finite = torch.stack([torch.isfinite(v) for v in losses.values()]).all() if losses else torch.tensor(True)
-        return Gradients(grads, updates, losses, metrics, finite), acts
+        return objectives_alone(objectives, routes, fns, ts, batch, acts, only=mine)
 
     return run
 

@@ -302,33 +302,43 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
         return run_shared
 
     fns = gradient_fns(objectives, routes, compile=compile, backend=backend)
-    sub_keys = [o.param_names for o in objectives]
 
     def run(ts: TrainState, batch: Any) -> Gradients:
         batch, x = checked(ts, batch)
-        grads: Params = {}
-        updates: State = {}
-        losses: dict[str, Tensor] = {}
-        metrics: dict[str, dict[str, Tensor]] = {}
-
-        def run_objective(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
-            nonlocal grads
-            p = {k: ts.params[k] for k in sub_keys[i]}
-            seed_block(o.name)
-            g, (loss, (new, outputs, m)) = fns[i](p, ts.state, x, batch, ts.step)
-            grads = accumulate(grads, g)
-            for k, v in new.items():
-                updates.setdefault(k, v)
-            losses[o.name], metrics[o.name] = loss, m
-            return outputs
-
         with _step_randomness(ts, x):
-            fold(objectives, routes, x, run_objective)
-        finite = torch.stack([torch.isfinite(v) for v in losses.values()]).all()
-        grads = {k: grads[k] for k in ts.params}
-        return Gradients(grads, {**ts.state, **updates}, losses, metrics, finite)
+            g, _ = objectives_alone(objectives, routes, fns, ts, batch, {INPUT: x})
+        return g._replace(grads={k: g.grads[k] for k in ts.params}, state={**ts.state, **g.state})
 
     return run
+
+
+def objectives_alone(objectives: Sequence[Objective], routes: Sequence[Route], fns: Sequence[Callable],
+                     ts: TrainState, batch: Any, acts: dict[str, Tensor], *, only: Iterable[int] | None = None
+                     ) -> tuple[Gradients, dict[str, Tensor]]:
+    """The per-objective engine's body: each objective (those in ``only``, default all) run
+    alone with its gradient function from ``gradient_fns``, from the boundaries in ``acts``.
+    Returns the summed gradients, the state entries written (first writer wins), losses,
+    metrics and the finite flag, and the boundaries held afterwards (all of them when
+    ``only`` is given, for a rank to send on)."""
+    grads: Params = {}
+    updates: State = {}
+    losses: dict[str, Tensor] = {}
+    metrics: dict[str, dict[str, Tensor]] = {}
+
+    def run_objective(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
+        nonlocal grads
+        p = {k: ts.params[k] for k in o.param_names}
+        seed_block(o.name)
+        g, (loss, (new, outputs, m)) = fns[i](p, ts.state, x, batch, ts.step)
+        grads = accumulate(grads, g)
+        for k, v in new.items():
+            updates.setdefault(k, v)
+        losses[o.name], metrics[o.name] = loss, m
+        return outputs
+
+    acts = fold(objectives, routes, None, run_objective, acts=acts, only=only, free=only is None)
+    finite = torch.stack([torch.isfinite(v) for v in losses.values()]).all() if losses else torch.tensor(True)
+    return Gradients(grads, updates, losses, metrics, finite), acts
 
 
 def _step_randomness(ts: TrainState, x: Tensor):

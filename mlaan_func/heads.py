@@ -86,8 +86,6 @@ def check_rank(head: nn.Module, x: Tensor, ranks: Sequence[int]) -> None:
     """Raise ``ShapeError`` when ``x``'s rank is not one of ``ranks``, naming the heads that
     take it."""
     if x.dim() not in ranks:
-        from .core import ShapeError
-
         takes = " or ".join(_RANK_NAMES.get(r, f"rank-{r} tensors") for r in ranks)
         use = _HEAD_FOR_RANK.get(x.dim(), "einops.rearrange to one of those ranks, or a head of your own")
         raise ShapeError(f"{type(head).__name__} takes {takes}, got features of shape {tuple(x.shape)}; "
