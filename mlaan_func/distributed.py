@@ -307,7 +307,7 @@ def _gather_metrics(objectives, losses, metrics, group):
 
 
 def _rank_gradients(objectives: Sequence[Objective], mine: Sequence[int], receives: Sequence[str],
-                    sends: Sequence[str], share: bool | None
+                    sends: Sequence[str], share: bool | str | None
                     ) -> Callable[[TrainState, Any, dict[str, Tensor]], tuple[Gradients, dict[str, Tensor]]]:
     """``(ts, micro_batch, boundaries) -> (gradients, boundaries)`` for the objectives ``mine``
     of a rank, started from the input and the received boundaries; the boundaries returned
@@ -315,7 +315,7 @@ def _rank_gradients(objectives: Sequence[Objective], mine: Sequence[int], receiv
     at a time; ``gradients.state`` holds at least the keys they write."""
     local = [objectives[i] for i in mine]
     if local and use_shared(local, share=share, compile=False, given=receives):
-        shared = shared_gradients_from(local, given=receives, keep=sends)
+        shared = shared_gradients_from(local, given=receives, keep=sends, sum_cotangents=share == "sum")
 
         def run_shared(ts: TrainState, batch: Any, acts: dict[str, Tensor]) -> tuple[Gradients, dict[str, Tensor]]:
             g, sent = shared(ts, batch, {name: acts[name] for name in receives})

@@ -4,12 +4,16 @@ its gradients are delivered by reach.
 Objectives run in scheme order. Each computes the shared pieces on its path that no earlier
 objective computed (keeping their graphs), then runs the suffix only it passes through (its
 trunk and head) together with its loss, as the per-objective engine would, and delivers the
-cotangent of that suffix's input to the shared piece below. A shared piece sums what
-arrives: when every objective of a group that continues below it has delivered, one
-input-only vector-Jacobian product (``torch.autograd.grad`` skips the weight gradients it
-is not asked for) passes the group's sum down; when every objective through it has
-delivered, one parameter VJP of the sum of all of them gives its parameter gradients and
-its graph is freed. BatchNorm statistics come from the one shared forward; for each key the
+cotangent of that suffix's input to the shared piece below. By default a shared piece
+turns each arriving cotangent into its own VJP at once (parameters, and the input where
+that objective continues below), so the gradients are bit for bit the per-objective
+engine's: only the repeated forwards are saved. With ``sum_cotangents=True`` (``share="sum"``)
+a piece sums what arrives: when every objective of a group that continues below it has
+delivered, one input-only vector-Jacobian product (``torch.autograd.grad`` skips the
+weight gradients it is not asked for) passes the group's sum down; when every objective
+through it has delivered, one parameter VJP of the sum of all of them gives its parameter
+gradients (equal to float32 rounding: the sums are re-associated). The graph of a piece is
+freed when its last user has delivered. BatchNorm statistics come from the one shared forward; for each key the
 first objective in scheme order that runs the block writes it, as in the per-objective
 engine. ``shared_gradients_from`` runs objectives that start from boundaries given from
 outside (a module-parallel rank's received activations) and returns the boundaries asked for.
@@ -23,7 +27,10 @@ outside (a module-parallel rank's received activations) and returns the boundari
 >>> batch = (torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
 >>> shared = shared_gradients(scheme)(ts, batch)
 >>> alone = mf.gradients(scheme, share=False)(ts, batch)
->>> assert_close(shared.grads, alone.grads); assert_close(shared.state, alone.state)
+>>> all(torch.equal(shared.grads[k], alone.grads[k]) for k in alone.grads)
+True
+>>> summed = shared_gradients(scheme, sum_cotangents=True)(ts, batch)
+>>> assert_close(summed.grads, alone.grads); assert_close(summed.state, alone.state)
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ def remat_every(objectives: Sequence[Objective]) -> int | None:
     return min(everies) if everies and None not in everies else None
 
 
-def use_shared(objectives: Sequence[Objective], *, share: bool | None, compile: bool,
+def use_shared(objectives: Sequence[Objective], *, share: bool | str | None, compile: bool,
                given: Iterable[str] = ()) -> bool:
     """Whether ``gradients``/``step`` run the shared step.
 
@@ -62,9 +69,12 @@ def use_shared(objectives: Sequence[Objective], *, share: bool | None, compile: 
     (dropout) are shared too: each block draws from its own name's stream
     (``mlaan_func.randomness``), so the one shared forward draws what every objective's own
     forward would. ``share=True`` asks for it (an error where it cannot run);
-    ``share=False`` keeps the per-objective engine. ``given`` as in
+    ``share="sum"`` as ``True``, summing cotangents; ``share=False`` keeps the
+    per-objective engine. ``given`` as in
     ``plan_scheme`` (a part of a scheme that starts from received boundaries).
     """
+    if share not in (None, True, False, "sum"):
+        raise ValueError(f"share must be None, True, False or 'sum', got {share!r}")
     if share is False:
         return False
     own = [o.name for o in objectives if o.grad_fn is not None]
@@ -74,7 +84,7 @@ def use_shared(objectives: Sequence[Objective], *, share: bool | None, compile: 
                              "(other than mf.remat). Pass share=False (or leave share unset) to use the "
                              "per-objective engine.")
         return False
-    return share is True or compile or bool(plan_scheme(objectives, given=given).shared)
+    return share is not None or compile or bool(plan_scheme(objectives, given=given).shared)
 
 
 class _Live:
@@ -108,7 +118,8 @@ def _add(a: Tensor | None, b: Tensor) -> Tensor:
 
 
 def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None, *, compile: bool = False,
-                     backend: str = "inductor") -> Callable[[TrainState, Any], Gradients]:
+                     backend: str = "inductor", sum_cotangents: bool = False
+                     ) -> Callable[[TrainState, Any], Gradients]:
     """``gradients(objectives)`` computed with one forward per shared piece (see the module
     docstring); same signature and result as ``mlaan_func.gradients``.
 
@@ -122,7 +133,8 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None, 
     """
     objectives = list(objectives)
     param_keys, state_keys = scheme_names(objectives)
-    from_given = shared_gradients_from(objectives, plan=plan, compile=compile, backend=backend)
+    from_given = shared_gradients_from(objectives, plan=plan, compile=compile, backend=backend,
+                                       sum_cotangents=sum_cotangents)
 
     def run(ts: TrainState, batch: Any) -> Gradients:
         check_keys("the train state's params", ts.params, param_keys)
@@ -133,7 +145,8 @@ def shared_gradients(objectives: Sequence[Objective], plan: Plan | None = None, 
 
 
 def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] = (), keep: Iterable[str] = (),
-                          plan: Plan | None = None, *, compile: bool = False, backend: str = "inductor"
+                          plan: Plan | None = None, *, compile: bool = False, backend: str = "inductor",
+                          sum_cotangents: bool = False
                           ) -> Callable[[TrainState, Any, dict[str, Tensor]], tuple[Gradients, dict[str, Tensor]]]:
     """The shared step of objectives that may start from boundaries ``given`` from outside
     (what a module-parallel rank receives): ``(ts, batch, boundaries) -> (gradients, kept)``
@@ -241,6 +254,9 @@ def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] 
             keep_output(k, lk.out if every is None else lk.value)
 
         def deliver(k: int, g: Tensor, users: tuple[int, ...], start: int) -> None:
+            if not sum_cotangents:
+                deliver_alone(k, g, users, start)
+                return
             lk = live[k]
             if pieces[k].param_names:
                 lk.total = _add(lk.total, g)
@@ -250,6 +266,33 @@ def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] 
                 group[0] = _add(group[0], g)
                 group[1].difference_update(users)
             settle(k)
+
+        def deliver_alone(k: int, g: Tensor, users: tuple[int, ...], start: int) -> None:
+            """One VJP per arriving cotangent, at once: the per-objective engine's computation."""
+            piece, lk = pieces[k], live[k]
+            lk.pending.difference_update(users)
+            final = not lk.pending
+            continues = start != k
+            if piece.param_names or continues:
+                stored = lk.inp
+                if every is not None:  # recompute the piece, replaying the generator
+                    with torch.random.fork_rng(devices=devices):
+                        _set_rng_state(lk.rng, devices)
+                        with_graph(k, stored)
+                params = list(lk.leaves.values())
+                targets = [*params, lk.inp] if continues else params
+                gs = torch.autograd.grad(lk.out, targets, g, retain_graph=not final and every is None,
+                                         allow_unused=True)
+                accumulate(lk.leaves, gs[:len(params)])
+                if every is not None:
+                    lk.out, lk.leaves, lk.inp = None, {}, stored
+                del stored, params
+            if final:
+                lk.out = lk.inp = lk.total = lk.rng = None
+                lk.leaves = {}
+                release(k)
+            if continues:
+                deliver(piece.parent, gs[-1], users, start)
 
         def settle(k: int) -> None:
             piece, lk = pieces[k], live[k]
