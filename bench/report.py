@@ -297,11 +297,18 @@ def sharing_section(flops: dict | None, timing: dict | list | None, memory: dict
         lines += ["### FLOPs per image of one step", ""] + header(flops, "flops.py")
         lines += ["Counted with the per-op formulas of `torch.utils.flop_counter` (convolutions and matrix "
                   "products, forward and backward) over one call of `mf.gradients`; independent of load.", "",
-                  "| method | K | per-objective GFLOP | × E2E | shared GFLOP | × E2E | shared / per-objective | target |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "*shared (default)*: one forward per block application, one VJP per objective at each "
+                  "shared block, gradients bit-identical to the per-objective engine; *summed* "
+                  "(`share=\"sum\"`): cotangents summed before one weight VJP and one input VJP per continuing "
+                  "group, gradients equal to float32 rounding. The targets were set for the summed form.", "",
+                  "| method | K | per-objective GFLOP | × E2E | shared (default) / per-objective | summed GFLOP | "
+                  "× E2E | summed / per-objective | target |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in flops["rows"]:
+            exact = r.get("exact_shared_over_per_objective")
             lines.append(f"| {r['method']} | {r['modules']} | {r['per_objective_flops_per_image'] / 1e9:.3f} | "
-                         f"{r['per_objective_vs_e2e']:.2f} | {r['shared_flops_per_image'] / 1e9:.3f} | "
+                         f"{r['per_objective_vs_e2e']:.2f} | {'' if exact is None else f'{exact:.3f}'} | "
+                         f"{r['shared_flops_per_image'] / 1e9:.3f} | "
                          f"{r['shared_vs_e2e']:.2f} | {r['shared_over_per_objective']:.3f} | "
                          f"{verdict(r['shared_over_per_objective'], FLOP_TARGETS.get(r['method']))} |")
         bare = [r for r in flops["rows"] if "trunk_flops_per_image" in r]

@@ -1,6 +1,7 @@
 """The shared step against the per-objective engine on the same scheme: step time (interleaved
 in one run, median ratio with its spread) and peak step bytes (DESIGN.md §6), with and
-without remat.
+without remat, for the summed-cotangent form (``share="sum"``) and the default
+(bit-identical) one.
 
     python bench/shared.py                              # MLAAN family, ResNet-32, K = 15, batch 128
     python bench/shared.py --batch-size 32 --repeats 5 --json /tmp/s.json
@@ -62,22 +63,32 @@ def main(argv=None) -> int:
                 row = {"method": method, "arch": arch, "modules": kk, "batch_size": batch_size,
                        "remat": remat, "released_trunks": released, "shared_by_default": shares}
                 if args.what in ("time", "both"):
-                    r = ratio(runner(scheme, opt, batch, args.device, None),
+                    r = ratio(runner(scheme, opt, batch, args.device, "sum"),
                               runner(scheme, opt, batch, args.device, False), args.repeats, args.warmup)
                     row.update(repeats=args.repeats, shared_step_s=r["a_median_s"],
                                per_objective_step_s=r["b_median_s"], time_ratio=r["ratio"],
                                time_ratio_min=r["ratio_min"], time_ratio_max=r["ratio_max"])
+                    if shares:  # the default (bit-identical) shared step
+                        r = ratio(runner(scheme, opt, batch, args.device, None),
+                                  runner(scheme, opt, batch, args.device, False), args.repeats, args.warmup)
+                        row.update(exact_step_s=r["a_median_s"], exact_time_ratio=r["ratio"],
+                                   exact_time_ratio_min=r["ratio_min"], exact_time_ratio_max=r["ratio_max"])
                 if args.what in ("memory", "both"):
                     ts = mf.init(scheme, opt, seed=0, device=args.device)
-                    row["shared_peak_step_bytes"] = step_peak(mf.step(scheme, opt), ts, batch)
+                    row["shared_peak_step_bytes"] = step_peak(mf.step(scheme, opt, share="sum" if shares else None),
+                                                              ts, batch)
+                    row["exact_peak_step_bytes"] = step_peak(mf.step(scheme, opt), ts, batch)
                     row["per_objective_peak_step_bytes"] = step_peak(mf.step(scheme, opt, share=False), ts, batch)
                     row["memory_ratio"] = row["shared_peak_step_bytes"] / row["per_objective_peak_step_bytes"]
+                    row["exact_memory_ratio"] = row["exact_peak_step_bytes"] / row["per_objective_peak_step_bytes"]
                 rows.append(row)
                 print(f"{method:14s} K={kk:<3d} B={batch_size} remat={remat!s:5s} shared={shares!s:5s}"
                       + (f" time {row['time_ratio']:.3f} [{row['time_ratio_min']:.3f}, {row['time_ratio_max']:.3f}]"
                          f" ({row['shared_step_s']:.2f}s vs {row['per_objective_step_s']:.2f}s)"
                          if "time_ratio" in row else "")
-                      + (f" memory {row['memory_ratio']:.3f} ({row['shared_peak_step_bytes'] / 2**20:.1f} vs "
+                      + (f" exact time {row['exact_time_ratio']:.3f}" if "exact_time_ratio" in row else "")
+                      + (f" memory {row['memory_ratio']:.3f} exact {row['exact_memory_ratio']:.3f} "
+                         f"({row['shared_peak_step_bytes'] / 2**20:.1f} vs "
                          f"{row['per_objective_peak_step_bytes'] / 2**20:.1f} MiB)" if "memory_ratio" in row else ""),
                       file=sys.stderr, flush=True)
     payload = {**common.environment(sys.argv), "rows": rows}

@@ -253,10 +253,19 @@ def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] 
                 lk.inp = x
             keep_output(k, lk.out if every is None else lk.value)
 
+        queue: list[tuple[int, Tensor, tuple[int, ...], int]] = []
+
         def deliver(k: int, g: Tensor, users: tuple[int, ...], start: int) -> None:
-            if not sum_cotangents:
-                deliver_alone(k, g, users, start)
-                return
+            """Hand cotangent ``g`` of ``users`` (who started at piece ``start``) to piece ``k``;
+            ``drain`` processes it. A queue rather than recursion, so that no caller keeps a
+            cotangent alive after it has been passed down."""
+            queue.append((k, g, users, start))
+
+        def drain() -> None:
+            while queue:
+                (deliver_alone if not sum_cotangents else add_summed)(*queue.pop())
+
+        def add_summed(k: int, g: Tensor, users: tuple[int, ...], start: int) -> None:
             lk = live[k]
             if pieces[k].param_names:
                 lk.total = _add(lk.total, g)
@@ -273,6 +282,7 @@ def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] 
             lk.pending.difference_update(users)
             final = not lk.pending
             continues = start != k
+            gs: tuple = ()
             if piece.param_names or continues:
                 stored = lk.inp
                 if every is not None:  # recompute the piece, replaying the generator
@@ -293,6 +303,7 @@ def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] 
                 release(k)
             if continues:
                 deliver(piece.parent, gs[-1], users, start)
+            del gs
 
         def settle(k: int) -> None:
             piece, lk = pieces[k], live[k]
@@ -379,6 +390,7 @@ def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] 
                 end = op.path[tails[i] - 1] if tail else op.path[-1]
                 deliver(end, gs[-1], (i,), op.start)
             del gs, inp, leaves
+            drain()
         updates = {}
         for op in plan.objectives:
             mine = {}
