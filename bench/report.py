@@ -343,24 +343,31 @@ def sharing_section(flops: dict | None, timing: dict | list | None, memory: dict
                   "jobs (load average about 10 on 2 cores), hence the spread"
                   + ("; a batch below 128 kept the run within the session on that machine."
                      if any(r["batch_size"] < 128 for r in timing["rows"]) else "."), "",
-                  "| method | K | batch | repeats | shared s/step | per-objective s/step | ratio | FLOP ratio |",
-                  "|---|---|---|---|---|---|---|---|"]
-        flop_ratio = {(r["method"], r["modules"]): r["shared_over_per_objective"] for r in (flops or {}).get("rows", [])}
+                  "| method | K | batch | repeats | per-objective s/step | summed s/step | summed ratio | "
+                  "summed FLOP ratio | default s/step | default ratio | default FLOP ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        flop_rows = {(r["method"], r["modules"]): r for r in (flops or {}).get("rows", [])}
         for r in timing["rows"]:
-            fr = flop_ratio.get((r["method"], r["modules"]))
+            fr = flop_rows.get((r["method"], r["modules"]), {})
+            ratio = (lambda key: f"{fr[key]:.3f}" if key in fr else "")
+            exact = (f"{r['exact_step_s']:.2f} | {r['exact_time_ratio']:.3f} [{r['exact_time_ratio_min']:.3f}, "
+                     f"{r['exact_time_ratio_max']:.3f}]" if "exact_time_ratio" in r else " | ")
             lines.append(f"| {r['method']} | {r['modules']} | {r['batch_size']} | {r['repeats']} | "
-                         f"{r['shared_step_s']:.2f} | {r['per_objective_step_s']:.2f} | "
+                         f"{r['per_objective_step_s']:.2f} | {r['shared_step_s']:.2f} | "
                          f"{r['time_ratio']:.3f} [{r['time_ratio_min']:.3f}, {r['time_ratio_max']:.3f}] | "
-                         f"{'' if fr is None else f'{fr:.3f}'} |")
+                         f"{ratio('shared_over_per_objective')} | {exact} | {ratio('exact_shared_over_per_objective')} |")
         lines.append("")
     if memory:
         lines += ["### Peak step bytes", ""] + header(memory, "shared.py")
-        lines += ["| method | K | batch | remat | shared MiB | per-objective MiB | ratio | target |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| method | K | batch | remat | per-objective MiB | summed MiB | ratio | target | default MiB | "
+                  "ratio | target |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in memory["rows"]:
+            exact = (f"{r['exact_peak_step_bytes'] / MiB:.1f} | {r['exact_memory_ratio']:.3f} | "
+                     f"{verdict(r['exact_memory_ratio'], 1.05)}" if "exact_memory_ratio" in r else " | | ")
             lines.append(f"| {r['method']} | {r['modules']} | {r['batch_size']} | {'yes' if r['remat'] else 'no'} | "
-                         f"{r['shared_peak_step_bytes'] / MiB:.1f} | {r['per_objective_peak_step_bytes'] / MiB:.1f} | "
-                         f"{r['memory_ratio']:.3f} | {verdict(r['memory_ratio'], 1.05)} |")
+                         f"{r['per_objective_peak_step_bytes'] / MiB:.1f} | {r['shared_peak_step_bytes'] / MiB:.1f} | "
+                         f"{r['memory_ratio']:.3f} | {verdict(r['memory_ratio'], 1.05)} | {exact} |")
         lines.append("")
     return lines
 
