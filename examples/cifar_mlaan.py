@@ -141,6 +141,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and augmentation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the step: one kernel per kind of block")
+    p.add_argument("--share", default="auto", choices=("auto", "off", "sum"),
+                   help="run each block once per step for all objectives that share it: auto (bit-identical "
+                        "gradients), sum (also sum their cotangents: fewer FLOPs, float32-rounding equal), "
+                        "off (one objective at a time)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="compute precision")
     p.add_argument("--remat", action="store_true", help="rematerialise every objective (less memory)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this much of train")
@@ -616,18 +620,20 @@ def main(argv=None) -> int:
     warmup, warmup_why = warmup_steps(args, steps_per_epoch, total)
     optimizer = mf.optim.sgd(mf.optim.warmup_cosine(args.lr, warmup, total), momentum=0.9, nesterov=True,
                              weight_decay=args.weight_decay)
+    share = {"auto": None, "off": False, "sum": "sum"}[args.share]
     if args.parallel == "data":
         from mlaan_func import distributed as mfd
-        train_step = mfd.data_parallel_step(scheme, optimizer, compile=args.compile)
+        train_step = mfd.data_parallel_step(scheme, optimizer, compile=args.compile, share=share)
         if folder:  # the loader already gave this rank its shard
             train_step = functools.partial(train_step, sharded=True)
     elif args.parallel == "modules":
         from mlaan_func import distributed as mfd
         ends = [m.output_name for m in mf.split(backbone, split_points(args.arch, backbone, args.modules,
                                                                        (dataset.channels, dataset.image_size, dataset.image_size)))]
-        train_step = mfd.module_parallel_step(scheme, optimizer, ends, micro_batches=args.micro_batches)
+        train_step = mfd.module_parallel_step(scheme, optimizer, ends, micro_batches=args.micro_batches,
+                                              share=share)
     else:
-        train_step = mf.step(scheme, optimizer, compile=args.compile)
+        train_step = mf.step(scheme, optimizer, compile=args.compile, share=share)
     augment = None if folder else datasets.augmentation(dataset.name)
     progress = writer and not args.no_progress
     skipped: list[int] = []

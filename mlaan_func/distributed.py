@@ -185,18 +185,19 @@ def shard(batch: Any, rank: int, world: int) -> Any:
 
 def data_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, *, group=None,
                        compile: bool = False, backend: str = "inductor", check_finite: bool = True,
-                       check_every: int = 100):
+                       check_every: int = 100, share: bool | str | None = None):
     """A data-parallel training step over the global batch: ``(ts, (x, y)) -> (ts, metrics)``.
 
     Every rank passes the same global batch (or its own shard with ``sharded=True`` in the
     call); see the module docstring for what is averaged. At step 0 every rank takes rank
     0's train state (``broadcast_train_state``); every ``check_every`` steps the replicas'
     checksums are compared (``check_replicas``; 0 turns it off). Random draws use the key
-    folded with the rank, so shards get independent dropout masks.
+    folded with the rank, so shards get independent dropout masks. ``share`` as in
+    ``mlaan_func.gradients``.
     """
     from .engine import gradients
 
-    grad_step = gradients(objectives, compile=compile, backend=backend)
+    grad_step = gradients(objectives, compile=compile, backend=backend, share=share)
     post = after_steps(objectives)
 
     def train_step(ts: TrainState, batch: Any, *, sharded: bool = False):

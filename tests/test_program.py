@@ -46,6 +46,20 @@ def test_every_method_runs_end_to_end_on_synthetic(tmp_path, method):
 
 
 @pytest.mark.slow
+def test_share_flag_keeps_the_run_bit_for_bit_and_sum_to_rounding(tmp_path):
+    """--share auto (the default) computes each shared block once with the per-objective
+    engine's gradients, bit for bit; --share sum equals them to float32 rounding."""
+    runs = {}
+    for share in ("off", "auto", "sum"):
+        out = tmp_path / share
+        r = run([*QUICK, "--method", "mlaan", "--epochs", "1", "--share", share, "--out", str(out)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[share] = mf.load(out / "checkpoint.pt")
+    mt.assert_identical(runs["auto"].params, runs["off"].params)
+    mt.assert_close(runs["sum"].params, runs["off"].params, 1e-3)   # three steps of rounding
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(),
                     reason="needs the Debian package dataset-fashion-mnist (CI installs it)")
 def test_fashion_mnist_subset_with_validation(tmp_path):
