@@ -159,13 +159,14 @@ def objective_fn(objective: Objective, taps: tuple[str, ...] = ()) -> Callable:
     return objective_loss
 
 
-def _own_code(fn: Callable, label: str) -> Callable:
-    """``fn`` behind a code object of its own, so that ``torch.compile`` keeps a separate
-    cache for it: distinct objectives never count against one another's recompile limit."""
+def own_code(fn: Callable, name: str) -> Callable:
+    """``fn`` behind a code object of its own, named ``name``, so that ``torch.compile``
+    keeps a separate cache (and recompile limit) for it: distinct objectives, or kernels,
+    never count against one another's."""
     def call(*args):
         return fn(*args)
 
-    code = call.__code__.replace(co_name=f"objective_{label}")
+    code = call.__code__.replace(co_name=name)
     return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
 
 
@@ -208,7 +209,7 @@ def gradient_fns(objectives: Sequence[Objective], routes: Sequence[Route], *, co
             fn = grad_and_value(objective_fn(o, r.taps), has_aux=True)
         else:
             fn = autograd_grad_and_value(objective_fn(o, r.taps))
-        fns.append(torch.compile(_own_code(fn, str(len(fns))), backend=backend, dynamic=False)
+        fns.append(torch.compile(own_code(fn, f"objective_{len(fns)}"), backend=backend, dynamic=False)
                    if compile else fn)
     return fns
 

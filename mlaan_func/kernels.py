@@ -28,7 +28,6 @@ True
 
 from __future__ import annotations
 
-import types
 from typing import Any, Callable, Hashable, Iterable
 
 import attrs
@@ -38,6 +37,7 @@ from torch.func import functional_call
 
 from .combinators import LeapBlock
 from .core import AfterStep, Block, Net, Params, State, _join, call_explained
+from .engine import own_code
 from .randomness import seed_block
 
 Kernel = Callable[[Params, State, Tensor], tuple[Tensor, State]]
@@ -86,13 +86,6 @@ def _train_kernel(template: nn.Module) -> Kernel:
     return kernel
 
 
-def _own_code(fn: Callable, label: str) -> Callable:
-    """``fn`` behind a code object of its own: ``torch.compile`` keeps one cache (and one
-    recompile limit) per code object, so each kernel counts only its own variants."""
-    code = fn.__code__.replace(co_name=label)
-    return types.FunctionType(code, fn.__globals__, label, fn.__defaults__, fn.__closure__)
-
-
 def _blocks(nets: Iterable[Any]) -> Iterable[Block]:
     for net in nets:
         for b in net.blocks:
@@ -113,7 +106,7 @@ def kernel_table(nets: Iterable[Any], *, backend: str = "inductor") -> dict[Hash
         key = block if key is None else key
         if key not in table:
             label = f"block_kernel_{len(table)}_{type(block.module).__name__}"
-            table[key] = torch.compile(_own_code(_train_kernel(block.train_template), label),
+            table[key] = torch.compile(own_code(_train_kernel(block.train_template), label),
                                        backend=backend, dynamic=False)
     return table
 

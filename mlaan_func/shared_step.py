@@ -276,6 +276,30 @@ def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] 
                 group[1].difference_update(users)
             settle(k)
 
+        @contextlib.contextmanager
+        def graph(k: int):
+            """Piece ``k``'s graph for its VJPs: the forward's, or, rematerialised, recomputed
+            (the generator replayed) and dropped again afterwards."""
+            lk = live[k]
+            if every is None:
+                yield
+                return
+            stored = lk.inp
+            with torch.random.fork_rng(devices=devices):
+                _set_rng_state(lk.rng, devices)
+                with_graph(k, stored)
+            try:
+                yield
+            finally:
+                lk.out, lk.leaves, lk.inp = None, {}, stored
+
+        def finish(k: int) -> None:
+            """Piece ``k``'s last user has delivered: free its graph."""
+            lk = live[k]
+            lk.out = lk.inp = lk.total = lk.rng = None
+            lk.leaves = {}
+            release(k)
+
         def deliver_alone(k: int, g: Tensor, users: tuple[int, ...], start: int) -> None:
             """One VJP per arriving cotangent, at once: the per-objective engine's computation."""
             piece, lk = pieces[k], live[k]
@@ -284,23 +308,15 @@ def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] 
             continues = start != k
             gs: tuple = ()
             if piece.param_names or continues:
-                stored = lk.inp
-                if every is not None:  # recompute the piece, replaying the generator
-                    with torch.random.fork_rng(devices=devices):
-                        _set_rng_state(lk.rng, devices)
-                        with_graph(k, stored)
-                params = list(lk.leaves.values())
-                targets = [*params, lk.inp] if continues else params
-                gs = torch.autograd.grad(lk.out, targets, g, retain_graph=not final and every is None,
-                                         allow_unused=True)
-                accumulate(lk.leaves, gs[:len(params)])
-                if every is not None:
-                    lk.out, lk.leaves, lk.inp = None, {}, stored
-                del stored, params
+                with graph(k):
+                    params = list(lk.leaves.values())
+                    targets = [*params, lk.inp] if continues else params
+                    gs = torch.autograd.grad(lk.out, targets, g, retain_graph=not final and every is None,
+                                             allow_unused=True)
+                    accumulate(lk.leaves, gs[:len(params)])
+                    del params, targets
             if final:
-                lk.out = lk.inp = lk.total = lk.rng = None
-                lk.leaves = {}
-                release(k)
+                finish(k)
             if continues:
                 deliver(piece.parent, gs[-1], users, start)
             del gs
@@ -315,39 +331,30 @@ def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] 
             with_params = flush and lk.total is not None and bool(piece.param_names)
             sends = []
             if ready or with_params:
-                stored = lk.inp
-                if every is not None:  # recompute the piece, replaying the generator
-                    with torch.random.fork_rng(devices=devices):
-                        _set_rng_state(lk.rng, devices)
-                        with_graph(k, stored)
-                out, params = lk.out, list(lk.leaves.values())
-                single = len(ready) == 1 and (lk.total is lk.groups[ready[0]][0] or (
-                    every is None and len(piece.groups) == 1 and not piece.stops))
-                if with_params and single:
-                    # one group carries every objective through here: one VJP for both
-                    gs = torch.autograd.grad(out, [*params, lk.inp], lk.total, allow_unused=True)
-                    accumulate(lk.leaves, gs[:-1])
-                    sends.append((ready[0], gs[-1]))
-                else:
-                    calls = [(s, lk.groups[s][0]) for s in ready] + ([(None, lk.total)] if with_params else [])
-                    for j, (s, cot) in enumerate(calls):
-                        retain = not ((final or every is not None) and j == len(calls) - 1)
-                        if s is None:
-                            accumulate(lk.leaves, torch.autograd.grad(out, params, cot, retain_graph=retain,
-                                                                      allow_unused=True))
-                        else:
-                            sends.append((s, torch.autograd.grad(out, lk.inp, cot, retain_graph=retain)[0]))
-                del out, params
-                if with_params:
-                    lk.total = None
-                if every is not None:
-                    lk.out, lk.leaves, lk.inp = None, {}, stored
-                del stored
+                with graph(k):
+                    out, params = lk.out, list(lk.leaves.values())
+                    single = len(ready) == 1 and (lk.total is lk.groups[ready[0]][0] or (
+                        every is None and len(piece.groups) == 1 and not piece.stops))
+                    if with_params and single:
+                        # one group carries every objective through here: one VJP for both
+                        gs = torch.autograd.grad(out, [*params, lk.inp], lk.total, allow_unused=True)
+                        accumulate(lk.leaves, gs[:-1])
+                        sends.append((ready[0], gs[-1]))
+                    else:
+                        calls = [(s, lk.groups[s][0]) for s in ready] + ([(None, lk.total)] if with_params else [])
+                        for j, (s, cot) in enumerate(calls):
+                            retain = not ((final or every is not None) and j == len(calls) - 1)
+                            if s is None:
+                                accumulate(lk.leaves, torch.autograd.grad(out, params, cot, retain_graph=retain,
+                                                                          allow_unused=True))
+                            else:
+                                sends.append((s, torch.autograd.grad(out, lk.inp, cot, retain_graph=retain)[0]))
+                    del out, params
+                    if with_params:
+                        lk.total = None
             users = {s: lk.groups.pop(s)[2] for s in ready}
             if final:
-                lk.out = lk.inp = lk.total = lk.rng = None
-                lk.leaves = {}
-                release(k)
+                finish(k)
             for s, g in sends:
                 deliver(piece.parent, g, users[s], s)
 
