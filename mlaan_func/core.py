@@ -27,7 +27,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .errors import DeviceMismatchError, KeysError, ShapeError
+from .identity import check_identity
 from .randomness import seed_block
+from .trace import check_chain, split_module
 
 Params = dict[str, Tensor]
 """Trainable tensors: a flat dict from dotted names (``"1.0.conv1.weight"``) to tensors."""
@@ -265,32 +268,6 @@ def _explain(block: "Block", x: Tensor, params: Params, err: RuntimeError) -> Ex
     return err
 
 
-class DeviceMismatchError(TypeError):
-    """A block's input and parameters live on different devices or have different dtypes.
-
-    >>> net = from_module(nn.Linear(4, 2), name="fc")
-    >>> params, state = init_params(net)
-    >>> try:
-    ...     net(params, state, torch.ones(3, 4, dtype=torch.float64))
-    ... except DeviceMismatchError as err:
-    ...     print(str(err).split(";")[0])
-    block 'fc' (Linear) got a torch.float64 input but its parameters are torch.float32
-    """
-
-
-class ShapeError(ValueError):
-    """A block was given an input it cannot take (channels, spatial size, dims).
-
-    >>> net = from_module(nn.Linear(4, 2), name="fc")
-    >>> params, state = init_params(net)
-    >>> try:
-    ...     net(params, state, torch.ones(3, 5))
-    ... except ShapeError as err:
-    ...     print(type(err).__name__, "in block", repr(err.args[0].split("'")[1]))
-    ShapeError in block 'fc'
-    """
-
-
 def _chain_names(blocks, attr: str) -> tuple[str, ...]:
     seen: dict[str, None] = {}
     for b in blocks:
@@ -421,8 +398,6 @@ def from_module(module: nn.Module, *, name: str | None = None, blocks: Any = Non
     if blocks is not None:
         return _traced_net(module, blocks, name)
     if hasattr(module, "named_blocks"):
-        from .trace import check_chain
-
         named = list(module.named_blocks())
         check_chain(module, named)
     elif isinstance(module, nn.Sequential) and name is None:
@@ -437,8 +412,6 @@ def from_module(module: nn.Module, *, name: str | None = None, blocks: Any = Non
 
 
 def _traced_net(module: nn.Module, blocks: Any, name: str | None) -> Net:
-    from .trace import split_module
-
     train_pieces = split_module(module, blocks, train=True)
     eval_pieces = split_module(module, blocks, train=False)
     out = []
@@ -496,8 +469,6 @@ def init_params(*nets: Any, seed: int = 0, device: torch.device | str | None = N
     >>> torch.equal(params["fc.weight"], params["trunk.fc.weight"])
     True
     """
-    from .identity import check_identity
-
     check_identity(*nets)
     params: Params = {}
     state: State = {}

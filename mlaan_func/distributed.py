@@ -36,8 +36,12 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .combinators import Objective
 from .core import INPUT, Params, State
-from .engine import (Gradients, NonFiniteLossError, TrainState, _as_batch, _step_randomness, after_steps,
-                     apply_gradients, gradient_fns, objectives_alone, plan_routes, scheme_names)
+from .errors import DistributedError
+from .batch import as_batch
+from .engine import (NonFiniteLossError, _step_randomness, apply_gradients, gradient_fns, gradients,
+                     objectives_alone)
+from .plan import plan_routes
+from .train_state import Gradients, TrainState, after_steps, scheme_names
 from .losses import input_of
 from .optim import Optimizer
 from .randomness import fold_in
@@ -47,8 +51,6 @@ from .shared_step import shared_gradients_from, use_shared
 BUCKET_BYTES = 25 * 2**20
 
 
-class DistributedError(RuntimeError):
-    """A collective failed or timed out: a rank died, hangs, or runs another configuration."""
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 120.0) -> tuple[int, int]:
@@ -174,7 +176,7 @@ def samples(batch: Any, start: int, stop: int) -> Any:
 
 def shard(batch: Any, rank: int, world: int) -> Any:
     """Rank ``rank``'s contiguous share of a global batch (sizes must divide evenly)."""
-    batch = _as_batch(batch)
+    batch = as_batch(batch)
     n = input_of(batch).shape[0]
     if n % world:
         raise ValueError(f"the global batch of {n} does not split evenly over {world} ranks; "
@@ -195,7 +197,6 @@ def data_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, *,
     folded with the rank, so shards get independent dropout masks. ``share`` as in
     ``mlaan_func.gradients``.
     """
-    from .engine import gradients
 
     grad_step = gradients(objectives, compile=compile, backend=backend, share=share)
     post = after_steps(objectives)
@@ -207,7 +208,7 @@ def data_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, *,
             ts = broadcast_train_state(ts, group)
         elif check_every and at % check_every == 0:
             check_replicas(ts, group)
-        local = _as_batch(batch) if sharded else shard(batch, rank, world)
+        local = as_batch(batch) if sharded else shard(batch, rank, world)
         g = grad_step(ts if ts.key is None else ts._replace(key=fold_in(ts.key, rank)), local)
         grads = all_reduce_tree(g.grads, group=group)
         grads = {k: v / world for k, v in grads.items()}
@@ -357,7 +358,7 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
     run_rank = _rank_gradients(objectives, mine, plan.receives[rank], plan.sends[rank], share)
 
     def train_step(ts: TrainState, batch: Any):
-        batch = _as_batch(batch)
+        batch = as_batch(batch)
         n = input_of(batch).shape[0]
         if n % micro_batches:
             raise ValueError(f"the batch of {n} does not split into {micro_batches} equal micro-batches")

@@ -30,103 +30,18 @@ from torch.func import grad_and_value
 from torch.utils._pytree import tree_map, tree_structure, tree_unflatten
 
 from . import checkpoint, hyper
+from .batch import as_batch, check_device, check_structure, input_of
 from .combinators import Objective
 from .core import INPUT, AfterStep, Params, State, check_keys, init_params
+from .errors import NonFiniteLossError
 from .identity import check_identity
-from .losses import Batch, input_of
+from .kernels import own_code
+from .plan import Route, plan_routes
+from .shared_step import shared_gradients, use_shared
+from .train_state import Gradients, TrainState, after_steps, scheme_names
 from .optim import Optimizer, apply_updates, state_metrics
 from .randomness import key_from_seed, seed_block, seeded
 from .routing import accumulate, fold
-
-
-class TrainState(NamedTuple):
-    """Everything a run carries from step to step.
-
-    >>> from torch import nn
-    >>> import mlaan_func as mf
-    >>> scheme = [mf.local_loss(mf.from_module(nn.Linear(2, 3), name="fc"), None,
-    ...                         mf.losses.cross_entropy, name="final")]
-    >>> ts = mf.init(scheme, mf.optim.sgd(0.1, momentum=0.9))
-    >>> ts._fields, sorted(ts.params), int(ts.step), int(ts.key)
-    (('params', 'state', 'opt_state', 'step', 'key'), ['fc.bias', 'fc.weight'], 0, 0)
-
-    ``key`` (int64, 0-d) is the randomness input: every random draw of a step derives from
-    ``(key, step, block)`` (see ``mlaan_func.randomness``). ``None`` (a train state built by
-    hand) leaves randomness to the global generator.
-    """
-
-    params: Params
-    state: State
-    opt_state: Any
-    step: Tensor
-    key: Tensor | None = None
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A local loss was NaN or infinite; the train state passed in is left as it was.
-
-    >>> from torch import nn
-    >>> import mlaan_func as mf
-    >>> nan_loss = lambda out, batch: (out.sum() * float("nan"), {})
-    >>> scheme = [mf.local_loss(mf.from_module(nn.Linear(2, 2), name="fc"), None, nan_loss)]
-    >>> opt = mf.optim.sgd(0.1)
-    >>> ts = mf.init(scheme, opt)
-    >>> try:
-    ...     mf.step(scheme, opt)(ts, (torch.ones(2, 2), torch.tensor([0, 1])))
-    ... except NonFiniteLossError:
-    ...     print("nothing was updated")
-    nothing was updated
-    """
-
-
-def scheme_names(objectives: Sequence[Objective]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The parameter and state keys a scheme reads, in scheme order."""
-    params = dict.fromkeys(k for o in objectives for k in o.param_names)
-    state = dict.fromkeys(k for o in objectives for k in o.state_names)
-    return tuple(params), tuple(state)
-
-
-def after_steps(objectives: Sequence[Objective]) -> tuple[AfterStep, ...]:
-    """The distinct after-step updates of a scheme (one per key, in scheme order)."""
-    return tuple({a.key: a for o in objectives for a in o.after_steps}.values())
-
-
-class Route(NamedTuple):
-    """Per objective: block outputs to keep for later objectives, and boundaries to free."""
-
-    taps: tuple[str, ...]
-    free_after: frozenset[str]
-
-
-def plan_routes(objectives: Sequence[Objective], *, given: Iterable[str] = ()) -> list[Route]:
-    """Check that every objective's input is produced before it; plan what to keep and free.
-
-    ``given`` names boundaries supplied from outside besides the input (a module-parallel
-    rank's received activations): they count as produced from the start."""
-    if not objectives:
-        raise ValueError("a scheme needs at least one objective")
-    names = [o.name for o in objectives]
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"objective names must be unique, {dup} repeat; pass name= to local_loss")
-    given = tuple(given)
-    available = {INPUT, *given}
-    last_use: dict[str, int] = {}
-    taps: list[tuple[str, ...]] = []
-    for i, o in enumerate(objectives):
-        if o.input_name not in available:
-            raise ValueError(
-                f"objective {o.name!r} reads the output of block {o.input_name!r}, which no earlier "
-                "objective produces" + (f" and which is not given (given: {list(given)})" if given else "")
-                + "; order the objectives from the input to the output")
-        last_use[o.input_name] = i
-        later = {p.input_name for p in objectives[i + 1:]}
-        taps.append(tuple(b for b in o.net.block_names[:-1] if b in later and b not in available))
-        available |= {o.output_name, *taps[-1]}
-    free: list[set[str]] = [set() for _ in objectives]
-    for name, i in last_use.items():
-        free[i].add(name)
-    return [Route(t, frozenset(f)) for t, f in zip(taps, free)]
 
 
 def init(objectives: Sequence[Objective], optimizer: Optimizer, *, seed: int = 0,
@@ -157,17 +72,6 @@ def objective_fn(objective: Objective, taps: tuple[str, ...] = ()) -> Callable:
         return loss, (updates, outputs, metrics)
 
     return objective_loss
-
-
-def own_code(fn: Callable, name: str) -> Callable:
-    """``fn`` behind a code object of its own, named ``name``, so that ``torch.compile``
-    keeps a separate cache (and recompile limit) for it: distinct objectives, or kernels,
-    never count against one another's."""
-    def call(*args):
-        return fn(*args)
-
-    code = call.__code__.replace(co_name=name)
-    return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
 
 
 def autograd_grad_and_value(fn: Callable) -> Callable:
@@ -214,48 +118,6 @@ def gradient_fns(objectives: Sequence[Objective], routes: Sequence[Route], *, co
     return fns
 
 
-def _as_batch(batch: Any) -> Any:
-    """A ``Batch`` for ``Batch`` and ``(x, y)`` pairs; any other pytree whose first leaf is the
-    input tensor as it is (``{"x", "y", "x2"}``, ``(x, y, mask)``). Checks the lengths of
-    inputs and labels where it can tell them apart."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
-        batch = Batch(*batch)
-    x = input_of(batch)
-    if x.dim() == 0:
-        raise ValueError("the batch's input is a 0-d tensor; its first dimension must be the samples")
-    y = batch.y if isinstance(batch, Batch) else batch.get("y") if isinstance(batch, dict) else \
-        batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
-    if isinstance(y, Tensor) and y.dim() > 0 and x.shape[0] != y.shape[0]:
-        raise ValueError(f"the batch has {x.shape[0]} inputs but {y.shape[0]} labels; pass one label per input")
-    return batch
-
-
-def _check_structure(batch: Any, first: Any) -> Any:
-    """The batch's pytree structure, checked against the first one a step function saw."""
-    spec = tree_structure(batch)
-    if first is not None and spec != first:
-        shape = lambda s: tree_unflatten(["T"] * s.num_leaves, s)  # noqa: E731
-        raise ValueError(f"the batch's structure changed between steps: the first batch was {shape(first)!r}, "
-                         f"this one is {shape(spec)!r} (T: a tensor); give every step the same kind of batch "
-                         "(e.g. always (x, y) or always the same dict keys), or build a new step function")
-    return spec
-
-
-def _check_device(x: Tensor, params: Params) -> None:
-    device = next(iter(params.values())).device if params else x.device
-    if x.device != device:
-        raise ValueError(f"the batch is on {x.device} but the parameters are on {device}; move the batch "
-                         f"with .to({str(device)!r}) (or build the train state with init(..., device=))")
-
-
-class Gradients(NamedTuple):
-    grads: Params
-    state: State
-    losses: dict[str, Tensor]
-    metrics: dict[str, dict[str, Tensor]]
-    finite: Tensor
-
-
 def gradients(objectives: Sequence[Objective], *, compile: bool = False,
               backend: str = "inductor", share: bool | str | None = None) -> Callable[[TrainState, Any], Gradients]:
     """The summed gradients of a scheme's local losses and the new state, without an update.
@@ -278,8 +140,6 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     >>> sorted(g.grads), list(g.losses), bool(g.finite)
     (['fc.bias', 'fc.weight'], ['final'], True)
     """
-    from .shared_step import shared_gradients, use_shared
-
     objectives = list(objectives)
     routes = plan_routes(objectives)
     check_identity(objectives)
@@ -290,10 +150,10 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
         nonlocal first_structure
         check_keys("the train state's params", ts.params, param_keys)
         check_keys("the train state's state", ts.state, state_keys)
-        batch = _as_batch(batch)
-        first_structure = _check_structure(batch, first_structure)
+        batch = as_batch(batch)
+        first_structure = check_structure(batch, first_structure)
         x = input_of(batch)
-        _check_device(x, ts.params)
+        check_device(x, ts.params)
         return batch, x
 
     if use_shared(objectives, share=share, compile=compile):
@@ -470,8 +330,8 @@ def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[
 
     seen, structure = 0, None
     for batch in batches:
-        batch = _as_batch(batch)
-        structure = _check_structure(batch, structure)
+        batch = as_batch(batch)
+        structure = check_structure(batch, structure)
         x = input_of(batch)
         n = x.shape[0]
         known = {INPUT: x}

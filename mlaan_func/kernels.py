@@ -28,6 +28,7 @@ True
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable, Hashable, Iterable
 
 import attrs
@@ -37,7 +38,6 @@ from torch.func import functional_call
 
 from .combinators import LeapBlock
 from .core import AfterStep, Block, Net, Params, State, _join, call_explained
-from .engine import own_code
 from .randomness import seed_block
 
 Kernel = Callable[[Params, State, Tensor], tuple[Tensor, State]]
@@ -76,6 +76,17 @@ def signature(block: Block) -> Hashable | None:
     tensors = [*block.module.named_parameters(), *block.module.named_buffers()]
     parts.append(tuple((n, tuple(t.shape), t.dtype) for n, t in tensors))
     return tuple(parts)
+
+
+def own_code(fn: Callable, name: str) -> Callable:
+    """``fn`` behind a code object of its own, named ``name``, so that ``torch.compile``
+    keeps a separate cache (and recompile limit) for it: distinct objectives, or kernels,
+    never count against one another's."""
+    def call(*args):
+        return fn(*args)
+
+    code = call.__code__.replace(co_name=name)
+    return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
 
 
 def _train_kernel(template: nn.Module) -> Kernel:

@@ -22,39 +22,11 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
-from torch.utils._pytree import tree_leaves
+
+from .batch import Batch, input_of
 
 Metrics = dict[str, Tensor]
 LossFn = Callable[[object, "Batch"], tuple[Tensor, Metrics]]
-
-
-class Batch(NamedTuple):
-    """One batch: normalised images ``x`` (N, C, H, W) and int64 labels ``y`` (N,).
-
-    The engine accepts a plain ``(x, y)`` pair wherever it takes a batch.
-
-    >>> b = Batch(torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]))
-    >>> tuple(b.x.shape), b.y.tolist()
-    ((2, 3, 4, 4), [0, 1])
-    """
-
-    x: Tensor
-    y: Tensor
-
-
-def input_of(batch: Any) -> Tensor:
-    """A batch's input: its first leaf (``x`` of a ``Batch`` or ``(x, y, ...)``, the first
-    value of a dict).
-
-    >>> input_of({"x": torch.zeros(2, 3), "y": torch.tensor([0, 1])}).shape
-    torch.Size([2, 3])
-    """
-    leaves = tree_leaves(batch)
-    if not leaves or not isinstance(leaves[0], Tensor):
-        raise TypeError(f"a batch is (inputs, labels, ...), a Batch, or any pytree whose first leaf is the "
-                        f"input tensor; got {type(batch).__name__} whose first leaf is "
-                        f"{type(leaves[0]).__name__ if leaves else 'missing'}")
-    return leaves[0]
 
 
 def target_of(batch: Any) -> Tensor:

@@ -28,12 +28,13 @@ input boundary): a group that started above a piece continues below it, the othe
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import attrs
 
 from .combinators import Objective
 from .core import INPUT, Block, Net
+from .errors import SchemeError
 
 
 @attrs.frozen(eq=False)
@@ -109,6 +110,44 @@ class Plan:
         return tuple(tuple(x) for x in last)
 
 
+class Route(NamedTuple):
+    """Per objective: block outputs to keep for later objectives, and boundaries to free."""
+
+    taps: tuple[str, ...]
+    free_after: frozenset[str]
+
+
+def plan_routes(objectives: Sequence[Objective], *, given: Iterable[str] = ()) -> list[Route]:
+    """Check that every objective's input is produced before it; plan what to keep and free.
+
+    ``given`` names boundaries supplied from outside besides the input (a module-parallel
+    rank's received activations): they count as produced from the start."""
+    if not objectives:
+        raise SchemeError("a scheme needs at least one objective")
+    names = [o.name for o in objectives]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise SchemeError(f"objective names must be unique, {dup} repeat; pass name= to local_loss")
+    given = tuple(given)
+    available = {INPUT, *given}
+    last_use: dict[str, int] = {}
+    taps: list[tuple[str, ...]] = []
+    for i, o in enumerate(objectives):
+        if o.input_name not in available:
+            raise SchemeError(
+                f"objective {o.name!r} reads the output of block {o.input_name!r}, which no earlier "
+                "objective produces" + (f" and which is not given (given: {list(given)})" if given else "")
+                + "; order the objectives from the input to the output")
+        last_use[o.input_name] = i
+        later = {p.input_name for p in objectives[i + 1:]}
+        taps.append(tuple(b for b in o.net.block_names[:-1] if b in later and b not in available))
+        available |= {o.output_name, *taps[-1]}
+    free: list[set[str]] = [set() for _ in objectives]
+    for name, i in last_use.items():
+        free[i].add(name)
+    return [Route(t, frozenset(f)) for t, f in zip(taps, free)]
+
+
 def same_block(a: Any, b: Any) -> bool:
     """Whether two blocks compute the same function under the same names: the same object,
     or module blocks with the same names, module type and configuration."""
@@ -131,8 +170,6 @@ def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None, 
     (``Plan.kept``). ``max_blocks`` caps the blocks of a piece (a rematerialised step
     recomputes one piece at a time).
     """
-    from .engine import plan_routes
-
     objectives = list(objectives)
     given = tuple(given)
     plan_routes(objectives, given=given)  # order and names are checked there, with its error messages

@@ -15,7 +15,7 @@ gradients, which must never be written into).
 >>> def run(i, objective, x):
 ...     seen.append((objective.name, tuple(x.shape)))
 ...     return {objective.output_name: x + 1}
->>> _ = fold(scheme, mf.engine.plan_routes(scheme), torch.zeros(3, 2), run)
+>>> _ = fold(scheme, mf.plan.plan_routes(scheme), torch.zeros(3, 2), run)
 >>> seen
 [('0', (3, 2)), ('1', (3, 2))]
 >>> accumulate({"w": torch.ones(2)}, {"w": torch.ones(2), "b": torch.zeros(1)})

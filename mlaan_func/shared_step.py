@@ -43,8 +43,8 @@ from torch import Tensor
 
 from .combinators import Objective
 from .core import INPUT, Params, check_keys
-from .engine import Gradients, TrainState, _as_batch, scheme_names
-from .losses import input_of
+from .batch import as_batch, input_of
+from .train_state import Gradients, TrainState, scheme_names
 from .randomness import seed_block
 from .kernels import kernel_net, kernel_table, retainable
 from .plan import Plan, plan_scheme
@@ -192,7 +192,7 @@ def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] 
     def run_step(ts: TrainState, batch: Any, boundaries: dict[str, Tensor]) -> tuple[Gradients, dict[str, Tensor]]:
         ts = ts._replace(params=_part("the train state's params", ts.params, param_keys),
                          state=_part("the train state's state", ts.state, state_keys))
-        batch = _as_batch(batch)
+        batch = as_batch(batch)
         x_in = input_of(batch)
         roots = {**boundaries, INPUT: x_in}
         missing = sorted(reads - set(roots))

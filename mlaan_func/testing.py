@@ -20,7 +20,9 @@ from torch import Tensor, nn
 
 from .combinators import LeapBlock, Objective, cascade, split
 from .core import INPUT, Block, Net, Params, State, to_module
-from .engine import TrainState, _as_batch, plan_routes
+from .batch import as_batch
+from .plan import plan_routes
+from .train_state import TrainState
 from .losses import input_of
 from .randomness import seed_block, seeded
 from .routing import fold
@@ -106,7 +108,7 @@ def reference_losses(objectives: Sequence[Objective], ts: TrainState, batch: Any
     that require grad to differentiate. (It checks routing, not gradients: for an oracle
     independent of the library's forward, use ``reference_gradients``.)"""
     routes = plan_routes(objectives)
-    batch = _as_batch(batch)
+    batch = as_batch(batch)
     params = ts.params if params is None else params
     losses, updates = [], {}
 
@@ -247,7 +249,7 @@ def reference_gradients(objectives: Sequence[Objective]) -> Callable[..., tuple[
 
     def reference(params: Params, state: State, batch: Any, key: Tensor | None = None,
                   step: Tensor | int = 0) -> tuple[Params, State]:
-        batch = _as_batch(batch)
+        batch = as_batch(batch)
         acts: dict[str, Tensor] = {INPUT: input_of(batch)}
         held: list[tuple[str, nn.Parameter]] = []
         new_state: State = {}

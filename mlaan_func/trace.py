@@ -31,13 +31,12 @@ from typing import Callable, Sequence
 import torch
 from torch import fx, nn
 
+from .errors import TraceError
+
 BlockSelector = Sequence[str] | Callable[[str, nn.Module], bool]
 """Names of submodules (in execution order), or a predicate ``(name, module) -> bool``."""
 
 
-class TraceError(ValueError):
-    """A module cannot be split from its ``forward`` (untraceable, or a cut the graph does
-    not allow); the message says what and how to fix it."""
 
 
 class _CutTracer(fx.Tracer):
@@ -259,7 +258,7 @@ def check_chain(model: nn.Module, named: Sequence[tuple[str, nn.Module]]) -> Non
     >>> check_chain(two, two.named_blocks())
     Traceback (most recent call last):
     ...
-    mlaan_func.trace.TraceError: Two.forward does not just run its named_blocks() in order: it also computes ['relu'] ...
+    mlaan_func.errors.TraceError: Two.forward does not just run its named_blocks() in order: it also computes ['relu'] ...
     """
     by_id = {id(m): n for n, m in named}
     paths = {id(m): p for p, m in model.named_modules()}

@@ -1,4 +1,4 @@
-"""Backbones by name: every lower-case factory exported by ``mlaan_func.models``.
+"""Backbones by name: every image backbone factory of ``mlaan_func.models``.
 
 >>> "vit_tiny" in arch_names() and "resnet32" in arch_names()
 True
@@ -14,11 +14,17 @@ from typing import Callable
 from torch import nn
 
 
-def _factories() -> dict[str, Callable[..., nn.Module]]:
-    from .. import models
+from .imagenet_resnet import resnet18, resnet34, resnet50, resnet101, resnet152
+from .resnet import resnet32, resnet110
+from .vit import vit_micro, vit_mini, vit_tiny
 
-    return {n: getattr(models, n) for n in models.__all__
-            if n[:1].islower() and callable(getattr(models, n))}
+FACTORIES: dict[str, Callable[..., nn.Module]] = {f.__name__: f for f in (
+    resnet32, resnet110, resnet18, resnet34, resnet50, resnet101, resnet152, vit_tiny, vit_mini, vit_micro)}
+"""Every backbone factory by name; a new backbone is added here and in ``models/__init__``."""
+
+
+def _factories() -> dict[str, Callable[..., nn.Module]]:
+    return FACTORIES
 
 
 def arch_names() -> list[str]:
