@@ -1,6 +1,6 @@
 """FLOPs of one training step (``mf.gradients``): per-objective, shared (the default, bit-identical)
-and shared with summed cotangents (``share="sum"``), counted with
-the formulas of ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products, forward and
+and shared with summed cotangents (``share="sum"``), counted by
+``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products, forward and
 backward), per image, and the ratio to E2E.
 
     python bench/flops.py                       # ResNet-32, K = 16 (15 for MLAAN, released trunks)
@@ -15,8 +15,7 @@ import argparse
 import sys
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 import common  # noqa: E402
@@ -41,28 +40,11 @@ def build_released(method: str, arch: str, k: int, trunks: bool = True):
     return mf.schemes.build(method, backbone, at, input_shape=(3, 32, 32), **options), "trunks" in options
 
 
-class FlopCount(TorchDispatchMode):
-    """``FlopCounterMode``'s per-op formulas without its module tracker, whose backward hooks
-    refuse ``torch.autograd.grad`` calls that stop at a leaf (the shared step makes those)."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
-        return out
-
-
 def count(scheme, ts, batch, share: bool | str) -> int:
     fn = mf.gradients(scheme, share=share)
-    with FlopCount() as counter:
+    with FlopCounterMode(display=False) as counter:
         fn(ts, batch)
-    return counter.total
+    return counter.get_total_flops()
 
 
 def main(argv=None) -> int:

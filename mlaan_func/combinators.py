@@ -156,6 +156,25 @@ class LeapBlock:
 
         return (AfterStep("ema:" + ",".join(self.twin.block_names), ema),) + self.copy.after_steps
 
+    def children(self) -> tuple:
+        return (*self.copy.blocks, *self.twin.blocks)
+
+    def with_children(self, children: tuple) -> "LeapBlock":
+        n = len(self.copy.blocks)
+        return attrs.evolve(self, copy=Net(tuple(children[:n]), input_name=self.copy.input_name),
+                            twin=Net(tuple(children[n:]), input_name=self.twin.input_name))
+
+    def configuration(self) -> tuple:
+        """What besides its children makes the block: the source its twin follows, the decay."""
+        decay = self.decay.key if isinstance(self.decay, hyper.Held) else (
+            ("tensor", float(self.decay)) if isinstance(self.decay, Tensor) else ("schedule", id(self.decay)))
+        return (self.source.param_names, decay)
+
+    def meta_forward(self, x: Tensor) -> Tensor:
+        for block in self.copy.blocks:
+            x = block.meta_forward(x)
+        return x
+
     def apply(self, params: Params, state: State, x: Tensor, *, train: bool) -> tuple[Tensor, State]:
         y, updates = self.copy.run(params, state, x, train=train)
         y_twin, twin_updates = self.twin.run(state, state, x, train=train)

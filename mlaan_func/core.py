@@ -70,6 +70,13 @@ class BlockLike(Protocol):
     def apply(self, params: Params, state: State, x: Tensor, *, train: bool) -> tuple[Tensor, State]: ...
     def init(self, seed: int) -> tuple[Params, State]: ...
     def renamed(self, prefix: str) -> "BlockLike": ...
+    def children(self) -> tuple["BlockLike", ...]:
+        """The blocks it is made of (``()`` for a module block): traversals (identity,
+        kernels, fingerprints) walk these instead of knowing each composite."""
+    def with_children(self, children: tuple["BlockLike", ...]) -> "BlockLike":
+        """The same composite over ``children`` (as many, in the order ``children()`` gives)."""
+    def meta_forward(self, x: Tensor) -> Tensor:
+        """Its output for ``x`` on the meta device (shapes only)."""
 
 
 def _join(prefix: str, name: str) -> str:
@@ -190,6 +197,19 @@ class Block:
     @property
     def after_steps(self) -> tuple[AfterStep, ...]:
         return ()
+
+    def children(self) -> tuple:
+        return ()
+
+    def with_children(self, children: tuple) -> "Block":
+        return self
+
+    def meta_forward(self, x: Tensor) -> Tensor:
+        try:
+            return self.eval_template(x)
+        except RuntimeError as err:
+            raise ShapeError(f"block '{self.name}' ({type(self.module).__name__}) cannot take an "
+                             f"input of shape {tuple(x.shape)}: {err}") from err
 
     def renamed(self, prefix: str) -> "Block":
         return attrs.evolve(self, name=_join(prefix, self.name), prefix=_join(prefix, self.prefix) if self.prefix else prefix)
@@ -533,21 +553,8 @@ def output_shape(net: Net, input_shape: Sequence[int]) -> tuple[int, ...]:
     """
     x = torch.empty(tuple(input_shape), device="meta")
     for block in net.blocks:
-        x = _meta_forward(block, x)
+        x = block.meta_forward(x)
     return tuple(x.shape)
-
-
-def _meta_forward(block: Any, x: Tensor) -> Tensor:
-    if hasattr(block, "eval_template"):
-        try:
-            return block.eval_template(x)
-        except RuntimeError as err:
-            raise ShapeError(f"block '{block.name}' ({type(block.module).__name__}) cannot take an "
-                             f"input of shape {tuple(x.shape)}: {err}") from err
-    y = x
-    for inner in block.copy.blocks:
-        y = _meta_forward(inner, y)
-    return y
 
 
 class ExportedNet(nn.Module):

@@ -39,6 +39,7 @@ from .kernels import own_code
 from .plan import Route, plan_routes
 from .shared_step import shared_gradients, use_shared
 from .train_state import Gradients, TrainState, after_steps, scheme_names
+from .vjp import dense, param_leaves, vjp
 from .optim import Optimizer, apply_updates, state_metrics
 from .randomness import key_from_seed, seed_block, seeded
 from .routing import accumulate, fold
@@ -83,11 +84,11 @@ def autograd_grad_and_value(fn: Callable) -> Callable:
     trace ``torch.func.grad_and_value``, which AOTAutograd turns into one joint graph.
     """
     def grad_and_value_fn(params: Params, *args):
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        leaves = param_leaves(params, params)
         with torch.enable_grad():
             loss, aux = fn(leaves, *args)
-            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(params.items(), grads)}
+            grads = vjp(loss, list(leaves.values()))
+        grads = dense({k: g for k, g in zip(params, grads) if g is not None}, params)
         return grads, (loss.detach(), tree_map(_detach, aux))
 
     return grad_and_value_fn

@@ -36,46 +36,24 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .combinators import LeapBlock
 from .core import AfterStep, Block, Net, Params, State, _join, call_explained
+from .identity import fingerprint
 from .randomness import seed_block
 
 Kernel = Callable[[Params, State, Tensor], tuple[Tensor, State]]
 
 
-def _key(value: Any) -> Hashable:
-    """``value`` as a dictionary key (lists and dicts by content), or ``TypeError``."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_key(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _key(v)) for k, v in value.items()))
-    hash(value)
-    return value
-
-
-def signature(block: Block) -> Hashable | None:
-    """What a block computes, as a key: module types, public configuration (every plain
-    attribute of every submodule) and tensor shapes and dtypes, without names. ``None``
-    when that cannot be told from the outside (an unhashable attribute, a hook): such a
-    block gets a kernel of its own.
+def signature(block: Block) -> Hashable:
+    """What a block computes, as a key: its fingerprint (``mlaan_func.identity``: module
+    classes, configuration, tensor shapes and dtypes, without names). Blocks whose
+    configuration cannot be compared from the outside (an opaque attribute, a hook) have a
+    fingerprint of their own, so they get a kernel of their own.
 
     >>> a = Block.of("a", nn.Linear(3, 2))
     >>> signature(a) == signature(Block.of("b", nn.Linear(3, 2))) != signature(Block.of("c", nn.Linear(3, 4)))
     True
     """
-    parts: list[Hashable] = []
-    for path, m in block.module.named_modules():
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
-            return None
-        try:
-            config = tuple(sorted((k, _key(v)) for k, v in vars(m).items()
-                                  if not k.startswith("_") and k != "training"))
-        except TypeError:
-            return None
-        parts.append((path, type(m), config))
-    tensors = [*block.module.named_parameters(), *block.module.named_buffers()]
-    parts.append(tuple((n, tuple(t.shape), t.dtype) for n, t in tensors))
-    return tuple(parts)
+    return fingerprint(block)
 
 
 def own_code(fn: Callable, name: str) -> Callable:
@@ -97,24 +75,21 @@ def _train_kernel(template: nn.Module) -> Kernel:
     return kernel
 
 
-def _blocks(nets: Iterable[Any]) -> Iterable[Block]:
-    for net in nets:
-        for b in net.blocks:
-            if isinstance(b, Block):
-                yield b
-            elif isinstance(b, LeapBlock):
-                yield from _blocks((b.copy, b.twin))
+def _module_blocks(blocks: Iterable[Any]) -> Iterable[Block]:
+    for b in blocks:
+        if isinstance(b, Block):
+            yield b
+        else:
+            yield from _module_blocks(b.children())
 
 
 def kernel_table(nets: Iterable[Any], *, backend: str = "inductor") -> dict[Hashable, Kernel]:
     """One compiled training kernel per block signature found in ``nets`` (nets, or anything
-    with ``.nets`` such as objectives), keyed by ``signature`` (by the block itself where
-    that is ``None``)."""
+    with ``.nets`` such as objectives), keyed by ``signature``."""
     table: dict[Hashable, Kernel] = {}
     flat = [n for item in nets for n in getattr(item, "nets", (item,))]
-    for block in _blocks(flat):
+    for block in _module_blocks(b for net in flat for b in net.blocks):
         key = signature(block)
-        key = block if key is None else key
         if key not in table:
             label = f"block_kernel_{len(table)}_{type(block.module).__name__}"
             table[key] = torch.compile(own_code(_train_kernel(block.train_template), label),
@@ -154,6 +129,15 @@ class KernelBlock:
     def after_steps(self) -> tuple[AfterStep, ...]:
         return ()
 
+    def children(self) -> tuple:
+        return ()
+
+    def with_children(self, children: tuple) -> "KernelBlock":
+        return self
+
+    def meta_forward(self, x: Tensor) -> Tensor:
+        return self.block.meta_forward(x)
+
     def apply(self, params: Params, state: State, x: Tensor, *, train: bool) -> tuple[Tensor, State]:
         if not train:
             return self.block.apply(params, state, x, train=False)
@@ -169,10 +153,8 @@ def kernel_net(net: Net, table: dict[Hashable, Kernel]) -> Net:
     kernel from ``table``; blocks of other kinds run as they are."""
     def convert(b: Any) -> Any:
         if isinstance(b, Block):
-            key = signature(b)
-            return KernelBlock(b, table[b if key is None else key])
-        if isinstance(b, LeapBlock):
-            return attrs.evolve(b, copy=kernel_net(b.copy, table), twin=kernel_net(b.twin, table))
-        return b
+            return KernelBlock(b, table[signature(b)])
+        children = b.children()
+        return b.with_children(tuple(convert(c) for c in children)) if children else b
 
     return Net(tuple(convert(b) for b in net.blocks), input_name=net.input_name)

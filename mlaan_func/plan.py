@@ -35,6 +35,7 @@ import attrs
 from .combinators import Objective
 from .core import INPUT, Block, Net
 from .errors import SchemeError
+from .identity import same_block
 
 
 @attrs.frozen(eq=False)
@@ -146,17 +147,6 @@ def plan_routes(objectives: Sequence[Objective], *, given: Iterable[str] = ()) -
     for name, i in last_use.items():
         free[i].add(name)
     return [Route(t, frozenset(f)) for t, f in zip(taps, free)]
-
-
-def same_block(a: Any, b: Any) -> bool:
-    """Whether two blocks compute the same function under the same names: the same object,
-    or module blocks with the same names, module type and configuration."""
-    if a is b:
-        return True
-    if not (isinstance(a, Block) and isinstance(b, Block)):
-        return False
-    return (a.prefix == b.prefix and type(a.module) is type(b.module) and a.local_params == b.local_params
-            and a.local_state == b.local_state and repr(a.module) == repr(b.module))
 
 
 def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None, *,

@@ -29,6 +29,7 @@ from torch import Tensor
 from .combinators import Objective
 from .core import Net, Params, State
 from .randomness import seed_block
+from .vjp import dense, input_leaf, param_leaves, vjp
 
 
 def _rng_devices(x: Tensor) -> list[int]:
@@ -43,13 +44,13 @@ def _run_segment(blocks: Sequence[Any], params: Params, state: State, x: Tensor,
 def _vjp(fn: Callable, params: Params, inp: Tensor, cotangent: Tensor | None, input_grad: bool):
     """Run ``fn(params, inp) -> (out, aux)`` with autograd and pull ``cotangent`` back to the
     parameters (and to the input when ``input_grad``); the graph is freed as it is used."""
-    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    inp_leaf = inp.detach().requires_grad_(input_grad)
+    leaves = param_leaves(params, params)
+    inp_leaf, value = input_leaf(inp, input_grad)
     with torch.enable_grad():
-        out, aux = fn(leaves, inp_leaf)
+        out, aux = fn(leaves, value)
         targets = [*leaves.values(), inp_leaf] if input_grad else list(leaves.values())
-        grads = torch.autograd.grad(out, targets, grad_outputs=cotangent, allow_unused=True)
-    param_grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(params.items(), grads)}
+        grads = vjp(out, targets, cotangent)
+    param_grads = dense({k: g for k, g in zip(params, grads) if g is not None}, params)
     return out.detach(), aux, param_grads, (grads[-1] if input_grad else None)
 
 

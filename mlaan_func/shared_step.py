@@ -46,6 +46,7 @@ from .core import INPUT, Params, check_keys
 from .batch import as_batch, input_of
 from .train_state import Gradients, TrainState, scheme_names
 from .randomness import seed_block
+from .vjp import accumulate as add_gradients, dense, input_leaf, param_leaves
 from .kernels import kernel_net, kernel_table, retainable
 from .plan import Plan, plan_scheme
 from .remat import _rng_devices, _rng_state, _set_rng_state
@@ -204,13 +205,7 @@ def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] 
         kept: dict[str, Tensor] = {}
 
         def accumulate(keys, values) -> None:
-            for k, g in zip(keys, values):
-                if g is None:
-                    continue
-                if k in grads:
-                    grads[k] = grads[k] + g
-                else:
-                    grads[k] = g
+            add_gradients(grads, keys, values)
 
         def release(k: int) -> None:
             lk = live[k]
@@ -229,10 +224,10 @@ def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] 
 
         def with_graph(k: int, x: Tensor):
             piece, lk = pieces[k], live[k]
-            lk.inp = x.detach().requires_grad_(piece.needs_input_grad)
-            lk.leaves = {n: ts.params[n].detach().requires_grad_(True) for n in piece.param_names}
+            lk.inp, value = input_leaf(x, piece.needs_input_grad)
+            lk.leaves = param_leaves(ts.params, piece.param_names)
             with torch.enable_grad():
-                lk.out, updates = nets[k].run(lk.leaves, ts.state, lk.inp, train=True)
+                lk.out, updates = nets[k].run(lk.leaves, ts.state, value, train=True)
             return updates
 
         def keep_output(k: int, value: Tensor) -> None:
@@ -368,10 +363,8 @@ def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] 
             with torch.enable_grad():
                 if tail:
                     x = parent_value(tail[0])
-                    inp = x.detach().requires_grad_(tails[i] > 0)
-                    names = tuple(dict.fromkeys(n for k in tail for n in pieces[k].param_names))
-                    leaves = {n: ts.params[n].detach().requires_grad_(True) for n in names}
-                    h = inp
+                    inp, h = input_leaf(x, tails[i] > 0)
+                    leaves = param_leaves(ts.params, dict.fromkeys(n for k in tail for n in pieces[k].param_names))
                     for j, k in enumerate(tail):
                         if j:
                             parent_value(k)  # bookkeeping: the value flows inside this graph
@@ -383,8 +376,8 @@ def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] 
                             live[k].value = h.detach()
                 else:
                     end = live[op.path[-1]]
-                    inp = (end.out if every is None else end.value).detach().requires_grad_(True)
-                    leaves, h = {}, inp
+                    inp, h = input_leaf(end.out if every is None else end.value, True)
+                    leaves = {}
                 seed_block("loss:" + o.name)
                 loss, m = o.score(h, batch, ts.state, ts.step)
                 targets = [*leaves.values(), inp] if inp.requires_grad else list(leaves.values())
@@ -406,7 +399,7 @@ def shared_gradients_from(objectives: Sequence[Objective], given: Iterable[str] 
             for key, v in mine.items():
                 updates.setdefault(key, v.detach())
         finite = torch.stack([torch.isfinite(v) for v in losses.values()]).all()
-        out = {k: grads[k] if k in grads else torch.zeros_like(v) for k, v in ts.params.items()}
+        out = dense(grads, ts.params)
         kept.update({name: roots[at] for name, at in plan.kept if isinstance(at, str)})
         return (Gradients(out, {**ts.state, **updates}, losses, metrics, finite),
                 {name: kept[name] for name, _ in plan.kept})

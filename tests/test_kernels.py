@@ -27,7 +27,7 @@ class Tagged(nn.Module):
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(3, 3)
-        self.tags = {1, 2}   # unhashable: nothing can be said about it
+        self.tags = bytearray(b"ab")   # opaque: nothing can be said about it from outside
 
     def forward(self, x):
         return self.lin(x)
@@ -38,10 +38,11 @@ def test_blocks_share_a_kernel_only_with_the_same_type_configuration_and_shapes(
     assert signature(Block.of("a", nn.Linear(3, 3))) != signature(Block.of("a", nn.Linear(3, 3, bias=False)))
     assert signature(Block.of("a", nn.Conv2d(3, 3, 3))) != signature(Block.of("a", nn.Conv2d(3, 3, 3, stride=2)))
     assert signature(Block.of("a", Scale(2.0))) != signature(Block.of("a", Scale(3.0)))   # hidden from repr
-    assert signature(Block.of("a", Tagged())) is None
+    tagged = Block.of("a", Tagged())   # an opaque attribute: a kernel of its own
+    assert signature(tagged) != signature(Block.of("a", Tagged())) and signature(tagged) == signature(tagged)
     hooked = nn.Linear(3, 3)
-    hooked.register_forward_hook(lambda m, i, o: o * 2)
-    assert signature(Block.of("a", hooked)) is None
+    hooked.register_forward_hook(lambda m, i, o: o * 2)   # a hook: a kernel of its own
+    assert signature(Block.of("a", hooked)) != signature(Block.of("a", nn.Linear(3, 3)))
 
 
 def test_a_kernel_net_computes_what_the_net_computes():
