@@ -14,7 +14,7 @@ MLAAN, DGL+MLAAN (DGL-paper head: the released wide head is beyond a CPU budget)
 InfoPro+MLAAN (λ by stage) at K = 15 with the released trunk tables; the InfoPro schemes with
 both SupCon averagings (``--supcon-anchors``); first 10 000 training images, 2 epochs, seed 0.
 
-Recipe (DESIGN.md §2, Fashion-MNIST): SGD, Nesterov momentum 0.9, weight decay 1e-4, lr 0.1
+Recipe (docs/design.md §2, Fashion-MNIST): SGD, Nesterov momentum 0.9, weight decay 1e-4, lr 0.1
 with linear warm-up over a tenth of the steps then cosine to 0; pad 2 + crop 28 + flip;
 normalised with the dataset's mean/std; the order of each epoch is drawn from (seed, epoch).
 A run reports the final test accuracy of the backbone's own classifier (objective "final"),

@@ -47,7 +47,7 @@ def counting(backend: str):
 
 
 def relative_error(got: dict, want: dict) -> float:
-    """The largest per-tensor relative distance (DESIGN.md §5)."""
+    """The largest per-tensor relative distance (docs/design.md §5)."""
     return max(float((got[k].double() - want[k].double()).norm() / want[k].double().norm().clamp_min(1e-12))
                for k in want)
 

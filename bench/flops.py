@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))

@@ -1,4 +1,4 @@
-"""Memory of one training step: peak live tensor bytes (DESIGN.md §6), per scheme, next to
+"""Memory of one training step: peak live tensor bytes (docs/design.md §6), per scheme, next to
 E2E's and E2E with per-block gradient checkpointing, plus persistent bytes.
 
     python bench/memory.py                          # ResNet-32, batch 128, K = 16 (15 for MLAAN)

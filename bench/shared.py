@@ -1,5 +1,5 @@
 """The shared step against the per-objective engine on the same scheme: step time (interleaved
-in one run, median ratio with its spread) and peak step bytes (DESIGN.md §6), with and
+in one run, median ratio with its spread) and peak step bytes (docs/design.md §6), with and
 without remat, for the summed-cotangent form (``share="sum"``) and the default
 (bit-identical) one.
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import hyper
 from .core import AfterStep, Net, Params, State, copy
+from .errors import KeysError
 from .randomness import seed_block
 
 
@@ -145,7 +146,7 @@ class LeapBlock:
         def ema(params: Params, state: State, step: Tensor | None = None) -> State:
             missing = [k for k in source_keys if k not in params]
             if missing:
-                raise KeyError(f"the EMA twin {self.twin.block_names} follows {missing[:3]}, which no "
+                raise KeysError(f"the EMA twin {self.twin.block_names} follows {missing[:3]}, which no "
                                "objective of the scheme trains; include the source blocks in the scheme")
             m = hyper.resolve(decay, state, step, f"the EMA decay of twin {self.twin.block_names}")
             m = m.to(params[source_keys[0]].device) if source_keys else m
@@ -245,10 +246,19 @@ class Objective:
     outputs, metrics)`` over the parameters of ``net`` and ``head``.
 
     ``x`` is the (detached) input ``net`` reads, named by ``input_name``; ``net``'s output
-    (and any tapped block output inside it) is what later objectives may read. ``grad_fn``,
-    when given, replaces the engine's ``torch.func.grad_and_value`` for this objective and
-    has its signature: ``(params, state, x, batch, step=None) -> (grads, (loss, (updates,
-    outputs, metrics)))``; ``score`` gives the weighted loss at ``step``.
+    (and any tapped block output inside it) is what later objectives may read; ``score``
+    gives the weighted loss at ``step``.
+
+    ``grad_fn``, when given, is how this objective is differentiated instead of by the
+    executor: a factory ``grad_fn(objective, taps) -> fn`` called once when the step is
+    built, where ``taps`` names the blocks inside ``net`` that later objectives read, and
+    ``fn(params, state, x, batch, step) -> (grads, (loss, (updates, outputs, metrics)))``
+    runs on the objective's own parameters and its input: ``grads`` by parameter name,
+    ``updates`` the state entries it wrote, ``outputs`` the output of ``net`` and of each
+    tapped block, by block name, everything detached. ``mf.remat`` is one such factory;
+    ``mlaan_func.execute.gradient_fns`` shows the default one. An objective with its own
+    ``grad_fn`` never shares blocks with others (``share=True`` refuses it), and the
+    checkers (``mlaan_func.testing``) run it to see its reach.
 
     >>> from torch import nn
     >>> from mlaan_func.core import from_module, init_params
@@ -262,6 +272,25 @@ class Objective:
     >>> loss, updates, outputs, metrics = obj.forward(params, state, x, Batch(x, torch.tensor([0, 1])))
     >>> sorted(outputs), sorted(metrics), bool(loss == 0.5 * metrics["loss"])
     (['m'], ['accuracy', 'loss'], True)
+
+    A custom ``grad_fn`` (here: the default computation, written out):
+
+    >>> import mlaan_func as mf
+    >>> def plain_gradients(objective, taps):
+    ...     def fn(params, state, x, batch, step=None):
+    ...         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    ...         with torch.enable_grad():
+    ...             loss, updates, outputs, metrics = objective.forward(leaves, state, x, batch, taps=taps, step=step)
+    ...             grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    ...         detach = lambda d: {k: v.detach() for k, v in d.items()}
+    ...         return grads, (loss.detach(), (detach(updates), detach(outputs), detach(metrics)))
+    ...     return fn
+    >>> own = attrs.evolve(obj, grad_fn=plain_gradients)
+    >>> batch = (x, torch.tensor([0, 1]))
+    >>> a = mf.gradients([own])(mf.init([own], mf.optim.sgd(0.1)), batch)
+    >>> b = mf.gradients([obj])(mf.init([obj], mf.optim.sgd(0.1)), batch)
+    >>> all(torch.equal(a.grads[k], b.grads[k]) for k in a.grads)
+    True
     """
 
     name: str

@@ -229,7 +229,7 @@ class Block:
             else:
                 s = {n: state[_join(self.prefix, n)] for n in self.local_state}
         except KeyError as err:
-            raise KeyError(
+            raise KeysError(
                 f"block '{self.name}' needs {err.args[0]!r}, which is not in the dict passed in; "
                 "build params and state with mlaan_func.init_params / mlaan_func.init from the "
                 "same nets (names are identities: a renamed copy needs its own entries)"
@@ -379,7 +379,7 @@ class Net:
         index = {n: i for i, n in enumerate(self.block_names)}
         for end in (names.start, names.stop):
             if end is not None and end not in index:
-                raise KeyError(f"no block {end!r} in this net; its blocks are {list(self.block_names)}")
+                raise KeysError(f"no block {end!r} in this net; its blocks are {list(self.block_names)}")
         start = 0 if names.start is None else index[names.start]
         stop = len(self.blocks) - 1 if names.stop is None else index[names.stop]
         if stop < start:
@@ -535,7 +535,7 @@ def check_keys(what: str, given: dict, expected: tuple[str, ...]) -> None:
     expected_set = set(expected)
     missing = [k for k in expected if k not in given]
     extra = [k for k in given if k not in expected_set]
-    raise KeyError(
+    raise KeysError(
         f"{what} does not match the scheme: missing {missing[:5]}{'…' if len(missing) > 5 else ''}"
         f" ({len(missing)} in all), unexpected {extra[:5]}{'…' if len(extra) > 5 else ''}"
         f" ({len(extra)} in all). Build it with mlaan_func.init for this scheme, or load a "

@@ -34,19 +34,18 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .combinators import Objective
-from .core import INPUT, Params, State
-from .errors import DistributedError
 from .batch import as_batch
-from .engine import (NonFiniteLossError, _step_randomness, apply_gradients, gradient_fns, gradients,
-                     objectives_alone)
-from .plan import plan_routes
-from .train_state import Gradients, TrainState, after_steps, scheme_names
+from .combinators import Objective
+from .core import INPUT, Params
+from .engine import _step_randomness, finish_step, gradients
+from .errors import DistributedError
+from .execute import executor
 from .losses import input_of
 from .optim import Optimizer
+from .plan import plan_routes
 from .randomness import fold_in
 from .routing import accumulate
-from .shared_step import shared_gradients_from, use_shared
+from .train_state import Gradients, TrainState, after_steps, scheme_names
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -157,15 +156,6 @@ def check_replicas(ts: TrainState, group=None) -> None:
             "the same checkpoint; data_parallel_step broadcasts rank 0's state at step 0.")
 
 
-def _finish_step(ts: TrainState, grads: Params, state: State, finite: Tensor, losses: dict,
-                 metrics: dict, optimizer: Optimizer, post, check_finite: bool):
-    if check_finite and not bool(finite):
-        raise NonFiniteLossError(f"non-finite loss on some rank at step {int(ts.step)}; nothing was "
-                                 "updated. Lower the learning rate or add gradient clipping.")
-    metrics = {n: {**m, "weighted_loss": losses[n]} for n, m in metrics.items()}
-    return apply_gradients(ts, grads, state, optimizer, post), metrics
-
-
 def samples(batch: Any, start: int, stop: int) -> Any:
     """Samples ``start:stop`` of a batch (any pytree): every tensor whose first dimension is
     the input's is sliced, anything else is kept as it is."""
@@ -216,7 +206,8 @@ def data_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, *,
         state = {**g.state, **{k: v / world for k, v in all_reduce_tree(floats, group=group).items()}}
         finite = all_reduce_tree({"f": g.finite.to(torch.int64).reshape(1)}, op=dist.ReduceOp.MIN,
                                  group=group)["f"].bool()[0]
-        return _finish_step(ts, grads, state, finite, g.losses, g.metrics, optimizer, post, check_finite)
+        return finish_step(ts, g._replace(grads=grads, state=state, finite=finite), optimizer, post,
+                           check_finite=check_finite)
 
     return train_step
 
@@ -313,22 +304,18 @@ def _rank_gradients(objectives: Sequence[Objective], mine: Sequence[int], receiv
                     ) -> Callable[[TrainState, Any, dict[str, Tensor]], tuple[Gradients, dict[str, Tensor]]]:
     """``(ts, micro_batch, boundaries) -> (gradients, boundaries)`` for the objectives ``mine``
     of a rank, started from the input and the received boundaries; the boundaries returned
-    hold the ones to send. The shared step where ``use_shared`` says so, else one objective
-    at a time; ``gradients.state`` holds at least the keys they write."""
+    hold the ones to send. The executor (``mlaan_func.execute``) from the received
+    boundaries; ``gradients.state`` holds at least the keys they write."""
     local = [objectives[i] for i in mine]
-    if local and use_shared(local, share=share, compile=False, given=receives):
-        shared = shared_gradients_from(local, given=receives, keep=sends, sum_cotangents=share == "sum")
-
-        def run_shared(ts: TrainState, batch: Any, acts: dict[str, Tensor]) -> tuple[Gradients, dict[str, Tensor]]:
-            g, sent = shared(ts, batch, {name: acts[name] for name in receives})
-            return g, {**acts, **sent}
-
-        return run_shared
-    routes = plan_routes(objectives)
-    fns = gradient_fns(objectives, routes)
+    if not local:
+        def idle(ts: TrainState, batch: Any, acts: dict[str, Tensor]) -> tuple[Gradients, dict[str, Tensor]]:
+            return Gradients({}, {}, {}, {}, torch.ones((), dtype=torch.bool)), acts
+        return idle
+    run_local = executor(local, share=share, given=receives, keep=sends)
 
     def run(ts: TrainState, batch: Any, acts: dict[str, Tensor]) -> tuple[Gradients, dict[str, Tensor]]:
-        return objectives_alone(objectives, routes, fns, ts, batch, acts, only=mine)
+        g, sent = run_local(ts, batch, {name: acts[name] for name in receives})
+        return g, {**acts, **sent}
 
     return run
 
@@ -341,7 +328,7 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
     rank's busy and waiting seconds.
 
     ``share`` as in ``mlaan_func.step``: by default a rank runs its objectives through the
-    shared step, from the boundaries it receives (``shared_step.shared_gradients_from``),
+    shared step, from the boundaries it receives (``mlaan_func.execute.executor``),
     where that is exact and changes something (MLAAN windows on one rank); ``share=False``
     runs them one at a time.
     """
@@ -423,6 +410,7 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
         if stats is not None:
             stats["busy_s"] = stats.get("busy_s", 0.0) + busy
             stats["wait_s"] = stats.get("wait_s", 0.0) + wait
-        return _finish_step(ts, full, state, finite, losses, metrics, optimizer, post, check_finite)
+        return finish_step(ts, Gradients(full, state, losses, metrics, finite), optimizer, post,
+                           check_finite=check_finite)
 
     return train_step

@@ -21,28 +21,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import types
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
-from torch.func import grad_and_value
-from torch.utils._pytree import tree_map, tree_structure, tree_unflatten
 
 from . import checkpoint, hyper
 from .batch import as_batch, check_device, check_structure, input_of
 from .combinators import Objective
-from .core import INPUT, AfterStep, Params, State, check_keys, init_params
-from .errors import NonFiniteLossError
+from .core import AfterStep, Params, State, check_keys, init_params
+from .errors import NonFiniteLossError, SchemeError
+from .execute import executor, forward_values, gradient_fns, objective_fn  # noqa: F401  (re-exported)
 from .identity import check_identity
-from .kernels import own_code
-from .plan import Route, plan_routes
-from .shared_step import shared_gradients, use_shared
-from .train_state import Gradients, TrainState, after_steps, scheme_names
-from .vjp import dense, param_leaves, vjp
 from .optim import Optimizer, apply_updates, state_metrics
-from .randomness import key_from_seed, seed_block, seeded
-from .routing import accumulate, fold
+from .plan import Route, plan_routes, plan_scheme  # noqa: F401
+from .randomness import key_from_seed, seeded
+from .train_state import Gradients, TrainState, after_steps, scheme_names
 
 
 def init(objectives: Sequence[Objective], optimizer: Optimizer, *, seed: int = 0,
@@ -65,72 +59,19 @@ def init(objectives: Sequence[Objective], optimizer: Optimizer, *, seed: int = 0
                       torch.zeros((), dtype=torch.int64, device=device), key_from_seed(seed, device))
 
 
-def objective_fn(objective: Objective, taps: tuple[str, ...] = ()) -> Callable:
-    """``(params, state, x, batch, step) -> (loss, (updates, outputs, metrics))`` in training mode."""
-    def objective_loss(params: Params, state: State, x: Tensor, batch: Any, step: Tensor | None = None):
-        loss, updates, outputs, metrics = objective.forward(params, state, x, batch, train=True, taps=taps,
-                                                            step=step)
-        return loss, (updates, outputs, metrics)
-
-    return objective_loss
-
-
-def autograd_grad_and_value(fn: Callable) -> Callable:
-    """``torch.func.grad_and_value(fn, has_aux=True)`` computed with ``torch.autograd.grad``
-    on detached aliases of the parameters, which frees each saved activation as soon as the
-    backward pass has used it. ``torch.func`` keeps the whole graph alive until the transform
-    returns (it builds it for higher-order use), which doubled the step peak of E2E ResNet-32
-    (606 MiB against 306 MiB for plain ``.backward()``). Used in eager mode; compiled steps
-    trace ``torch.func.grad_and_value``, which AOTAutograd turns into one joint graph.
-    """
-    def grad_and_value_fn(params: Params, *args):
-        leaves = param_leaves(params, params)
-        with torch.enable_grad():
-            loss, aux = fn(leaves, *args)
-            grads = vjp(loss, list(leaves.values()))
-        grads = dense({k: g for k, g in zip(params, grads) if g is not None}, params)
-        return grads, (loss.detach(), tree_map(_detach, aux))
-
-    return grad_and_value_fn
-
-
-def _detach(x: Any) -> Any:
-    return x.detach() if isinstance(x, Tensor) else x
-
-
-def gradient_fns(objectives: Sequence[Objective], routes: Sequence[Route], *, compile: bool = False,
-                 backend: str = "inductor") -> list[Callable]:
-    """Per objective: ``(params, state, x, batch, step) -> (grads, (loss, (updates, outputs, metrics)))``.
-
-    Eager: ``autograd_grad_and_value``; compiled: ``torch.func.grad_and_value`` under
-    ``torch.compile``. An objective's own ``grad_fn(objective, taps)`` builds its function
-    in place of either.
-    """
-    fns = []
-    for o, r in zip(objectives, routes):
-        if o.grad_fn is not None:
-            fn = o.grad_fn(o, r.taps)
-        elif compile:
-            fn = grad_and_value(objective_fn(o, r.taps), has_aux=True)
-        else:
-            fn = autograd_grad_and_value(objective_fn(o, r.taps))
-        fns.append(torch.compile(own_code(fn, f"objective_{len(fns)}"), backend=backend, dynamic=False)
-                   if compile else fn)
-    return fns
-
-
 def gradients(objectives: Sequence[Objective], *, compile: bool = False,
               backend: str = "inductor", share: bool | str | None = None) -> Callable[[TrainState, Any], Gradients]:
     """The summed gradients of a scheme's local losses and the new state, without an update.
 
     BatchNorm statistics: every objective reads the state as it was at the start of the
     step; for each key, the first objective in scheme order that runs it writes it.
-    ``share``: run each block application that several objectives share once and deliver
-    gradients by reach (``mlaan_func.shared_step``). ``None`` (the default): wherever it
-    changes something, with gradients bit-identical to running each objective alone (one
-    VJP per objective at each shared block); ``True``: always; ``"sum"``: also sum the
-    cotangents arriving at a shared block before one VJP (fewer FLOPs; gradients equal to
-    float32 rounding); ``False``: the per-objective engine.
+    Every form runs through the one executor (``mlaan_func.execute``). ``share``: run each
+    block application that several objectives share once and deliver gradients by reach.
+    ``None`` (the default): wherever it changes something, with gradients bit-identical to
+    running each objective alone (one VJP per objective at each shared block); ``True``:
+    always; ``"sum"``: also sum the cotangents arriving at a shared block before one VJP
+    (fewer FLOPs; gradients equal to float32 rounding); ``False``: merge nothing (each
+    objective runs its own blocks).
 
     >>> from torch import nn
     >>> import mlaan_func as mf
@@ -142,12 +83,12 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     (['fc.bias', 'fc.weight'], ['final'], True)
     """
     objectives = list(objectives)
-    routes = plan_routes(objectives)
     check_identity(objectives)
+    run_step = executor(objectives, share=share, compile=compile, backend=backend)
     param_keys, state_keys = scheme_names(objectives)
     first_structure = None
 
-    def checked(ts: TrainState, batch: Any) -> tuple[Any, Tensor]:
+    def run(ts: TrainState, batch: Any) -> Gradients:
         nonlocal first_structure
         check_keys("the train state's params", ts.params, param_keys)
         check_keys("the train state's state", ts.state, state_keys)
@@ -155,56 +96,10 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
         first_structure = check_structure(batch, first_structure)
         x = input_of(batch)
         check_device(x, ts.params)
-        return batch, x
-
-    if use_shared(objectives, share=share, compile=compile):
-        shared = shared_gradients(objectives, compile=compile, backend=backend, sum_cotangents=share == "sum")
-
-        def run_shared(ts: TrainState, batch: Any) -> Gradients:
-            batch, x = checked(ts, batch)
-            with _step_randomness(ts, x):
-                return shared(ts, batch)
-
-        return run_shared
-
-    fns = gradient_fns(objectives, routes, compile=compile, backend=backend)
-
-    def run(ts: TrainState, batch: Any) -> Gradients:
-        batch, x = checked(ts, batch)
         with _step_randomness(ts, x):
-            g, _ = objectives_alone(objectives, routes, fns, ts, batch, {INPUT: x})
-        return g._replace(grads={k: g.grads[k] for k in ts.params}, state={**ts.state, **g.state})
+            return run_step(ts, batch, {})[0]
 
     return run
-
-
-def objectives_alone(objectives: Sequence[Objective], routes: Sequence[Route], fns: Sequence[Callable],
-                     ts: TrainState, batch: Any, acts: dict[str, Tensor], *, only: Iterable[int] | None = None
-                     ) -> tuple[Gradients, dict[str, Tensor]]:
-    """The per-objective engine's body: each objective (those in ``only``, default all) run
-    alone with its gradient function from ``gradient_fns``, from the boundaries in ``acts``.
-    Returns the summed gradients, the state entries written (first writer wins), losses,
-    metrics and the finite flag, and the boundaries held afterwards (all of them when
-    ``only`` is given, for a rank to send on)."""
-    grads: Params = {}
-    updates: State = {}
-    losses: dict[str, Tensor] = {}
-    metrics: dict[str, dict[str, Tensor]] = {}
-
-    def run_objective(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
-        nonlocal grads
-        p = {k: ts.params[k] for k in o.param_names}
-        seed_block(o.name)
-        g, (loss, (new, outputs, m)) = fns[i](p, ts.state, x, batch, ts.step)
-        grads = accumulate(grads, g)
-        for k, v in new.items():
-            updates.setdefault(k, v)
-        losses[o.name], metrics[o.name] = loss, m
-        return outputs
-
-    acts = fold(objectives, routes, None, run_objective, acts=acts, only=only, free=only is None)
-    finite = torch.stack([torch.isfinite(v) for v in losses.values()]).all() if losses else torch.tensor(True)
-    return Gradients(grads, updates, losses, metrics, finite), acts
 
 
 def _step_randomness(ts: TrainState, x: Tensor):
@@ -263,24 +158,32 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
     post = after_steps(objectives)
 
     def train_step(ts: TrainState, batch: Any):
-        g = grad_step(ts, batch)
-        if check_finite and not bool(g.finite):
-            bad = [n for n, v in g.losses.items() if not bool(torch.isfinite(v))]
-            raise NonFiniteLossError(
-                f"non-finite loss in objective(s) {bad} at step {int(ts.step)}; nothing was updated. "
-                "Lower the learning rate, add gradient clipping (mlaan_func.optim.clip_by_global_norm), "
-                "or check the inputs for NaN.")
-        metrics = {n: {**m, "weighted_loss": g.losses[n]} for n, m in g.metrics.items()}
-        ts = apply_gradients(ts, g.grads, g.state, optimizer, post)
-        reported = state_metrics(ts.opt_state)
-        if reported:
-            if "optimizer" in metrics:
-                raise ValueError("an objective is named 'optimizer', where the step reports the optimizer's "
-                                 "metrics; rename it (local_loss(..., name=))")
-            metrics["optimizer"] = reported
-        return ts, metrics
+        return finish_step(ts, grad_step(ts, batch), optimizer, post, check_finite=check_finite)
 
     return train_step
+
+
+def finish_step(ts: TrainState, g: Gradients, optimizer: Optimizer, post: Sequence[AfterStep], *,
+                check_finite: bool = True) -> tuple[TrainState, dict[str, dict[str, Tensor]]]:
+    """The end of every step, single-process or distributed: the non-finite check (nothing
+    is updated past a non-finite loss), the optimizer update and after-steps
+    (``apply_gradients``), and the metrics: each objective's, with its ``weighted_loss``,
+    and what the optimizer state reports under ``"optimizer"``."""
+    if check_finite and not bool(g.finite):
+        bad = [n for n, v in g.losses.items() if not bool(torch.isfinite(v))]
+        where = f"in objective(s) {bad}" if bad else "on another rank"
+        raise NonFiniteLossError(
+            f"non-finite loss {where} at step {int(ts.step)}; nothing was updated. Lower the learning "
+            "rate, add gradient clipping (mlaan_func.optim.clip_by_global_norm), or check the inputs for NaN.")
+    metrics = {n: {**m, "weighted_loss": g.losses[n]} for n, m in g.metrics.items()}
+    ts = apply_gradients(ts, g.grads, g.state, optimizer, post)
+    reported = state_metrics(ts.opt_state)
+    if reported:
+        if "optimizer" in metrics:
+            raise SchemeError("an objective is named 'optimizer', where the step reports the optimizer's "
+                              "metrics; rename it (local_loss(..., name=))")
+        metrics["optimizer"] = reported
+    return ts, metrics
 
 
 @torch.no_grad()
@@ -296,8 +199,9 @@ def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[
     metric function ``fn(outputs, batch) -> {metric: 0-d tensor}`` gets ``outputs``, the
     output of every boundary the scheme produced (``"input"``, then each objective's net
     output and tapped blocks, by block name), e.g. for a linear probe on a module's output.
-    Each block runs once per batch: an objective whose window overlaps blocks already run
-    starts from the last of them (in eval mode a block's output depends only on its input).
+    Each block application runs once per batch: evaluation runs the step's plan forward
+    (``mlaan_func.execute.forward_values``), so an objective whose window overlaps blocks
+    already run (the same block, by identity, on the same value) starts from them.
 
     >>> from torch import nn
     >>> import mlaan_func as mf
@@ -314,40 +218,31 @@ def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[
     (['final', 'logits'], ['accuracy', 'loss'])
     """
     objectives = list(objectives)
+    plan = plan_scheme(objectives)
     routes = plan_routes(objectives)
     metrics = dict(metrics or {})
     clash = [n for n in metrics if n in {o.name for o in objectives}]
     if clash:
-        raise ValueError(f"metric functions {clash} share a name with objectives; rename them")
+        raise SchemeError(f"metric functions {clash} share a name with objectives; rename them")
+    wanted = {n for o, r in zip(objectives, routes) for n in (o.output_name, *r.taps)} if metrics else set()
     sums: dict[str, dict[str, Tensor]] = {}
 
     def add(name: str, reported: dict[str, Tensor], n: int) -> None:
         into = sums.setdefault(name, {})
         for k, v in reported.items():
             if not isinstance(v, Tensor) or v.dim() != 0:
-                raise ValueError(f"{name!r} reports metric {k!r} as {type(v).__name__}"
-                                 f"{tuple(v.shape) if isinstance(v, Tensor) else ''}; a metric is a 0-d tensor")
+                raise SchemeError(f"{name!r} reports metric {k!r} as {type(v).__name__}"
+                                  f"{tuple(v.shape) if isinstance(v, Tensor) else ''}; a metric is a 0-d tensor")
             into[k] = into.get(k, 0.0) + v.double() * n
 
     seen, structure = 0, None
     for batch in batches:
         batch = as_batch(batch)
         structure = check_structure(batch, structure)
-        x = input_of(batch)
-        n = x.shape[0]
-        known = {INPUT: x}
-        produced = {INPUT: x}
-
-        def run_objective(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
-            _, _, outputs, m = o.forward(ts.params, ts.state, x, batch, train=False,
-                                         taps=routes[i].taps, step=ts.step, known=known)
-            if metrics:
-                for name, out in outputs.items():
-                    produced.setdefault(name, out)
+        n = input_of(batch).shape[0]
+        scores, produced = forward_values(objectives, plan, ts, batch, wanted)
+        for o, (_, m) in zip(objectives, scores):
             add(o.name, m, n)
-            return outputs
-
-        fold(objectives, routes, x, run_objective, acts=known)
         for name, fn in metrics.items():
             add(name, fn(produced, batch), n)
         seen += n

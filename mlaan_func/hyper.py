@@ -1,6 +1,8 @@
-"""Loss hyper-parameters that move during a run: an objective's weight, a twin's EMA decay.
+"""Hyper-parameters that move during a run, in one place: an objective's weight, a twin's
+EMA decay, and (through ``mlaan_func.optim.inject_hyperparams``, which uses the same
+values) the optimizer's learning rate and friends.
 
-Each is one of three things:
+A loss weight or decay is one of three things:
 
 - a number (or 0-d tensor): fixed, as before;
 - a *schedule*: a function of the step (a 0-d int64 tensor) returning a 0-d tensor, worked
@@ -30,7 +32,13 @@ import attrs
 import torch
 from torch import Tensor
 
+from .errors import KeysError
+
 Schedule = Callable[[Tensor], Tensor]
+"""A function of a step count (a 0-d int64 tensor) returning a 0-d float tensor. Loss weights
+and decays read the train state's ``step``; the optimizer's schedules read its own count of
+updates applied (the same number, except under ``optim.multi_steps``, which applies an
+update every few steps)."""
 
 
 @attrs.frozen
@@ -42,7 +50,12 @@ class Held:
     key: str = ""
 
 
-def _finite(value: Any, what: str) -> float:
+def finite_number(value: Any, what: str) -> float:
+    """``value`` (a number or a 0-d tensor) as a finite float, or a ``ValueError`` naming ``what``.
+
+    >>> finite_number(torch.tensor(0.5), "lr")
+    0.5
+    """
     if isinstance(value, Tensor):
         if value.dim() != 0:
             raise ValueError(f"{what} must be a number or a 0-d tensor, got shape {tuple(value.shape)}")
@@ -52,13 +65,27 @@ def _finite(value: Any, what: str) -> float:
     return float(value)
 
 
+def value_tensor(value: Any, what: str, *, like: Tensor | None = None, device=None) -> Tensor:
+    """A moving hyper-parameter's 0-d tensor: ``value`` checked by ``finite_number``, with
+    ``like``'s dtype and device (so a compiled step never recompiles), else float32 on
+    ``device``.
+
+    >>> value_tensor(2, "a weight", like=torch.tensor(1.0, dtype=torch.float64))
+    tensor(2., dtype=torch.float64)
+    """
+    number = finite_number(value, what)
+    if like is not None:
+        return torch.full((), number, dtype=like.dtype, device=like.device)
+    return torch.full((), number, dtype=torch.float32, device=device)
+
+
 def held(value: float | Tensor) -> Held:
     """A loss weight or EMA decay kept in the train state, changed between steps by ``set_held``.
 
     >>> held(0.5).value
     tensor(0.5000)
     """
-    return Held(torch.tensor(_finite(value, "a held hyper-parameter"), dtype=torch.float32))
+    return Held(value_tensor(value, "a held hyper-parameter"))
 
 
 def weight_key(objective_name: str) -> str:
@@ -90,7 +117,7 @@ def resolve(spec: "Tensor | Schedule | Held", state: dict[str, Tensor], step: Te
         return spec
     if isinstance(spec, Held):
         if spec.key not in state:
-            raise KeyError(f"{what} is held in the train state under {spec.key!r}, which the state passed "
+            raise KeysError(f"{what} is held in the train state under {spec.key!r}, which the state passed "
                            "in lacks; build the train state with mlaan_func.init for this scheme")
         return state[spec.key]
     if step is None:
@@ -124,13 +151,13 @@ def set_held(ts: Any, values: dict[str, float | Tensor]) -> Any:
     held_keys = sorted(k for k in state if k.startswith(("weight:", "decay:")))
     for key, value in values.items():
         if key not in held_keys:
-            raise KeyError(f"{key!r} is not a held hyper-parameter of this train state (it has "
+            raise KeysError(f"{key!r} is not a held hyper-parameter of this train state (it has "
                            f"{held_keys}); hold one with local_loss(..., weight=held(w)) or "
                            "leap_ema(..., decay=held(m))")
-        number = _finite(value, key)
-        if key.startswith("decay:") and not 0.0 <= number <= 1.0:
-            raise ValueError(f"{key} was set to {number}; an EMA decay must be in [0, 1]")
-        state[key] = torch.full((), number, dtype=state[key].dtype, device=state[key].device)
+        new = value_tensor(value, key, like=state[key])
+        if key.startswith("decay:") and not 0.0 <= float(new) <= 1.0:
+            raise ValueError(f"{key} was set to {float(new)}; an EMA decay must be in [0, 1]")
+        state[key] = new
     return ts._replace(state=state)
 
 
@@ -143,4 +170,5 @@ def takes_step(fn: Callable) -> bool:
     return any(p.name == "step" or p.kind is p.VAR_KEYWORD for p in params)
 
 
-__all__ = ["Held", "decay_key", "held", "is_schedule", "resolve", "set_held", "takes_step", "weight_key"]
+__all__ = ["Held", "Schedule", "decay_key", "finite_number", "held", "is_schedule", "resolve", "set_held",
+           "takes_step", "value_tensor", "weight_key"]

@@ -16,7 +16,7 @@ also receives the train state's step.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F

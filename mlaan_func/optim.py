@@ -29,11 +29,12 @@ import torch
 from torch import Tensor
 
 from .core import Params
+from .errors import KeysError
+from .hyper import Schedule, value_tensor
 
 Grads = dict[str, Tensor]
 Updates = dict[str, Tensor]
 OptState = Any
-Schedule = Callable[[Tensor], Tensor]
 
 
 class Optimizer(NamedTuple):
@@ -123,7 +124,7 @@ def _zero_count(params: Params) -> Tensor:
 def _take(tensors: dict[str, Tensor], keys: Sequence[str], what: str) -> list[Tensor]:
     missing = [k for k in keys if k not in tensors]
     if missing:
-        raise KeyError(f"{what} has no entry for {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+        raise KeysError(f"{what} has no entry for {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
                        "initialise the optimizer with the same parameter names as the gradients")
     return [tensors[k] for k in keys]
 
@@ -380,7 +381,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     keys = [k for k in params if k in updates]
     if len(keys) != len(updates):
         extra = [k for k in updates if k not in params]
-        raise KeyError(f"updates for unknown parameters {extra[:5]}")
+        raise KeysError(f"updates for unknown parameters {extra[:5]}")
     if not keys:
         return dict(params)
     ps = [params[k] for k in keys]
@@ -742,21 +743,7 @@ class InjectHyperparamsState(NamedTuple):
 
 
 def _hyper_tensor(name: str, value: Any, like: "Tensor | None" = None, device=None) -> Tensor:
-    if isinstance(value, Tensor):
-        if value.dim() != 0:
-            raise ValueError(f"hyper-parameter {name} must be a number or a 0-d tensor, got shape "
-                             f"{tuple(value.shape)}")
-        number = float(value)
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        raise ValueError(f"hyper-parameter {name} must be a finite number, got {value!r}")
-    if not math.isfinite(number):
-        raise ValueError(f"hyper-parameter {name} was set to {number}; set it to a finite number "
-                         "(a schedule can go to 0 but never to NaN or infinity)")
-    if like is not None:
-        return torch.full((), number, dtype=like.dtype, device=like.device)
-    return torch.full((), number, dtype=torch.float32, device=device)
+    return value_tensor(value, f"hyper-parameter {name}", like=like, device=device)
 
 
 def inject_hyperparams(factory: Callable[..., Optimizer], static_args: Sequence[str] = ()
@@ -792,7 +779,7 @@ def inject_hyperparams(factory: Callable[..., Optimizer], static_args: Sequence[
         def update(grads, state, params=None):
             missing = [k for k in dynamic if k not in state.hyperparams]
             if missing:
-                raise KeyError(f"the optimizer state has no hyper-parameters {missing}; use the state "
+                raise KeysError(f"the optimizer state has no hyper-parameters {missing}; use the state "
                                "from this optimizer's init")
             u, inner = factory(**fixed, **state.hyperparams).update(grads, state.inner_state, params)
             return u, InjectHyperparamsState(state.hyperparams, inner)
@@ -843,7 +830,7 @@ def set_hyperparams(opt_state: OptState, **values) -> OptState:
     new = _map_states(opt_state, replace)
     unknown = [k for k in values if k not in found]
     if unknown:
-        raise KeyError(f"no injected hyper-parameter {unknown} in this optimizer state (it has "
+        raise KeysError(f"no injected hyper-parameter {unknown} in this optimizer state (it has "
                        f"{sorted(available)}); build the optimizer with "
                        "optim.inject_hyperparams(factory)(name=value, ...)")
     return new

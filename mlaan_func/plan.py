@@ -1,5 +1,5 @@
 """The plan of a shared step: which block applications run once, how far each objective's
-gradient may reach through them, and when each can be freed (DESIGN.md §7).
+gradient may reach through them, and when each can be freed (docs/design.md §7).
 
 Nets are pure and names are identities, so two objectives that run the same block on the
 same input compute the same tensor. The planner keys every block application by (block
@@ -33,7 +33,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import attrs
 
 from .combinators import Objective
-from .core import INPUT, Block, Net
+from .core import INPUT, Net
 from .errors import SchemeError
 from .identity import same_block
 
@@ -150,7 +150,8 @@ def plan_routes(objectives: Sequence[Objective], *, given: Iterable[str] = ()) -
 
 
 def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None, *,
-                given: Iterable[str] = (), keep: Iterable[str] = ()) -> Plan:
+                given: Iterable[str] = (), keep: Iterable[str] = (), merge: bool = True,
+                opaque: Iterable[int] = ()) -> Plan:
     """Merge the objectives' block applications into pieces; see the module docstring.
 
     The input an objective reads is the output of the first application (in scheme order)
@@ -158,7 +159,9 @@ def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None, 
     ``given`` (supplied from outside besides the input, e.g. received from another rank).
     Each boundary named in ``keep`` ends a piece, so a step can return its value
     (``Plan.kept``). ``max_blocks`` caps the blocks of a piece (a rematerialised step
-    recomputes one piece at a time).
+    recomputes one piece at a time). ``merge=False`` merges nothing (the per-objective
+    form: every objective runs its own blocks); the objectives in ``opaque`` (those that
+    bring their own gradient function) never share a block application with another.
     """
     objectives = list(objectives)
     given = tuple(given)
@@ -169,12 +172,14 @@ def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None, 
     index: dict[tuple, list[int]] = {}
     boundary: dict[str, int | str] = {name: name for name in (INPUT, *given)}
     paths: list[list[int]] = []
+    alone = set(range(len(objectives))) if not merge else set(opaque)
     for i, o in enumerate(objectives):
         parent = boundary[o.input_name]
         path = []
         for in_net, block in [(True, b) for b in o.net.blocks] + [(False, b) for b in (o.head.blocks if o.head else ())]:
             candidates = index.setdefault((block.name, parent), [])
-            node = next((n for n in candidates if same_block(nodes_block[n], block)), None)
+            node = None if i in alone else next(
+                (n for n in candidates if nodes_users[n][0] not in alone and same_block(nodes_block[n], block)), None)
             if node is None:
                 node = len(nodes_block)
                 nodes_block.append(block)

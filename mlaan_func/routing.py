@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from torch import Tensor
 
 from .core import INPUT
+from .vjp import accumulate as add_gradients
 
 RunObjective = Callable[[int, Any, Tensor], Mapping[str, Tensor]]
 
@@ -59,8 +60,6 @@ def fold(objectives: Sequence[Any], routes: Sequence[Any], x: Tensor | None, run
 
 
 def accumulate(total: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``total + new`` key by key, out of place (keys of either)."""
-    out = dict(total)
-    for k, v in new.items():
-        out[k] = out[k] + v if k in out else v
-    return out
+    """``total + new`` key by key, out of place (keys of either): ``mlaan_func.vjp.accumulate``
+    on a new dict."""
+    return add_gradients(dict(total), new, new.values())

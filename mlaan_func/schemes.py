@@ -198,7 +198,7 @@ def multilaminar(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int]
                  trunks: Sequence[Sequence[str]] | str | None = "rule", trunk_depth: int = 4,
                  decay: float = 0.995, ema_update: str = "all",
                  w_x: float = 0.001, w_y: float = 0.999) -> list[Objective]:
-    """MLAAN's objectives over any pair of head factories (DESIGN.md §2).
+    """MLAAN's objectives over any pair of head factories (docs/design.md §2).
 
     For each module ``W-1 ≤ i ≤ K-2``: a cascaded objective ``w_y · L(casc_head(trunk(
     E_i ∘ … ∘ E_{i-W+1}(sg h_{i-W}))))`` and an independent one ``w_x · L(head(E_i(sg

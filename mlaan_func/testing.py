@@ -1,5 +1,5 @@
 """Hypothesis strategies and law checkers for schemes, public so user schemes get the same
-property tests as the built-in ones (DESIGN.md §5).
+property tests as the built-in ones (docs/design.md §5).
 
 >>> import torch
 >>> from torch import nn
@@ -31,7 +31,7 @@ RTOL = 1e-5
 
 
 def relative_error(a: Tensor, b: Tensor) -> float:
-    """‖a − b‖ / max(‖b‖, 1e-12), the tolerance measure of DESIGN.md §5."""
+    """‖a − b‖ / max(‖b‖, 1e-12), the tolerance measure of docs/design.md §5."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / max(float(b.norm()), 1e-12))
 

@@ -35,7 +35,7 @@ def _spread(candidates: list, places: int) -> list:
 
 
 def leap_trunk_rule(block_names: Sequence[str], after: str, depth: int = 4) -> list[str]:
-    """The blocks a trunk copies after module-ending block ``after`` (DESIGN.md §2): the first
+    """The blocks a trunk copies after module-ending block ``after`` (docs/design.md §2): the first
     block of every later stage, then up to ``depth`` blocks in all from the remaining blocks
     of the last stage after ``after``, spread evenly (positions ceil((j+1)·L/n) − 1)."""
     staged = [n for n in block_names if _stage_of(n) is not None]

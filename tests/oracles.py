@@ -1,4 +1,4 @@
-"""Test oracles shared by the test files: DESIGN.md §2 written with ordinary modules,
+"""Test oracles shared by the test files: docs/design.md §2 written with ordinary modules,
 ``.backward()`` and explicit BatchNorm bookkeeping, independent of the library's engine."""
 
 import copy

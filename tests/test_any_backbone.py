@@ -335,7 +335,7 @@ def test_generic_trunk_rule_equals_the_resnet_rule():
 
 
 def vit_reference(scheme, at, method, detach=True):
-    """DGL or MLAAN (DESIGN.md §2) on the ViT as plain nn.Module code, one backward()."""
+    """DGL or MLAAN (docs/design.md §2) on the ViT as plain nn.Module code, one backward()."""
     model = vit()
     backbone = mf.from_module(model)
     return local_reference(model, scheme, at, method,

@@ -1,0 +1,536 @@
+"""The executor: one function runs every step of every scheme, from its plan.
+
+A step is a plan (``mlaan_func.plan``: which block runs on which value, how far each
+objective's gradient reaches, what is kept for later, where a piece of chained blocks
+starts and ends) executed here. The engine's options are options of the plan, not other
+engines:
+
+* ``share=None`` (the default) / ``True``: block applications that several objectives
+  share are merged into one piece, computed once; each cotangent arriving at a shared
+  piece gets its own VJP at once, in scheme order, so gradients are bit for bit those of
+  running each objective alone. ``"sum"``: cotangents arriving at a shared piece are summed
+  first (fewer FLOPs; gradients equal to float32 rounding). ``False``: nothing is merged
+  (each objective runs its own blocks, the per-objective form).
+* remat (``mf.remat`` on every objective): pieces hold at most ``every`` blocks and run
+  without a graph, keeping only their input; each is recomputed inside its own VJPs.
+* ``compile=True``: every block runs through a compiled kernel shared by all blocks of its
+  kind (``mlaan_func.kernels``); with ``share=False`` each objective's whole gradient
+  function is compiled instead (one graph per objective).
+* objectives that bring their own ``grad_fn`` run it on their input, opaque to the plan.
+* ``given``/``keep``: a part of a scheme started from boundaries received from outside,
+  returning the boundaries asked for (a module-parallel rank).
+* ``forward_values`` runs the same plan forward only, in eval mode (``mf.evaluate``).
+
+One primitive differentiates (``mlaan_func.vjp``), one sum adds gradients, BatchNorm
+statistics merge one way (for each key the first objective in scheme order that runs the
+block writes it), and every block is seeded by its name (``mlaan_func.randomness``).
+
+>>> import torch
+>>> import mlaan_func as mf
+>>> from mlaan_func.testing import assert_close
+>>> backbone = mf.from_module(mf.models.CifarResNet(8, num_classes=5, widths=(4, 8, 8)))
+>>> scheme = mf.schemes.mlaan(backbone, ["1.0", "2.0"], input_shape=(3, 8, 8))
+>>> ts = mf.init(scheme, mf.optim.sgd(0.1))
+>>> batch = (torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+>>> shared, _ = executor(scheme)(ts, batch, {})
+>>> alone, _ = executor(scheme, share=False)(ts, batch, {})
+>>> all(torch.equal(shared.grads[k], alone.grads[k]) for k in alone.grads)
+True
+>>> summed, _ = executor(scheme, share="sum")(ts, batch, {})
+>>> assert_close(summed.grads, alone.grads); assert_close(summed.state, alone.state)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value
+from torch.utils._pytree import tree_map
+
+from .batch import as_batch, input_of
+from .combinators import Objective
+from .core import INPUT, Params, State, check_keys
+from .errors import SchemeError
+from .kernels import kernel_net, kernel_table, own_code, retainable
+from .plan import Plan, plan_routes, plan_scheme
+from .randomness import seed_block
+from .remat import _rng_devices, _rng_state, _set_rng_state
+from .train_state import Gradients, TrainState, scheme_names
+from .vjp import accumulate, dense, input_leaf, param_leaves, vjp
+
+Executor = Callable[[TrainState, Any, dict[str, Tensor]], tuple[Gradients, dict[str, Tensor]]]
+
+
+def remat_every(objectives: Sequence[Objective]) -> int | None:
+    """The rematerialisation granularity of a scheme whose objectives all use ``mf.remat``
+    (the finest one when they differ), ``None`` when any does not."""
+    everies = [getattr(o.grad_fn, "remat_every", None) for o in objectives if o.grad_fn is not None]
+    return min(everies) if everies and len(everies) == len(objectives) and None not in everies else None
+
+
+def use_shared(objectives: Sequence[Objective], *, share: bool | str | None, compile: bool,
+               given: Iterable[str] = ()) -> bool:
+    """Whether the step merges block applications (``Plan.shared``) or runs each objective
+    on its own blocks.
+
+    ``share=None`` (the default): wherever it is exact — no objective with a ``grad_fn``
+    other than ``mf.remat``'s, and no mix of rematerialised and plain objectives — and it
+    changes something: a block application that two objectives share, or ``compile=True``
+    (whose kernels are shared by kind, so the number of compiles does not grow with the
+    number of modules). Blocks that draw random numbers (dropout) are shared too: each
+    block draws from its own name's stream (``mlaan_func.randomness``), so the one shared
+    forward draws what every objective's own forward would. ``share=True`` asks for it (an
+    error where it cannot run); ``share="sum"`` as ``True``, summing cotangents;
+    ``share=False`` merges nothing. ``given`` as in ``plan_scheme``.
+    """
+    if share not in (None, True, False, "sum"):
+        raise SchemeError(f"share must be None, True, False or 'sum', got {share!r}")
+    if share is False:
+        return False
+    own = [o.name for o in objectives if o.grad_fn is not None]
+    if own and remat_every(objectives) is None:
+        if share is not None:
+            raise SchemeError(f"share={share!r} cannot be used here: objectives {own[:3]} bring their own "
+                              "grad_fn (other than mf.remat on every objective). Pass share=False (or leave "
+                              "share unset) to run each objective on its own blocks.")
+        return False
+    return share is not None or compile or bool(plan_scheme(objectives, given=given).shared)
+
+
+def objective_fn(objective: Objective, taps: tuple[str, ...] = ()) -> Callable:
+    """``(params, state, x, batch, step) -> (loss, (updates, outputs, metrics))`` in training
+    mode: what an objective's own gradient function differentiates."""
+    def objective_loss(params: Params, state: State, x: Tensor, batch: Any, step: Tensor | None = None):
+        loss, updates, outputs, metrics = objective.forward(params, state, x, batch, train=True, taps=taps,
+                                                            step=step)
+        return loss, (updates, outputs, metrics)
+
+    return objective_loss
+
+
+def autograd_grad_and_value(fn: Callable) -> Callable:
+    """``torch.func.grad_and_value(fn, has_aux=True)`` computed with ``torch.autograd.grad``
+    on detached aliases of the parameters, which frees each saved activation as soon as the
+    backward pass has used it. ``torch.func`` keeps the whole graph alive until the transform
+    returns (it builds it for higher-order use), which doubled the step peak of E2E ResNet-32
+    (606 MiB against 306 MiB for plain ``.backward()``). Used in eager mode; compiled steps
+    trace ``torch.func.grad_and_value``, which AOTAutograd turns into one joint graph.
+    """
+    def grad_and_value_fn(params: Params, *args):
+        leaves = param_leaves(params, params)
+        with torch.enable_grad():
+            loss, aux = fn(leaves, *args)
+            grads = vjp(loss, list(leaves.values()))
+        grads = dense({k: g for k, g in zip(params, grads) if g is not None}, params)
+        return grads, (loss.detach(), tree_map(_detach, aux))
+
+    return grad_and_value_fn
+
+
+def _detach(x: Any) -> Any:
+    return x.detach() if isinstance(x, Tensor) else x
+
+
+def gradient_fns(objectives: Sequence[Objective], routes: Sequence[Any], *, compile: bool = False,
+                 backend: str = "inductor") -> list[Callable]:
+    """Per objective, its gradient function alone: ``(params, state, x, batch, step) ->
+    (grads, (loss, (updates, outputs, metrics)))`` (what ``Objective.grad_fn`` builds; the
+    executor calls such a function where an objective brings its own). Eager:
+    ``autograd_grad_and_value``; compiled: ``compiled_gradient_fn``. For measuring one
+    objective alone (``bench/``) and for references in tests.
+    """
+    if compile:
+        return [compiled_gradient_fn(o, r.taps, i, backend) for i, (o, r) in enumerate(zip(objectives, routes))]
+    return [o.grad_fn(o, r.taps) if o.grad_fn is not None else autograd_grad_and_value(objective_fn(o, r.taps))
+            for o, r in zip(objectives, routes)]
+
+
+def compiled_gradient_fn(objective: Objective, taps: tuple[str, ...], index: int, backend: str) -> Callable:
+    """One objective's whole gradient function as one compiled graph (``compile=True,
+    share=False``): ``torch.func.grad_and_value`` traced by AOTAutograd, or the objective's
+    own ``grad_fn`` compiled."""
+    fn = objective.grad_fn(objective, taps) if objective.grad_fn is not None else \
+        grad_and_value(objective_fn(objective, taps), has_aux=True)
+    return torch.compile(own_code(fn, f"objective_{index}"), backend=backend, dynamic=False)
+
+
+def _part(what: str, tensors: dict[str, Tensor], keys: tuple[str, ...]) -> dict[str, Tensor]:
+    """The entries of ``tensors`` named in ``keys``, in their order (an error names the
+    missing ones)."""
+    wanted = set(keys)
+    part = {k: v for k, v in tensors.items() if k in wanted}
+    check_keys(what, part, keys)
+    return part
+
+
+def _add(a: Tensor | None, b: Tensor) -> Tensor:
+    return b if a is None else a + b
+
+
+class _Live:
+    """The graph (or, rematerialised, the stored input) and pending cotangents of one piece
+    during one step."""
+
+    __slots__ = ("computed", "value", "out", "inp", "leaves", "rng", "total", "pending", "groups",
+                 "children", "updates")
+
+    def __init__(self, piece, children: int):
+        self.computed = False
+        self.value = self.out = self.inp = self.total = self.rng = None
+        self.leaves: Params = {}
+        self.pending = set(piece.users)
+        self.groups = {s: [None, set(us), tuple(us)] for s, us in piece.groups}
+        self.children = children
+        self.updates: State = {}
+
+
+def executor(objectives: Sequence[Objective], *, share: bool | str | None = None, compile: bool = False,
+             backend: str = "inductor", given: Iterable[str] = (), keep: Iterable[str] = ()) -> Executor:
+    """``(ts, batch, boundaries) -> (gradients, kept)``: the step of ``objectives`` (see the
+    module docstring), started from the input and the ``given`` boundaries passed by name,
+    returning the summed gradients, new state, losses and metrics of these objectives and
+    the (detached) values of the boundaries named in ``keep``. ``ts`` may hold a larger
+    scheme's parameters and state; the gradients and state returned are these objectives'.
+
+    >>> import torch
+    >>> import mlaan_func as mf
+    >>> backbone = mf.from_module(mf.models.CifarResNet(8, num_classes=5, widths=(4, 8, 8)))
+    >>> scheme = mf.schemes.mlaan(backbone, ["1.0", "2.0"], input_shape=(3, 8, 8))
+    >>> ts = mf.init(scheme, mf.optim.sgd(0.1))
+    >>> rank = scheme[1:]                      # reads the output of block 1.0, as received
+    >>> batch, h = (torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])), torch.randn(4, 4, 8, 8)
+    >>> g, kept = executor(rank, given=["1.0"], keep=["2.0"])(ts, batch, {"1.0": h})
+    >>> list(g.losses), list(kept), tuple(kept["2.0"].shape)
+    (['m1.independent', 'final'], ['2.0'], (4, 8, 4, 4))
+    """
+    objectives, given, keep = list(objectives), tuple(given), tuple(keep)
+    merged = use_shared(objectives, share=share, compile=compile, given=given)
+    every = remat_every(objectives)
+    routes = plan_routes(objectives, given=given)
+    opaque: dict[int, Callable] = {}
+    for i, (o, route) in enumerate(zip(objectives, routes)):
+        taps = route.taps + tuple(n for n in o.net.block_names[:-1] if n in keep and n not in route.taps)
+        if compile and not merged:
+            opaque[i] = compiled_gradient_fn(o, taps, i, backend)
+        elif o.grad_fn is not None and every is None:
+            opaque[i] = o.grad_fn(o, taps)
+    plan = plan_scheme(objectives, max_blocks=every, given=given, keep=keep, merge=merged, opaque=opaque)
+    nets = [p.net for p in plan.pieces]
+    if compile and merged:
+        table = kernel_table(objectives, backend=backend)
+        nets = [kernel_net(net, table) for net in nets]
+    step = _Step(objectives, plan, nets, opaque, every, sum_cotangents=share == "sum")
+    if compile and merged:
+        def run(ts: TrainState, batch: Any, boundaries: dict[str, Tensor]):
+            with retainable():
+                return step(ts, batch, boundaries)
+        return run
+    return step
+
+
+class _Step:
+    """The executor of one plan: ``__call__(ts, batch, boundaries)`` runs one step."""
+
+    def __init__(self, objectives, plan: Plan, nets, opaque: dict[int, Callable], every: int | None,
+                 sum_cotangents: bool):
+        self.objectives, self.plan, self.nets, self.opaque, self.every = objectives, plan, nets, opaque, every
+        self.sum_cotangents = sum_cotangents
+        self.param_keys, self.state_keys = scheme_names(objectives)
+        pieces = plan.pieces
+        self.reads = {p.parent for p in pieces if isinstance(p.parent, str)} | {
+            at for _, at in plan.kept if isinstance(at, str)}
+        self.kept_at = {at: name for name, at in plan.kept if isinstance(at, int)}
+        # A piece's readers, less those inside an opaque objective (which reads its own blocks itself).
+        inside = {k: i for i in opaque for k in plan.objectives[i].path}
+        self.children = [p.children for p in pieces]
+        for n, p in enumerate(pieces):
+            if isinstance(p.parent, int) and n in inside and inside.get(p.parent) == inside[n]:
+                self.children[p.parent] -= 1
+        self.tails = []
+        for op in plan.objectives:
+            if every is None:
+                self.tails.append(op.tail)
+            else:  # rematerialised: only the last piece runs with the loss
+                self.tails.append(len(op.path) - 1 if op.tail < len(op.path) else len(op.path))
+
+    def __call__(self, ts: TrainState, batch: Any, boundaries: dict[str, Tensor]) -> tuple[Gradients, dict[str, Tensor]]:
+        return _Run(self, ts, batch, boundaries).run()
+
+
+class _Run:
+    """The live values of one step of a ``_Step``."""
+
+    def __init__(self, step: _Step, ts: TrainState, batch: Any, boundaries: dict[str, Tensor]):
+        self.s = step
+        self.ts = ts._replace(params=_part("the train state's params", ts.params, step.param_keys),
+                              state=_part("the train state's state", ts.state, step.state_keys))
+        self.batch = as_batch(batch)
+        x_in = input_of(self.batch)
+        self.roots = {**boundaries, INPUT: x_in}
+        missing = sorted(step.reads - set(self.roots))
+        if missing:
+            raise SchemeError(f"the boundaries {missing} are read but not passed; pass them by name")
+        self.devices = _rng_devices(x_in)
+        self.live = [_Live(p, c) for p, c in zip(step.plan.pieces, step.children)]
+        self.grads: Params = {}
+        self.kept: dict[str, Tensor] = {}
+        self.queue: list[tuple[int, Tensor, tuple[int, ...], int]] = []
+        self.own_updates: dict[int, State] = {}
+
+    # -------------------------------------------------------------- values and graphs
+    def release(self, k: int) -> None:
+        lk = self.live[k]
+        if lk.children == 0 and (self.s.every is None or not lk.pending):
+            lk.value = None
+
+    def parent_value(self, k: int) -> Tensor:
+        parent = self.s.plan.pieces[k].parent
+        if isinstance(parent, str):
+            return self.roots[parent]
+        lp = self.live[parent]
+        value = lp.value
+        lp.children -= 1
+        self.release(parent)
+        return value
+
+    def with_graph(self, k: int, x: Tensor) -> State:
+        piece, lk = self.s.plan.pieces[k], self.live[k]
+        lk.inp, value = input_leaf(x, piece.needs_input_grad)
+        lk.leaves = param_leaves(self.ts.params, piece.param_names)
+        with torch.enable_grad():
+            lk.out, updates = self.s.nets[k].run(lk.leaves, self.ts.state, value, train=True)
+        return updates
+
+    def keep_output(self, k: int, value: Tensor) -> None:
+        if k in self.s.kept_at:
+            self.kept[self.s.kept_at[k]] = value.detach()
+
+    def forward(self, k: int) -> None:
+        lk = self.live[k]
+        x = self.parent_value(k)
+        lk.computed = True
+        if self.s.every is None:
+            lk.updates = self.with_graph(k, x)
+            lk.value = lk.out.detach() if lk.children else None
+        else:  # no graph: keep the input (to recompute) and the output (for the children, a loss)
+            lk.rng = _rng_state(self.devices)
+            with torch.no_grad():
+                lk.value, lk.updates = self.s.nets[k].run(self.ts.params, self.ts.state, x, train=True)
+            lk.inp = x
+        self.keep_output(k, lk.out if self.s.every is None else lk.value)
+
+    @contextlib.contextmanager
+    def graph(self, k: int):
+        """Piece ``k``'s graph for its VJPs: the forward's, or, rematerialised, recomputed
+        (the generator replayed) and dropped again afterwards."""
+        lk = self.live[k]
+        if self.s.every is None:
+            yield
+            return
+        stored = lk.inp
+        with torch.random.fork_rng(devices=self.devices):
+            _set_rng_state(lk.rng, self.devices)
+            self.with_graph(k, stored)
+        try:
+            yield
+        finally:
+            lk.out, lk.leaves, lk.inp = None, {}, stored
+
+    def finish(self, k: int) -> None:
+        """Piece ``k``'s last user has delivered: free its graph."""
+        lk = self.live[k]
+        lk.out = lk.inp = lk.total = lk.rng = None
+        lk.leaves = {}
+        self.release(k)
+
+    # -------------------------------------------------------------- cotangents
+    def deliver(self, k: int, g: Tensor, users: tuple[int, ...], start: int) -> None:
+        """Hand cotangent ``g`` of ``users`` (who started at piece ``start``) to piece ``k``;
+        ``drain`` processes it. A queue rather than recursion, so that no caller keeps a
+        cotangent alive after it has been passed down."""
+        self.queue.append((k, g, users, start))
+
+    def drain(self) -> None:
+        while self.queue:
+            (self.add_summed if self.s.sum_cotangents else self.deliver_alone)(*self.queue.pop())
+
+    def deliver_alone(self, k: int, g: Tensor, users: tuple[int, ...], start: int) -> None:
+        """One VJP per arriving cotangent, at once: each objective's own computation."""
+        piece, lk = self.s.plan.pieces[k], self.live[k]
+        lk.pending.difference_update(users)
+        final = not lk.pending
+        continues = start != k
+        gs: tuple = ()
+        if piece.param_names or continues:
+            with self.graph(k):
+                params = list(lk.leaves.values())
+                gs = vjp(lk.out, [*params, lk.inp] if continues else params, g,
+                         retain_graph=not final and self.s.every is None)
+                accumulate(self.grads, lk.leaves, gs[:len(params)])
+                del params
+        if final:
+            self.finish(k)
+        if continues:
+            self.deliver(piece.parent, gs[-1], users, start)
+        del gs
+
+    def add_summed(self, k: int, g: Tensor, users: tuple[int, ...], start: int) -> None:
+        lk = self.live[k]
+        if self.s.plan.pieces[k].param_names:
+            lk.total = _add(lk.total, g)
+        lk.pending.difference_update(users)
+        if start != k:
+            group = lk.groups[start]
+            group[0] = _add(group[0], g)
+            group[1].difference_update(users)
+        self.settle(k)
+
+    def settle(self, k: int) -> None:
+        every = self.s.every
+        piece, lk = self.s.plan.pieces[k], self.live[k]
+        ready = [s for s, group in lk.groups.items() if not group[1]]
+        final = not lk.pending
+        # Rematerialised, every arrival is turned into parameter gradients at once: holding
+        # its cotangent until the last user arrives would outweigh the stored inputs.
+        flush = final or every is not None
+        with_params = flush and lk.total is not None and bool(piece.param_names)
+        sends = []
+        if ready or with_params:
+            with self.graph(k):
+                out, params = lk.out, list(lk.leaves.values())
+                single = len(ready) == 1 and (lk.total is lk.groups[ready[0]][0] or (
+                    every is None and len(piece.groups) == 1 and not piece.stops))
+                if with_params and single:
+                    # one group carries every objective through here: one VJP for both
+                    gs = vjp(out, [*params, lk.inp], lk.total)
+                    accumulate(self.grads, lk.leaves, gs[:-1])
+                    sends.append((ready[0], gs[-1]))
+                else:
+                    calls = [(s, lk.groups[s][0]) for s in ready] + ([(None, lk.total)] if with_params else [])
+                    for j, (s, cot) in enumerate(calls):
+                        retain = not ((final or every is not None) and j == len(calls) - 1)
+                        if s is None:
+                            accumulate(self.grads, lk.leaves, vjp(out, params, cot, retain_graph=retain))
+                        else:
+                            sends.append((s, vjp(out, [lk.inp], cot, retain_graph=retain)[0]))
+                del out, params
+                if with_params:
+                    lk.total = None
+        users = {s: lk.groups.pop(s)[2] for s in ready}
+        if final:
+            self.finish(k)
+        for s, g in sends:
+            self.deliver(piece.parent, g, users[s], s)
+
+    # -------------------------------------------------------------- objectives
+    def run_objective(self, i: int, o: Objective) -> tuple[Tensor, dict[str, Tensor]]:
+        """Objective ``i``: the shared pieces on its path no earlier objective computed, then
+        its own suffix with its loss in one graph; its cotangent goes to the piece below."""
+        s, live, op = self.s, self.live, self.s.plan.objectives[i]
+        tails = s.tails[i]
+        shared_part, tail = op.path[:tails], op.path[tails:]
+        for k in shared_part:
+            if not live[k].computed:
+                self.forward(k)
+        with torch.enable_grad():
+            if tail:
+                inp, h = input_leaf(self.parent_value(tail[0]), tails > 0)
+                leaves = param_leaves(self.ts.params, dict.fromkeys(
+                    n for k in tail for n in s.plan.pieces[k].param_names))
+                for j, k in enumerate(tail):
+                    if j:
+                        self.parent_value(k)  # bookkeeping: the value flows inside this graph
+                    h, live[k].updates = s.nets[k].run(leaves, self.ts.state, h, train=True)
+                    self.keep_output(k, h)
+                    live[k].computed = True
+                    live[k].pending.clear()  # its gradient is this graph's
+                    if live[k].children:
+                        live[k].value = h.detach()
+            else:
+                end = live[op.path[-1]]
+                inp, h = input_leaf(end.out if s.every is None else end.value, True)
+                leaves = {}
+            seed_block("loss:" + o.name)
+            loss, m = o.score(h, self.batch, self.ts.state, self.ts.step)
+            gs = vjp(loss, [*leaves.values(), inp] if inp.requires_grad else list(leaves.values()))
+        accumulate(self.grads, leaves, gs[:len(leaves)])
+        del h
+        if inp.requires_grad:
+            end = op.path[tails - 1] if tail else op.path[-1]
+            self.deliver(end, gs[-1], (i,), op.start)
+        del gs, inp, leaves
+        self.drain()
+        return loss.detach(), {n: v.detach() for n, v in m.items()}
+
+    def run_opaque(self, i: int, o: Objective) -> tuple[Tensor, dict[str, Tensor]]:
+        """Objective ``i`` through its own gradient function, on its input; the boundaries
+        later objectives read from inside it come from its outputs."""
+        path = self.s.plan.objectives[i].path
+        x = self.parent_value(path[0])
+        seed_block(o.name)
+        p = {k: self.ts.params[k] for k in o.param_names}
+        g, (loss, (updates, outputs, m)) = self.s.opaque[i](p, self.ts.state, x, self.batch, self.ts.step)
+        accumulate(self.grads, g, g.values())
+        self.own_updates[i] = updates
+        for k in path:
+            lk, name = self.live[k], self.s.plan.pieces[k].block_names[-1]
+            lk.computed = True
+            lk.pending.clear()
+            if name in outputs:
+                lk.value = outputs[name].detach() if lk.children else None
+                self.keep_output(k, outputs[name])
+        return loss, m
+
+    def run(self) -> tuple[Gradients, dict[str, Tensor]]:
+        losses: dict[str, Tensor] = {}
+        metrics: dict[str, dict[str, Tensor]] = {}
+        for i, o in enumerate(self.s.objectives):
+            run = self.run_opaque if i in self.s.opaque else self.run_objective
+            losses[o.name], metrics[o.name] = run(i, o)
+        updates: State = {}
+        for i, op in enumerate(self.s.plan.objectives):
+            mine = self.own_updates.get(i)
+            if mine is None:
+                mine = {}
+                for k in op.path:
+                    mine.update(self.live[k].updates)
+            for key, v in mine.items():
+                updates.setdefault(key, v.detach())
+        finite = torch.stack([torch.isfinite(v) for v in losses.values()]).all()
+        self.kept.update({name: self.roots[at] for name, at in self.s.plan.kept if isinstance(at, str)})
+        return (Gradients(dense(self.grads, self.ts.params), {**self.ts.state, **updates}, losses, metrics, finite),
+                {name: self.kept[name] for name, _ in self.s.plan.kept})
+
+
+def forward_values(objectives: Sequence[Objective], plan: Plan, ts: TrainState, batch: Any,
+                   wanted: Iterable[str] = ()) -> tuple[list[tuple[Tensor, dict[str, Tensor]]], dict[str, Tensor]]:
+    """The plan run forward in eval mode, each piece once: per objective its ``(loss,
+    metrics)``, and the output of every block named in ``wanted`` (its first application).
+    A piece's value is freed after its last reader, unless an objective scores it."""
+    pieces = plan.pieces
+    wanted = set(wanted)
+    values: dict[int | str, Tensor] = {INPUT: input_of(batch)}
+    produced: dict[str, Tensor] = {INPUT: values[INPUT]} if wanted else {}
+    left = [p.children for p in pieces]
+    scored = {op.path[-1] for op in plan.objectives}
+    computed: set[int] = set()
+    scores = []
+    for o, op in zip(objectives, plan.objectives):
+        for k in op.path:
+            if k in computed:
+                continue
+            computed.add(k)
+            parent = pieces[k].parent
+            taps = dict.fromkeys(n for n in pieces[k].block_names if n in wanted)
+            values[k], _ = pieces[k].net.run(ts.params, ts.state, values[parent], train=False, taps=taps)
+            for n, v in taps.items():
+                produced.setdefault(n, v)
+            if isinstance(parent, int):
+                left[parent] -= 1
+                if left[parent] == 0 and parent not in scored:
+                    del values[parent]
+        scores.append(o.score(values[op.path[-1]], batch, ts.state, ts.step))
+    return scores, produced
