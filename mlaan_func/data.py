@@ -40,6 +40,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from .checkpoint import new_file
+
 __all__ = [
     "AUGMENTATIONS", "Batches", "DOWNLOAD_TIMEOUT", "Dataset", "DatasetError", "FILES", "NAMES",
     "SYSTEM_DIRS", "URLS", "augment", "augmentation", "batches", "channel_stats",
@@ -486,7 +488,7 @@ def download_file(url: str, dest: str | os.PathLike, md5: str | None = None, *,
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    fd, tmp_name = new_file(str(dest.parent), f".{dest.name}.", ".part")
     tmp = Path(tmp_name)
     try:
         digest, done = hashlib.md5(), 0

@@ -7,7 +7,9 @@ import gzip
 import hashlib
 import http.server
 import io
+import os
 import pickle
+import stat
 import tarfile
 import threading
 import time
@@ -596,3 +598,13 @@ def test_a_cifar_file_without_read_permission_says_so(tmp_path, monkeypatch):
     with pytest.raises(data.DatasetError, match="cannot read .*data_batch_3: permission denied") as err:
         data.load("cifar10", tmp_path, download=False)
     assert "download again" not in str(err.value)
+
+
+def test_downloaded_files_follow_the_umask(tmp_path, server):
+    (server.root / "f.bin").write_bytes(b"payload")
+    old = os.umask(0o022)
+    try:
+        data.download_file(server.url + "f.bin", tmp_path / "f.bin", progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644
