@@ -4,7 +4,6 @@ truncated, one not an image), bad layouts, deterministic resume, and the program
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -142,12 +141,9 @@ def test_unreadable_run_of_files_is_a_clear_error(tmp_path):
 def program(args, timeout=600, torchrun=0):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, PROGRAM]
-    if torchrun:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(torchrun),
-               "--master-addr", "127.0.0.1", "--master-port", str(port), PROGRAM]
+    if torchrun:  # --standalone binds its own free port: none is chosen here for another job to take
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun),
+               PROGRAM]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
