@@ -302,11 +302,12 @@ def check_readable(folder: ImageFolder, split: str) -> tuple[str, ...]:
     """The files of ``folder`` that Pillow cannot open (the loader skips them when drawn), once
     it is sure the loader can read the split: raises ``DatasetError`` naming ``split`` and the
     count when none of its images is readable or :data:`MAX_SKIPS` in a row are not (the loader
-    would stop there mid-epoch), and naming the file when this user may not read it or its mode
-    is not in :data:`MODES`.
+    would stop there mid-epoch), and naming the file when this user may not read it, its mode
+    is not in :data:`MODES`, or its pixels lie outside their mode's scale.
 
-    Only headers are read (``Image.open`` decodes no pixels), in the calling process, so it
-    runs before any loader worker starts; a truncated file passes and is skipped when drawn.
+    Only headers are read (``Image.open`` decodes no pixels), except for the rare 16-bit and
+    float images whose pixels are checked, in the calling process, so it runs before any loader
+    worker starts; a truncated 8-bit file passes and is skipped when drawn.
     :func:`load_folder` calls it for both splits (``check=True``): a program that loads with
     ``load_folder`` inside its ``except DatasetError`` (exit 3) needs no call of its own; one
     that builds :class:`ImageFolder` s with :func:`scan` calls it for each split before the
@@ -330,6 +331,8 @@ def check_readable(folder: ImageFolder, split: str) -> tuple[str, ...]:
         try:
             with Image.open(path) as img:
                 _check_mode(img, path)
+                if img.mode in _WIDE_MODES:  # rare, and only the pixels show NaN or values off scale
+                    _rgb(Image, img, path)
         except PermissionError:
             raise _cannot_read(path) from None
         except _unreadable(Image):

@@ -256,9 +256,11 @@ def test_a_mode_that_is_not_read_is_refused_by_name(tmp_path):
 def test_pixels_outside_their_scale_are_a_dataset_error_naming_the_file(tmp_path, pixels, message):
     root = imf.write_example_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=12)
     imf._pillow().fromarray(pixels).save(root / "train" / "a" / "bad.tif")
-    data = imf.load_folder(root, 8)
+    with pytest.raises(DatasetError, match=rf"a/bad.tif .*{message}"):
+        imf.load_folder(root, 8)  # before the first step
     with pytest.raises(DatasetError, match=rf"a/bad.tif .*{message}"):
         imf.decode(root / "train" / "a" / "bad.tif", 8, 0)
+    data = imf.load_folder(root, 8, check=False)
     with pytest.raises(DatasetError, match="bad.tif"):
         list(imf.eval_loader(data, 2, part="train"))
 
@@ -292,7 +294,7 @@ def test_a_run_the_loader_would_give_up_on_is_refused_and_single_bad_files_are_l
 def test_a_worker_side_decoding_failure_is_one_clean_dataset_error(tmp_path):
     root = imf.write_example_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=12)
     imf._pillow().fromarray(np.full((12, 12), np.nan, np.float32)).save(root / "train" / "a" / "nan.tif")
-    data = imf.load_folder(root, 8)
+    data = imf.load_folder(root, 8, check=False)  # check=True would refuse it before any worker starts
     with pytest.raises(DatasetError) as err:
         list(imf.eval_loader(data, 5, part="train", workers=2))
     assert "nan.tif" in str(err.value) and "\n" not in str(err.value) and "DataLoader worker" not in str(err.value)
