@@ -327,6 +327,7 @@ def read_svhn(root: str | os.PathLike) -> Dataset:
     """SVHN cropped digits from ``train_32x32.mat`` and ``test_32x32.mat`` (label 10 is digit 0)."""
     try:
         from scipy.io import loadmat
+        from scipy.io.matlab import MatReadError
     except ImportError:
         raise DatasetError("reading SVHN needs scipy: pip install scipy (or pip install "
                            "'mlaan_func[examples]')") from None
@@ -339,7 +340,8 @@ def read_svhn(root: str | os.PathLike) -> Dataset:
             x, y = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1)
         except PermissionError:
             raise _cannot_read(root / name) from None
-        except (OSError, ValueError, TypeError, KeyError, IndexError, EOFError, NotImplementedError) as err:
+        except (MatReadError, OSError, ValueError, TypeError, KeyError, IndexError, EOFError,
+                NotImplementedError) as err:
             raise DatasetError(f"{root / name} is not an SVHN .mat file ({err}); delete it and "
                                "download again") from None
         x = _pixel_bytes(x, root / name, "SVHN")

@@ -608,3 +608,12 @@ def test_downloaded_files_follow_the_umask(tmp_path, server):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("cut", ["empty", "half", "garbage"])
+def test_a_damaged_svhn_file_is_a_dataset_error(tmp_path, cut):
+    write_svhn(tmp_path)
+    raw = (tmp_path / "test_32x32.mat").read_bytes()
+    (tmp_path / "test_32x32.mat").write_bytes({"empty": b"", "half": raw[:len(raw) // 2], "garbage": b"x" * 300}[cut])
+    with pytest.raises(data.DatasetError, match="test_32x32.mat is not an SVHN .mat file"):
+        data.read_svhn(tmp_path)
