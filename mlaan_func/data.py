@@ -278,9 +278,11 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-# what unpickling a damaged or crafted file can raise (find_class refusals are UnpicklingErrors)
-_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
-                    IndexError, ImportError, OverflowError)
+# what unpickling a damaged or crafted file can raise (find_class refusals are UnpicklingErrors;
+# LookupError covers a bad index or key and an unknown text encoding). MemoryError is left to
+# propagate: it may be a real shortage, not the file's fault.
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError,
+                    ImportError, OverflowError)
 
 
 def _cifar_batch(path: Path) -> tuple[Tensor, Tensor]:

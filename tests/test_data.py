@@ -617,3 +617,21 @@ def test_a_damaged_svhn_file_is_a_dataset_error(tmp_path, cut):
     (tmp_path / "test_32x32.mat").write_bytes({"empty": b"", "half": raw[:len(raw) // 2], "garbage": b"x" * 300}[cut])
     with pytest.raises(data.DatasetError, match="test_32x32.mat is not an SVHN .mat file"):
         data.read_svhn(tmp_path)
+
+
+def test_randomly_damaged_cifar_batches_are_dataset_errors(tmp_path):
+    """Flipped bytes in a pickle raise many exception types inside the unpickler: each is a
+    DatasetError naming the file (a MemoryError, from a length byte grown huge, is left alone)."""
+    path = tmp_path / "data_batch_1"
+    good = pickle.dumps({b"labels": [1, 2], b"data": np.zeros((2, 3072), np.uint8)}, protocol=2)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        bad = bytearray(good)
+        bad[int(rng.integers(len(bad)))] = int(rng.integers(256))
+        path.write_bytes(bytes(bad))
+        try:
+            data._cifar_batch(path)
+        except data.DatasetError as err:
+            assert "data_batch_1" in str(err)
+        except MemoryError:
+            pass
