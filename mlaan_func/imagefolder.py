@@ -177,8 +177,9 @@ def load_folder(data_dir: str | os.PathLike, image_size: int = 224, *, name: str
                 check: bool = True) -> FolderData:
     """``data_dir/train`` and ``data_dir/val`` as a :class:`FolderData` (checks the layout and
     that both have the same classes; ``num_classes``, when given, must match). With ``check``,
-    :func:`check_readable` reads every image's header (a minute or two for ImageNet), so a split
-    the loader could not read is refused now rather than after an epoch of training.
+    :func:`check_readable` reads every image's header (0.13 ms a file here: about 3 minutes for
+    ImageNet's 1.33 M files when cached, longer from a cold disk; ``check=False`` skips it), so a
+    split the loader could not read is refused now rather than after an epoch of training.
 
     ImageNet's standard layout (``val`` sorted into class folders, as the usual ``valprep.sh``
     does) is read with ``load_folder(path, 224, name="imagenet", num_classes=1000)``.
