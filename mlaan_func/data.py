@@ -40,6 +40,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from .checkpoint import new_file
+
 __all__ = [
     "AUGMENTATIONS", "Batches", "DOWNLOAD_TIMEOUT", "Dataset", "DatasetError", "FILES", "NAMES",
     "SYSTEM_DIRS", "URLS", "augment", "augmentation", "batches", "channel_stats",
@@ -212,6 +214,49 @@ def _tensor(a: np.ndarray, dtype=None) -> Tensor:
     return torch.from_numpy(np.array(a, dtype=dtype, copy=True, order="C"))
 
 
+def _cannot_read(path: str | os.PathLike) -> DatasetError:
+    """The error for a file or folder this user may not read (``PermissionError``)."""
+    return DatasetError(f"cannot read {path}: permission denied; give this user read access "
+                        "(chmod u+r for a file, u+rx for a folder) or run as the owner")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise _cannot_read(path) from None
+
+
+def _pixel_bytes(a, path: str | os.PathLike, fmt: str) -> np.ndarray:
+    """``a`` as ``uint8`` when it holds what ``fmt``'s format promises, integers in 0..255 (of
+    any integer dtype); floats, NaN/Inf and values out of range raise ``DatasetError`` naming
+    ``path``, instead of being cast into wrong images.
+
+    >>> _pixel_bytes(np.array([0, 255], dtype=np.int64), "f", "CIFAR-10")
+    array([  0, 255], dtype=uint8)
+    >>> _pixel_bytes(np.array([0, 300]), "f", "CIFAR-10")
+    Traceback (most recent call last):
+    ...
+    mlaan_func.data.DatasetError: f holds int64 pixels (values 0..300), but CIFAR-10 images are uint8 0..255: ...
+    """
+    a = np.asarray(a)
+    if a.dtype == np.uint8:
+        return a
+    integers = a.dtype.kind in "iu"
+    if integers and (a.size == 0 or (a.min() >= 0 and a.max() <= 255)):
+        return a.astype(np.uint8)
+    if integers:
+        found = f" (values {a.min()}..{a.max()})"
+    elif a.dtype.kind == "f" and a.size:
+        finite = a[np.isfinite(a)]
+        found = f" ({a.size - finite.size} of {a.size} NaN or Inf" + (
+            f", finite values {finite.min():g}..{finite.max():g})" if finite.size else ")")
+    else:
+        found = ""
+    raise DatasetError(f"{path} holds {a.dtype} pixels{found}, but {fmt} images are uint8 0..255: the "
+                       "file is not what its format promises; replace it with the official file")
+
+
 def _need(root: Path, names: Sequence[str]) -> None:
     missing = [n for n in names if not (root / n).is_file()]
     if missing:
@@ -233,16 +278,39 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+# what unpickling a damaged or crafted file can raise (find_class refusals are UnpicklingErrors;
+# LookupError covers a bad index or key and an unknown text encoding). MemoryError is left to
+# propagate: it may be a real shortage, not the file's fault.
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError,
+                    ImportError, OverflowError)
+
+
 def _cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
+    def broken(why) -> DatasetError:
+        return DatasetError(f"{path} is not a CIFAR-10 python batch ({why}); delete it and download again")
+
     try:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
-        data = batch.get(b"data", batch.get("data"))
-        labels = batch.get(b"labels", batch.get("labels"))
-        data = np.asarray(data, dtype=np.uint8).reshape(len(labels), 3 * 32 * 32)
-    except Exception as err:
-        raise DatasetError(f"{path} is not a CIFAR-10 python batch ({err}); delete it and "
-                           "download again") from None
+    except PermissionError:
+        raise _cannot_read(path) from None
+    except (*_UNPICKLE_ERRORS, OSError) as err:
+        raise broken(err) from None
+    if not isinstance(batch, dict):
+        raise broken(f"it holds a {type(batch).__name__}, not a dict")
+    data, labels = batch.get(b"data", batch.get("data")), batch.get(b"labels", batch.get("labels"))
+    if data is None or labels is None:
+        raise broken("no data or no labels")
+    try:
+        data, labels = np.asarray(data), np.asarray(labels)
+    except ValueError as err:  # ragged nested lists
+        raise broken(err) from None
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise broken(f"its labels are {labels.dtype} {labels.shape}, not a list of integers")
+    data = _pixel_bytes(data, path, "CIFAR-10")
+    if data.size != len(labels) * 3 * 32 * 32:
+        raise broken(f"{data.size} pixel values for {len(labels)} labels, not 3072 per image")
+    data = data.reshape(len(labels), 3 * 32 * 32)
     return rearrange(_tensor(data), "n (c h w) -> n c h w", c=3, h=32), _tensor(labels, np.int64)
 
 
@@ -261,6 +329,7 @@ def read_svhn(root: str | os.PathLike) -> Dataset:
     """SVHN cropped digits from ``train_32x32.mat`` and ``test_32x32.mat`` (label 10 is digit 0)."""
     try:
         from scipy.io import loadmat
+        from scipy.io.matlab import MatReadError
     except ImportError:
         raise DatasetError("reading SVHN needs scipy: pip install scipy (or pip install "
                            "'mlaan_func[examples]')") from None
@@ -270,10 +339,14 @@ def read_svhn(root: str | os.PathLike) -> Dataset:
     def part(name):
         try:
             mat = loadmat(root / name)
-            x, y = np.asarray(mat["X"], dtype=np.uint8), np.asarray(mat["y"]).reshape(-1)
-        except Exception as err:
+            x, y = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1)
+        except PermissionError:
+            raise _cannot_read(root / name) from None
+        except (MatReadError, OSError, ValueError, TypeError, KeyError, IndexError, EOFError,
+                NotImplementedError) as err:
             raise DatasetError(f"{root / name} is not an SVHN .mat file ({err}); delete it and "
                                "download again") from None
+        x = _pixel_bytes(x, root / name, "SVHN")
         if x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y) or not np.isin(y, range(1, 11)).all():
             raise DatasetError(f"{root / name}: unexpected SVHN contents X{x.shape}, y{y.shape}")
         return rearrange(_tensor(x), "h w c n -> n c h w").contiguous(), _tensor(y % 10, np.int64)
@@ -291,8 +364,9 @@ def read_stl10(root: str | os.PathLike) -> Dataset:
     _need(root, ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"])
 
     def part(split):
-        x = np.fromfile(root / f"{split}_X.bin", dtype=np.uint8)
-        y = np.fromfile(root / f"{split}_y.bin", dtype=np.uint8).astype(np.int64)
+        # raw bytes: uint8 0..255 by construction, so only sizes and labels can be wrong
+        x = np.frombuffer(_read_bytes(root / f"{split}_X.bin"), dtype=np.uint8)
+        y = np.frombuffer(_read_bytes(root / f"{split}_y.bin"), dtype=np.uint8).astype(np.int64)
         if x.size != len(y) * 3 * 96 * 96 or not np.isin(y, range(1, 11)).all():
             raise DatasetError(f"{root}/{split}_X.bin ({x.size} bytes) and {split}_y.bin "
                                f"({len(y)} labels) are not STL-10 binaries; delete and re-download")
@@ -315,7 +389,7 @@ def read_idx(path: str | os.PathLike) -> Tensor:
     tensor([7, 8, 9], dtype=torch.uint8)
     """
     path = Path(path)
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     try:
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
@@ -354,11 +428,15 @@ def read_fashion_mnist(root: str | os.PathLike) -> Dataset:
         raise DatasetError(f"missing {', '.join(missing)} (or .gz) in {root}")
 
     def part(split):
-        images, labels = (read_idx(_idx_path(root, n)) for n in _FASHION[split])
+        image_path, label_path = (_idx_path(root, n) for n in _FASHION[split])
+        images, labels = read_idx(image_path), read_idx(label_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DatasetError(f"{root}: {split} images {tuple(images.shape)} and labels "
                                f"{tuple(labels.shape)} do not pair up")
-        return rearrange(images.to(torch.uint8), "n h w -> n 1 h w"), labels.long()
+        if labels.is_floating_point():
+            raise DatasetError(f"{label_path} holds {labels.dtype} labels; MNIST labels are integers")
+        images = torch.from_numpy(_pixel_bytes(images.numpy(), image_path, "Fashion-MNIST"))
+        return rearrange(images, "n h w -> n 1 h w"), labels.long()
 
     return Dataset("fashion-mnist", *part("train"), *part("test"), 10, *STATS["fashion-mnist"],
                    CLASSES["fashion-mnist"])
@@ -392,9 +470,12 @@ def synthetic(train_size: int = 512, test_size: int = 256, *, shape: Sequence[in
 
 def _md5(path: Path) -> str:
     digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except PermissionError:
+        raise _cannot_read(path) from None
     return digest.hexdigest()
 
 
@@ -411,7 +492,7 @@ def download_file(url: str, dest: str | os.PathLike, md5: str | None = None, *,
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    fd, tmp_name = new_file(str(dest.parent), f".{dest.name}.", ".part")
     tmp = Path(tmp_name)
     try:
         digest, done = hashlib.md5(), 0

@@ -1,6 +1,8 @@
 """A worker process for the distributed tests (spawned by tests/test_distributed.py)."""
 
+import datetime
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -11,6 +13,15 @@ from mlaan_func.models.resnet import CifarResNet
 
 SHAPE = (3, 8, 8)
 AT = ["1.0", "1.1", "2.0", "2.1"]
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+"""Bounds the rendezvous and each collective: ranks start seconds apart on a loaded machine and
+trace their first step at different speeds, so a short timeout fails healthy runs (10 s did).
+A dead rank is noticed when its connections close, long before this."""
+
+LATE = 15
+"""Seconds rank 0 of mode "data_late" waits before its first step: longer than the 10 s
+collective timeout these tests once had, much shorter than COLLECTIVE_TIMEOUT."""
 
 
 def scheme(method):
@@ -27,10 +38,10 @@ def optimizer():
     return mf.optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
 
-def run(rank, world, port, mode, method, out, steps, die):
+def run(rank, world, store, mode, method, out, steps, die):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=__import__("datetime").timedelta(seconds=10))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=COLLECTIVE_TIMEOUT)
     net, objectives = scheme(method)
     opt = optimizer()
     # "data_seeded": every rank seeds differently, as in the usual seed + rank idiom
@@ -45,6 +56,8 @@ def run(rank, world, port, mode, method, out, steps, die):
         step = mfd.module_parallel_step(objectives, opt, ends, micro_batches=3)
         if mode == "modules_ragged":  # a smaller last batch, as at the end of an epoch
             data[-1] = (data[-1][0][:6], data[-1][1][:6])
+    if mode == "data_late" and rank == 0:  # as when one rank traces its first step on a busy core
+        time.sleep(LATE)
     try:
         for i, b in enumerate(data):
             if die and rank == world - 1 and i == 1:
@@ -63,5 +76,5 @@ def run(rank, world, port, mode, method, out, steps, die):
 
 
 if __name__ == "__main__":
-    rank, world, port, mode, method, out, steps, die = sys.argv[1:]
-    run(int(rank), int(world), int(port), mode, method, out, int(steps), die == "1")
+    rank, world, store, mode, method, out, steps, die = sys.argv[1:]
+    run(int(rank), int(world), store, mode, method, out, int(steps), die == "1")

@@ -1,6 +1,9 @@
 """Checkpoints: any pytree of tensors round-trips; a crafted file runs nothing; a corrupted
 tensor, a truncated file and a foreign type are refused with a clear error."""
 
+import json
+import os
+import stat
 import zipfile
 from typing import NamedTuple
 
@@ -107,3 +110,71 @@ def test_old_pickled_format_is_refused(tmp_path):
     torch.save({"train_state": ts._asdict(), "extra": {}}, tmp_path / "old.pt")
     with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint written by mlaan_func.save"):
         mf.load(tmp_path / "old.pt")
+
+
+def forge(path, tree, tensors=()):
+    """A checkpoint file holding ``tree`` (the JSON description) as written, checksum included:
+    what a crafted or buggy writer could produce."""
+    text = tree if isinstance(tree, str) else json.dumps(tree)
+    torch.save({"format": checkpoint.FORMAT, "tree": text, "tensors": list(tensors),
+                "sha256": checkpoint._checksum(text, list(tensors))}, path)
+    return path
+
+
+@pytest.mark.parametrize("name", [
+    "mlaan_func:engine.torch.nn.utils.rnn.PackedSequence",   # an attribute chain out of the library
+    "mlaan_func.engine:torch.nn.utils.rnn.PackedSequence",
+    "mlaan_func.engine:Tensor",                              # reachable from mlaan_func, defined in torch
+])
+def test_only_namedtuples_defined_in_mlaan_func_are_built(tmp_path, name):
+    leaf = {"value": 1}
+    node = {"namedtuple": name, "fields": ["data", "batch_sizes", "sorted_indices", "unsorted_indices"],
+            "items": [leaf, leaf, leaf, leaf]}
+    path = forge(tmp_path / "f.pt", {"dict": [["x", node]]})
+    with pytest.raises(checkpoint.CheckpointError, match="neither a NamedTuple of mlaan_func"):
+        checkpoint.read(path)
+
+
+def test_a_namedtuple_of_mlaan_func_still_resolves_by_its_defining_module(tmp_path):
+    state = mf.optim.TraceState(torch.ones(2))
+    checkpoint.write(tmp_path / "t.pt", {"s": state})
+    assert type(checkpoint.read(tmp_path / "t.pt")["s"]) is mf.optim.TraceState
+
+
+def nested(depth):
+    """The JSON text of a list nested ``depth`` deep (too deep for ``json.dumps`` to write)."""
+    return '{"list": [' * depth + '{"value": 0}' + "]}" * depth
+
+
+@pytest.mark.parametrize("tree, message", [
+    (nested(100_000), "nested deeper"),
+    (nested(checkpoint.MAX_DEPTH + 5), "nested deeper"),
+    ({"tensor": 3, "dtype": "float32", "shape": [2]}, "tensor 3"),
+    ({"tensor": -1, "dtype": "float32", "shape": [2]}, "tensor -1"),
+    ({"dict": [["a"]]}, "malformed"),
+    ({"namedtuple": "mlaan_func.optim:TraceState", "fields": ["trace"], "items": []}, "malformed"),
+    ({"tensor": "0", "dtype": "float32", "shape": [2]}, "malformed"),
+], ids=["100000 deep", "just too deep", "no tensor 3", "negative index", "dict entry", "fields", "index type"])
+def test_a_malformed_tree_is_a_checkpoint_error(tmp_path, tree, message):
+    path = forge(tmp_path / "m.pt", tree, [torch.ones(2)])
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.read(path)
+
+
+def test_a_tree_too_deep_to_read_is_refused_at_write(tmp_path):
+    tree = [0]
+    for _ in range(checkpoint.MAX_DEPTH + 5):
+        tree = [tree]
+    with pytest.raises(ValueError, match="nested deeper"):
+        checkpoint.write(tmp_path / "d.pt", tree)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        checkpoint.write(tmp_path / "c.pt", {"w": torch.ones(1)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c.pt").stat().st_mode) == 0o666 & ~umask

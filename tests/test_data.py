@@ -7,7 +7,9 @@ import gzip
 import hashlib
 import http.server
 import io
+import os
 import pickle
+import stat
 import tarfile
 import threading
 import time
@@ -18,6 +20,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from denied import deny
 from mlaan_func import data
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -532,3 +535,103 @@ def test_epoch_batches_augment_and_normalise():
 
 def test_docstring_examples_run():
     assert doctest.testmod(data, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+# ------------------------------------------------------- values outside what the format promises
+
+def rewrite_cifar_data(path, data):
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    batch[b"data"] = data
+    with open(path, "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "int64 300..1000", "float in range", "negative"])
+def test_cifar_pixels_must_be_bytes(tmp_path, bad):
+    root = tmp_path / "cifar-10-batches-py"
+    write_cifar(root)
+    n = 2  # data_batch_1 holds 2 images
+    data_ = {"nan": np.full((n, 3072), np.nan), "inf": np.full((n, 3072), np.inf, dtype=np.float32),
+             "int64 300..1000": np.random.default_rng(0).integers(300, 1001, (n, 3072)),
+             "float in range": np.full((n, 3072), 7.0), "negative": np.full((n, 3072), -1, dtype=np.int16)}[bad]
+    rewrite_cifar_data(root / "data_batch_1", data_)
+    with pytest.raises(data.DatasetError, match=r"data_batch_1 .*uint8 0\.\.255") as err:
+        data.load("cifar10", tmp_path, download=False)
+    assert "\n" not in str(err.value)
+
+
+def test_cifar_pixels_as_other_integers_in_range_are_read(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    tx, *_ = write_cifar(root)
+    rewrite_cifar_data(root / "data_batch_1", tx[:2].reshape(2, 3072).astype(np.int64))
+    assert np.array_equal(data.read_cifar10(root).train_x.numpy(), tx)
+
+
+def test_svhn_pixels_must_be_bytes(tmp_path):
+    from scipy.io import loadmat, savemat
+    write_svhn(tmp_path)
+    mat = loadmat(tmp_path / "train_32x32.mat")
+    savemat(tmp_path / "train_32x32.mat", {"X": mat["X"].astype(np.float64) * np.nan, "y": mat["y"]})
+    with pytest.raises(data.DatasetError, match=r"train_32x32.mat .*uint8 0\.\.255"):
+        data.read_svhn(tmp_path)
+
+
+@pytest.mark.parametrize("code, dtype, values", [(0x0B, ">i2", (300, 1000)), (0x0D, ">f4", (np.nan, np.nan))])
+def test_fashion_pixels_must_be_bytes(tmp_path, code, dtype, values):
+    write_fashion(tmp_path, gz=False)
+    images = np.linspace(*values, 5 * 28 * 28).reshape(5, 28, 28)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(idx_bytes(images, code, dtype))
+    with pytest.raises(data.DatasetError, match=r"train-images-idx3-ubyte .*uint8 0\.\.255"):
+        data.read_fashion_mnist(tmp_path)
+
+
+def test_stl_pixels_are_bytes_by_construction(tmp_path):
+    write_stl(tmp_path)  # raw bytes cannot be out of range; sizes and labels are checked
+    assert data.read_stl10(tmp_path).train_x.dtype == torch.uint8
+
+
+def test_a_cifar_file_without_read_permission_says_so(tmp_path, monkeypatch):
+    root = tmp_path / "cifar-10-batches-py"
+    write_cifar(root)
+    deny(root / "data_batch_3", monkeypatch)
+    with pytest.raises(data.DatasetError, match="cannot read .*data_batch_3: permission denied") as err:
+        data.load("cifar10", tmp_path, download=False)
+    assert "download again" not in str(err.value)
+
+
+def test_downloaded_files_follow_the_umask(tmp_path, server):
+    (server.root / "f.bin").write_bytes(b"payload")
+    old = os.umask(0o022)
+    try:
+        data.download_file(server.url + "f.bin", tmp_path / "f.bin", progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("cut", ["empty", "half", "garbage"])
+def test_a_damaged_svhn_file_is_a_dataset_error(tmp_path, cut):
+    write_svhn(tmp_path)
+    raw = (tmp_path / "test_32x32.mat").read_bytes()
+    (tmp_path / "test_32x32.mat").write_bytes({"empty": b"", "half": raw[:len(raw) // 2], "garbage": b"x" * 300}[cut])
+    with pytest.raises(data.DatasetError, match="test_32x32.mat is not an SVHN .mat file"):
+        data.read_svhn(tmp_path)
+
+
+def test_randomly_damaged_cifar_batches_are_dataset_errors(tmp_path):
+    """Flipped bytes in a pickle raise many exception types inside the unpickler: each is a
+    DatasetError naming the file (a MemoryError, from a length byte grown huge, is left alone)."""
+    path = tmp_path / "data_batch_1"
+    good = pickle.dumps({b"labels": [1, 2], b"data": np.zeros((2, 3072), np.uint8)}, protocol=2)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        bad = bytearray(good)
+        bad[int(rng.integers(len(bad)))] = int(rng.integers(256))
+        path.write_bytes(bytes(bad))
+        try:
+            data._cifar_batch(path)
+        except data.DatasetError as err:
+            assert "data_batch_1" in str(err)
+        except MemoryError:
+            pass

@@ -1,10 +1,15 @@
-"""Data- and module-parallel steps on 2-3 gloo processes on 127.0.0.1 equal one process."""
+"""Data- and module-parallel steps on 2-3 gloo processes on 127.0.0.1 equal one process.
+
+No test here depends on how fast a loaded machine is: ranks meet through a file store in the
+test's directory (no port that another job could take between choosing and binding it), their
+stderr goes to files (a full pipe would block a rank), and every timeout only bounds a hang.
+"""
 
 import os
-import socket
 import subprocess
 import sys
-import time
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,27 +24,44 @@ import dist_worker as w  # noqa: E402
 WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+HANG = 900
+"""Seconds after which a distributed run counts as hung: far beyond a run on a loaded machine
+(seconds to a few minutes), so it only turns a hang into a failure."""
 
 
-def launch(world, mode, method, out, steps=2, die=False, timeout=120):
-    port = free_port()
+class Rank:
+    """A finished worker: its exit status and what it wrote to stderr."""
+
+    def __init__(self, returncode, stderr_path):
+        self.returncode, self.stderr_path = returncode, stderr_path
+
+    @property
+    def stderr(self):
+        return self.stderr_path.read_text(errors="replace")[-2000:]
+
+
+def launch(world, mode, method, out, steps=2, die=False):
+    out = Path(out)
+    store = out.parent / f"{out.name}.store"  # a new file per run: FileStore rendezvous
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(port), mode, method, str(out),
-                               str(steps), "1" if die else "0"], env=env, stderr=subprocess.PIPE)
-             for r in range(world)]
-    deadline = time.time() + timeout
-    for p in procs:
-        try:
-            p.wait(timeout=max(1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"distributed run did not finish in {timeout}s")
-    return procs
+    logs = [out.parent / f"{out.name}.stderr{r}" for r in range(world)]
+    procs = []
+    for r in range(world):
+        with open(logs[r], "w") as log:
+            procs.append(subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(store), mode, method,
+                                           str(out), str(steps), "1" if die else "0"], env=env, stderr=log))
+    try:
+        for p in procs:
+            p.wait(timeout=HANG)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"distributed run hung: not finished after {HANG}s; "
+                    + " | ".join(f"rank {r}: {log.read_text()[-500:]}" for r, log in enumerate(logs)))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [Rank(p.returncode, log) for p, log in zip(procs, logs)]
 
 
 def single_process(method):
@@ -78,7 +100,7 @@ def micro_batch_reference(method, micro, steps=2):
 def test_data_parallel_equals_one_process(tmp_path, method):
     out = tmp_path / "dp.pt"
     procs = launch(2, "data", method, out)
-    assert all(p.returncode == 0 for p in procs), [p.stderr.read().decode()[-2000:] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [p.stderr for p in procs]
     got, want = mf.load(out), data_parallel_reference(method, 2)
     mt.assert_close(got.params, want.params, 1e-4, "params")
     mt.assert_close(got.state, want.state, 1e-4, "state")
@@ -89,27 +111,40 @@ def test_data_parallel_equals_one_process(tmp_path, method):
 def test_module_parallel_equals_micro_batches_in_sequence(tmp_path, method, world):
     out = tmp_path / "mp.pt"
     procs = launch(world, "modules", method, out)
-    assert all(p.returncode == 0 for p in procs), [p.stderr.read().decode()[-2000:] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [p.stderr for p in procs]
     got, want = mf.load(out), micro_batch_reference(method, 3)
     mt.assert_close(got.params, want.params, 1e-4, "params")
     mt.assert_close(got.state, want.state, 1e-4, "state")
 
 
 @pytest.mark.slow
-def test_a_dead_rank_is_reported_within_the_timeout(tmp_path):
+def test_a_dead_rank_is_reported_not_waited_for(tmp_path):
+    """The survivor's collective fails when the dead rank's connections close, and it reports
+    that and exits by itself (launch fails the test if it hangs); how fast depends on the
+    machine's load, so no duration is asserted."""
     out = tmp_path / "dead.pt"
-    t0 = time.time()
-    launch(2, "modules", "dgl", out, steps=3, die=True, timeout=90)
-    assert time.time() - t0 < 60
+    procs = launch(2, "modules", "dgl", out, steps=3, die=True)
+    assert procs[1].returncode == 3 and procs[0].returncode == 0, [p.stderr for p in procs]
     errors = list(tmp_path.glob("dead.pt.error*"))
-    assert errors and "rank" in errors[0].read_text()
+    assert [e.name for e in errors] == ["dead.pt.error0"] and "rank" in errors[0].read_text()
+
+
+@pytest.mark.slow
+def test_a_rank_late_to_its_first_step_is_waited_for(tmp_path):
+    """Rank 0 starts stepping w.LATE seconds after rank 1, as on a loaded machine: rank 1's
+    collectives wait for it instead of timing out (they timed out after 10 s)."""
+    out = tmp_path / "late.pt"
+    procs = launch(2, "data_late", "dgl", out)
+    assert all(p.returncode == 0 for p in procs), [p.stderr for p in procs]
+    assert not list(tmp_path.glob("late.pt.error*")), [e.read_text() for e in tmp_path.glob("late.pt.error*")]
+    mt.assert_close(mf.load(out).params, data_parallel_reference("dgl", 2).params, 1e-4, "params")
 
 
 @pytest.mark.slow
 def test_data_parallel_ranks_seeded_differently_end_identical(tmp_path):
     out = tmp_path / "seeded.pt"
     procs = launch(2, "data_seeded", "dgl", out, steps=3)
-    assert all(p.returncode == 0 for p in procs), [p.stderr.read().decode()[-2000:] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [p.stderr for p in procs]
     a, b = mf.load(f"{out}.rank0"), mf.load(f"{out}.rank1")
     mt.assert_identical(a.params, b.params)
     mt.assert_identical(a.state, b.state)
@@ -129,7 +164,7 @@ def test_diverged_replicas_are_reported_naming_the_key(tmp_path):
 def test_module_parallel_takes_a_smaller_last_batch(tmp_path):
     out = tmp_path / "ragged.pt"
     procs = launch(2, "modules_ragged", "dgl", out, steps=2)
-    assert all(p.returncode == 0 for p in procs), [p.stderr.read().decode()[-2000:] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [p.stderr for p in procs]
     assert not list(tmp_path.glob("ragged.pt.error*"))
     assert int(mf.load(out).step) == 2
 

@@ -4,13 +4,14 @@ truncated, one not an image), bad layouts, deterministic resume, and the program
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from denied import deny
 
 import mlaan_func as mf
 from mlaan_func import imagefolder as imf
@@ -130,7 +131,7 @@ def test_unreadable_run_of_files_is_a_clear_error(tmp_path):
     root = imf.write_example_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=12)
     for f in (root / "train").rglob("*.jpg"):
         f.write_bytes(b"garbage")
-    data = imf.load_folder(root, 8)
+    data = imf.load_folder(root, 8, check=False)  # check=True refuses it at once
     with pytest.raises(DatasetError, match="unreadable images in a row"):
         list(imf.train_loader(data, 2, 0, 0))
 
@@ -140,12 +141,9 @@ def test_unreadable_run_of_files_is_a_clear_error(tmp_path):
 def program(args, timeout=600, torchrun=0):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, PROGRAM]
-    if torchrun:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(torchrun),
-               "--master-addr", "127.0.0.1", "--master-port", str(port), PROGRAM]
+    if torchrun:  # --standalone binds its own free port: none is chosen here for another job to take
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun),
+               PROGRAM]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -198,3 +196,124 @@ def test_program_bad_input_is_one_line_and_writes_nothing(tmp_path, kind, more, 
     assert "Traceback" not in r.stderr and len(errors) == 1 and message in errors[0]
     if kind != "ok":
         assert not out.exists()
+
+
+# ------------------------------------------------------- every Pillow mode on the same 0..1 scale
+
+def gray_image(mode, level):
+    """A constant 12×12 image of ``mode`` whose intensity is ``level`` (0..1) on that mode's scale."""
+    Image = imf._pillow()
+    if mode == "1":
+        return Image.new("1", (12, 12), int(level >= 0.5))
+    if mode == "P":
+        img = Image.new("P", (12, 12), 3)
+        img.putpalette([0, 0, 0] * 3 + [round(255 * level)] * 3)
+        return img
+    if mode in ("I;16", "I"):
+        return Image.fromarray(np.full((12, 12), round(65535 * level), np.uint16 if mode == "I;16" else np.int32))
+    if mode == "F":
+        return Image.fromarray(np.full((12, 12), level, np.float32))
+    v = round(255 * level)
+    return Image.new(mode, (12, 12), {"L": v, "LA": (v, 255), "RGB": (v,) * 3, "RGBA": (v, v, v, 255),
+                                      "CMYK": (0, 0, 0, 255 - v)}[mode])
+
+
+@pytest.mark.parametrize("mode, suffix", [
+    ("1", "png"), ("L", "png"), ("LA", "png"), ("P", "png"), ("RGB", "png"), ("RGBA", "png"),
+    ("CMYK", "tif"), ("I;16", "png"), ("I;16", "tif"), ("I", "tif"), ("F", "tif"),
+])
+def test_every_mode_decodes_to_the_same_scale(tmp_path, mode, suffix):
+    level = 1.0 if mode == "1" else 0.3
+    path = tmp_path / f"x.{suffix}"
+    gray_image(mode, level).save(path)
+    with imf._pillow().open(path) as img:
+        assert img.mode == mode  # the file opens in the mode under test
+    for seed in (None, 0):
+        x = imf.decode(path, 8, seed)
+        assert x.shape == (3, 8, 8) and x.dtype == torch.uint8
+        assert (x.int() - round(255 * level)).abs().max() <= 1, (mode, x.unique())
+
+
+def test_16_bit_png_keeps_its_shades(tmp_path):
+    Image = imf._pillow()
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    x = imf.decode(tmp_path / "ramp.png", 16, None)
+    assert len(x.unique()) > 100 and int(x.min()) < 20 and int(x.max()) > 235
+
+
+def test_a_mode_that_is_not_read_is_refused_by_name(tmp_path):
+    imf._pillow().new("LAB", (12, 12)).save(tmp_path / "lab.tif")
+    with pytest.raises(DatasetError, match=r"lab.tif has Pillow mode 'LAB', which is not read"):
+        imf.decode(tmp_path / "lab.tif", 8, None)
+
+
+@pytest.mark.parametrize("pixels, message", [
+    (np.full((12, 12), np.nan, np.float32), "144 NaN or Inf"),
+    (np.full((12, 12), 200.0, np.float32), r"outside 0\.\.1"),
+    (np.full((12, 12), 70000, np.int32), r"outside 0\.\.65535"),
+])
+def test_pixels_outside_their_scale_are_a_dataset_error_naming_the_file(tmp_path, pixels, message):
+    root = imf.write_example_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=12)
+    imf._pillow().fromarray(pixels).save(root / "train" / "a" / "bad.tif")
+    with pytest.raises(DatasetError, match=rf"a/bad.tif .*{message}"):
+        imf.load_folder(root, 8)  # before the first step
+    with pytest.raises(DatasetError, match=rf"a/bad.tif .*{message}"):
+        imf.decode(root / "train" / "a" / "bad.tif", 8, 0)
+    data = imf.load_folder(root, 8, check=False)
+    with pytest.raises(DatasetError, match="bad.tif"):
+        list(imf.eval_loader(data, 2, part="train"))
+
+
+# ------------------------------------------------------- unreadable splits before the first step
+
+def test_a_split_without_readable_images_is_refused_at_load(tmp_path):
+    root = imf.write_example_folder(tmp_path / "d", classes=("a", "b"), per_class=4, size=12, val_per_class=3)
+    for f in (root / "val").rglob("*.jpg"):
+        f.write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError, match=r"val: 6 of 6 images in .*/val cannot be read \(first: a/0.jpg") as err:
+        imf.load_folder(root, 8)
+    assert "\n" not in str(err.value)
+    data = imf.load_folder(root, 8, check=False)
+    assert imf.check_readable(data.train, "train") == ()
+    with pytest.raises(DatasetError, match="val: 6 of 6"):
+        imf.check_readable(data.val, "val")
+
+
+def test_a_run_the_loader_would_give_up_on_is_refused_and_single_bad_files_are_listed(tmp_path, monkeypatch):
+    root = imf.write_example_folder(tmp_path / "d", classes=("a", "b"), per_class=4, size=12)
+    (root / "train" / "b" / "2.jpg").write_bytes(b"junk")
+    data = imf.load_folder(root, 8)
+    assert imf.check_readable(data.train, "train") == ("b/2.jpg",)
+    monkeypatch.setattr(imf, "MAX_SKIPS", 2)
+    (root / "train" / "b" / "3.jpg").write_bytes(b"junk")
+    with pytest.raises(DatasetError, match=r"train: 2 unreadable images in a row from b/2.jpg"):
+        imf.check_readable(data.train, "train")
+
+
+def test_a_worker_side_decoding_failure_is_one_clean_dataset_error(tmp_path):
+    root = imf.write_example_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=12)
+    imf._pillow().fromarray(np.full((12, 12), np.nan, np.float32)).save(root / "train" / "a" / "nan.tif")
+    data = imf.load_folder(root, 8, check=False)  # check=True would refuse it before any worker starts
+    with pytest.raises(DatasetError) as err:
+        list(imf.eval_loader(data, 5, part="train", workers=2))
+    assert "nan.tif" in str(err.value) and "\n" not in str(err.value) and "DataLoader worker" not in str(err.value)
+
+
+# -------------------------------------------------------------------------- permission denied
+
+def test_an_image_without_read_permission_says_so(tmp_path, monkeypatch):
+    root = imf.write_example_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=12)
+    deny(root / "train" / "b" / "1.jpg", monkeypatch)
+    message = r"cannot read .*train/b/1.jpg: permission denied"
+    with pytest.raises(DatasetError, match=message):
+        imf.load_folder(root, 8)
+    with pytest.raises(DatasetError, match=message):
+        imf.decode(root / "train" / "b" / "1.jpg", 8, None)
+
+
+def test_a_class_folder_without_read_permission_says_so(tmp_path, monkeypatch):
+    root = imf.write_example_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=12)
+    deny(root / "val" / "b", monkeypatch)
+    with pytest.raises(DatasetError, match=r"cannot read .*val/b: permission denied"):
+        imf.load_folder(root, 8)
