@@ -35,6 +35,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from .errors import CheckpointError
+
 FORMAT = "mlaan_func.checkpoint/2"
 """The ``format`` entry of every file :func:`write` produces."""
 
@@ -46,12 +48,6 @@ MAX_DEPTH = 100
 :func:`write` and :func:`read` alike, before Python's recursion limit is near."""
 
 _SCALARS = (type(None), bool, int, float, str)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read safely: unreadable, truncated, corrupted (checksum
-    mismatch), from another format, or holding a type the reader does not allow. Nothing in
-    the file was executed."""
 
 
 def _name(cls: type) -> str:

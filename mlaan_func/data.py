@@ -41,6 +41,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .checkpoint import new_file
+from .errors import DatasetError
 
 __all__ = [
     "AUGMENTATIONS", "Batches", "DOWNLOAD_TIMEOUT", "Dataset", "DatasetError", "FILES", "NAMES",
@@ -107,10 +108,6 @@ AUGMENTATIONS = {
     "synthetic": {"pad": 4, "crop": None, "flip": True},
 }
 """Keyword arguments of :func:`augment` per dataset (reflect padding throughout)."""
-
-
-class DatasetError(RuntimeError):
-    """A dataset is missing, corrupted or could not be downloaded; the message says what to do."""
 
 
 @attrs.frozen(eq=False)
@@ -237,7 +234,7 @@ def _pixel_bytes(a, path: str | os.PathLike, fmt: str) -> np.ndarray:
     >>> _pixel_bytes(np.array([0, 300]), "f", "CIFAR-10")
     Traceback (most recent call last):
     ...
-    mlaan_func.data.DatasetError: f holds int64 pixels (values 0..300), but CIFAR-10 images are uint8 0..255: ...
+    mlaan_func.errors.DatasetError: f holds int64 pixels (values 0..300), but CIFAR-10 images are uint8 0..255: ...
     """
     a = np.asarray(a)
     if a.dtype == np.uint8:

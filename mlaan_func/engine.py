@@ -279,7 +279,7 @@ def load(path: str | os.PathLike, map_location: Any = None, *, with_extra: bool 
 
     Nothing in the file is executed: NamedTuples are rebuilt only from ``mlaan_func``'s own
     classes and the ones in ``types`` (pass your optimizer's state class there), and the
-    checksum is verified. A file that fails raises :class:`mlaan_func.checkpoint.CheckpointError`
+    checksum is verified. A file that fails raises :class:`mlaan_func.errors.CheckpointError`
     (a ``ValueError``) saying why.
 
     >>> from torch import nn

@@ -9,12 +9,12 @@ an epoch from ``(seed, epoch)`` through ``DistributedSampler``, so a run resumed
 sees the batches a full pass would have from ``b`` on, whatever the number of workers.
 Every Pillow mode in :data:`MODES` decodes to the same scale (black 0, white 255), 16-bit and
 float images included; other modes, and pixels outside their mode's range (NaN in a float TIFF),
-are a :class:`~mlaan_func.data.DatasetError` naming the file.
+are a :class:`~mlaan_func.errors.DatasetError` naming the file.
 An unreadable or truncated image is replaced by the next readable file in folder order and
 counted (``FolderBatch.skipped``), so batches keep their size and nothing is raised mid-epoch
 (unless :data:`MAX_SKIPS` files in a row are unreadable); layout errors, files this user may not
 read, and splits without readable images (:func:`check_readable`) are raised before anything
-runs, as one-line :class:`~mlaan_func.data.DatasetError`; so are failures inside loader workers.
+runs, as one-line :class:`~mlaan_func.errors.DatasetError`; so are failures inside loader workers.
 
 >>> import tempfile, pathlib
 >>> root = pathlib.Path(tempfile.mkdtemp())
@@ -141,7 +141,7 @@ def scan(root: str | os.PathLike, classes: Sequence[str] | None = None) -> Image
     >>> scan("/nonexistent")
     Traceback (most recent call last):
     ...
-    mlaan_func.data.DatasetError: /nonexistent is not a directory: expected an image folder laid out as /nonexistent/<class>/<image>.jpg
+    mlaan_func.errors.DatasetError: /nonexistent is not a directory: expected an image folder laid out as /nonexistent/<class>/<image>.jpg
     """
     root = Path(root)
     layout = f"{root}/<class>/<image>.jpg"
@@ -323,7 +323,7 @@ def check_readable(folder: ImageFolder, split: str) -> tuple[str, ...]:
     >>> check_readable(scan(root / "val"), "val")
     Traceback (most recent call last):
     ...
-    mlaan_func.data.DatasetError: val: 2 of 2 images in .../val cannot be read (first: a/0.jpg); ...
+    mlaan_func.errors.DatasetError: val: 2 of 2 images in .../val cannot be read (first: a/0.jpg); ...
     """
     Image = _pillow()
     bad = []
