@@ -160,13 +160,19 @@ def _describe(block: Any, user: str) -> str:
     return f"block '{block.name}' ({type(block.module).__name__}{root}) in {user}"
 
 
-def _module_blocks(block: Any) -> Iterator[Any]:
-    """The module blocks a block is made of: itself, or its children's, recursively."""
+def module_blocks(block: Any) -> Iterator[Any]:
+    """The module blocks a block is made of: itself, or its children's, recursively.
+
+    >>> import mlaan_func as mf
+    >>> b = mf.from_module(nn.Linear(3, 3), name="b")
+    >>> [m.name for m in module_blocks(mf.leap_ema(mf.copy(b, "t"), source=b).blocks[0])]
+    ['t.b', 'twin.b']
+    """
     if isinstance(getattr(block, "module", None), nn.Module) and hasattr(block, "local_params"):
         yield block
         return
     for child in block.children():
-        yield from _module_blocks(child)
+        yield from module_blocks(child)
 
 
 def _users(items: tuple) -> Iterator[tuple[str, Any]]:
@@ -206,7 +212,7 @@ def check_identity(*items: Any) -> None:
     fingerprints: dict[int, tuple] = {}
     decays: dict[tuple[str, ...], tuple[torch.Tensor, str]] = {}
     for user, top in _users(items):
-        for block in _module_blocks(top):
+        for block in module_blocks(top):
             fp = fingerprints.get(id(block.module))
             if fp is None:
                 fp = fingerprints[id(block.module)] = module_fingerprint(block.module)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .core import AfterStep, Block, Net, Params, State, _join, call_explained
-from .identity import fingerprint
+from .identity import fingerprint, module_blocks
 from .randomness import seed_block
 
 Kernel = Callable[[Params, State, Tensor], tuple[Tensor, State]]
@@ -75,20 +75,12 @@ def _train_kernel(template: nn.Module) -> Kernel:
     return kernel
 
 
-def _module_blocks(blocks: Iterable[Any]) -> Iterable[Block]:
-    for b in blocks:
-        if isinstance(b, Block):
-            yield b
-        else:
-            yield from _module_blocks(b.children())
-
-
 def kernel_table(nets: Iterable[Any], *, backend: str = "inductor") -> dict[Hashable, Kernel]:
     """One compiled training kernel per block signature found in ``nets`` (nets, or anything
     with ``.nets`` such as objectives), keyed by ``signature``."""
     table: dict[Hashable, Kernel] = {}
     flat = [n for item in nets for n in getattr(item, "nets", (item,))]
-    for block in _module_blocks(b for net in flat for b in net.blocks):
+    for block in (m for net in flat for b in net.blocks for m in module_blocks(b)):
         key = signature(block)
         if key not in table:
             label = f"block_kernel_{len(table)}_{type(block.module).__name__}"
