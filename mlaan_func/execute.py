@@ -11,8 +11,9 @@ engines:
   running each objective alone. ``"sum"``: cotangents arriving at a shared piece are summed
   first (fewer FLOPs; gradients equal to float32 rounding). ``False``: nothing is merged
   (each objective runs its own blocks, the per-objective form).
-* remat (``mf.remat`` on every objective): pieces hold at most ``every`` blocks and run
-  without a graph, keeping only their input; each is recomputed inside its own VJPs.
+* remat (``mf.remat(objective, every)``): the objective's pieces hold at most ``every``
+  blocks and run without a graph, keeping only their input; each is recomputed inside its
+  own VJPs (a piece is rematerialised when every objective through it is).
 * ``compile=True``: every block runs through a compiled kernel shared by all blocks of its
   kind (``mlaan_func.kernels``); with ``share=False`` each objective's whole gradient
   function is compiled instead (one graph per objective).
@@ -48,7 +49,6 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 from torch.func import grad_and_value
-from torch.utils._pytree import tree_map
 
 from .batch import as_batch, input_of
 from .combinators import Objective
@@ -56,12 +56,16 @@ from .core import INPUT, Params, State, check_keys
 from .errors import SchemeError
 from .kernels import kernel_net, kernel_table, own_code, retainable
 from .plan import Plan, plan_routes, plan_scheme
-from .randomness import seed_block
-from .remat import _rng_devices, _rng_state, _set_rng_state
+from .randomness import generator_devices, generator_state, seed_block, set_generator_state
 from .train_state import Gradients, TrainState, scheme_names
 from .vjp import accumulate, dense, input_leaf, param_leaves, vjp
 
 Executor = Callable[[TrainState, Any, dict[str, Tensor]], tuple[Gradients, dict[str, Tensor]]]
+
+
+def remat_of(objective: Objective) -> int | None:
+    """The rematerialisation granularity ``mf.remat`` gave an objective, else ``None``."""
+    return getattr(objective.grad_fn, "remat_every", None)
 
 
 def remat_every(objectives: Sequence[Objective]) -> int | None:
@@ -111,40 +115,34 @@ def objective_fn(objective: Objective, taps: tuple[str, ...] = ()) -> Callable:
     return objective_loss
 
 
-def autograd_grad_and_value(fn: Callable) -> Callable:
-    """``torch.func.grad_and_value(fn, has_aux=True)`` computed with ``torch.autograd.grad``
-    on detached aliases of the parameters, which frees each saved activation as soon as the
-    backward pass has used it. ``torch.func`` keeps the whole graph alive until the transform
-    returns (it builds it for higher-order use), which doubled the step peak of E2E ResNet-32
-    (606 MiB against 306 MiB for plain ``.backward()``). Used in eager mode; compiled steps
-    trace ``torch.func.grad_and_value``, which AOTAutograd turns into one joint graph.
-    """
-    def grad_and_value_fn(params: Params, *args):
-        leaves = param_leaves(params, params)
-        with torch.enable_grad():
-            loss, aux = fn(leaves, *args)
-            grads = vjp(loss, list(leaves.values()))
-        grads = dense({k: g for k, g in zip(params, grads) if g is not None}, params)
-        return grads, (loss.detach(), tree_map(_detach, aux))
+def objective_gradient_fn(objective: Objective, taps: tuple[str, ...] = ()) -> Callable:
+    """One objective's gradient function alone, computed by the executor:
+    ``(params, state, x, batch, step=None) -> (grads, (loss, (updates, outputs, metrics)))``
+    on the input ``x`` it reads, with ``outputs`` its net's output and the blocks in ``taps``
+    and ``updates`` the state entries it wrote (the form ``Objective.grad_fn`` builds)."""
+    given = () if objective.input_name == INPUT else (objective.input_name,)
+    run = executor([objective], share=False, given=given, keep=(*taps, objective.output_name))
 
-    return grad_and_value_fn
+    def grad_and_value(params: Params, state: State, x: Tensor, batch: Any, step: Tensor | None = None):
+        ts = TrainState(params, state, None, step)
+        g, outputs = run(ts, batch, {objective.input_name: x})
+        written = {k: v for k, v in g.state.items() if v is not state[k]}
+        return g.grads, (g.losses[objective.name], (written, outputs, g.metrics[objective.name]))
 
-
-def _detach(x: Any) -> Any:
-    return x.detach() if isinstance(x, Tensor) else x
+    return grad_and_value
 
 
 def gradient_fns(objectives: Sequence[Objective], routes: Sequence[Any], *, compile: bool = False,
                  backend: str = "inductor") -> list[Callable]:
     """Per objective, its gradient function alone: ``(params, state, x, batch, step) ->
     (grads, (loss, (updates, outputs, metrics)))`` (what ``Objective.grad_fn`` builds; the
-    executor calls such a function where an objective brings its own). Eager:
-    ``autograd_grad_and_value``; compiled: ``compiled_gradient_fn``. For measuring one
-    objective alone (``bench/``) and for references in tests.
+    executor calls such a function where an objective brings its own). Eager: its own
+    ``grad_fn``, else ``objective_gradient_fn``; compiled: ``compiled_gradient_fn``. For
+    measuring one objective alone (``bench/``) and for references in tests.
     """
     if compile:
         return [compiled_gradient_fn(o, r.taps, i, backend) for i, (o, r) in enumerate(zip(objectives, routes))]
-    return [o.grad_fn(o, r.taps) if o.grad_fn is not None else autograd_grad_and_value(objective_fn(o, r.taps))
+    return [o.grad_fn(o, r.taps) if o.grad_fn is not None else objective_gradient_fn(o, r.taps)
             for o, r in zip(objectives, routes)]
 
 
@@ -208,21 +206,23 @@ def executor(objectives: Sequence[Objective], *, share: bool | str | None = None
     """
     objectives, given, keep = list(objectives), tuple(given), tuple(keep)
     merged = use_shared(objectives, share=share, compile=compile, given=given)
-    every = remat_every(objectives)
+    remats = [remat_of(o) for o in objectives]
     routes = plan_routes(objectives, given=given)
     opaque: dict[int, Callable] = {}
     for i, (o, route) in enumerate(zip(objectives, routes)):
         taps = route.taps + tuple(n for n in o.net.block_names[:-1] if n in keep and n not in route.taps)
         if compile and not merged:
             opaque[i] = compiled_gradient_fn(o, taps, i, backend)
-        elif o.grad_fn is not None and every is None:
+        elif o.grad_fn is not None and remats[i] is None:
             opaque[i] = o.grad_fn(o, taps)
-    plan = plan_scheme(objectives, max_blocks=every, given=given, keep=keep, merge=merged, opaque=opaque)
+    caps = [None if i in opaque else r for i, r in enumerate(remats)]
+    plan = plan_scheme(objectives, max_blocks=caps, given=given, keep=keep, merge=merged, opaque=opaque)
     nets = [p.net for p in plan.pieces]
     if compile and merged:
         table = kernel_table(objectives, backend=backend)
         nets = [kernel_net(net, table) for net in nets]
-    step = _Step(objectives, plan, nets, opaque, every, sum_cotangents=share == "sum")
+    rematerialised = [i not in opaque and r is not None for i, r in enumerate(remats)]
+    step = _Step(objectives, plan, nets, opaque, rematerialised, sum_cotangents=share == "sum")
     if compile and merged:
         def run(ts: TrainState, batch: Any, boundaries: dict[str, Tensor]):
             with retainable():
@@ -234,9 +234,11 @@ def executor(objectives: Sequence[Objective], *, share: bool | str | None = None
 class _Step:
     """The executor of one plan: ``__call__(ts, batch, boundaries)`` runs one step."""
 
-    def __init__(self, objectives, plan: Plan, nets, opaque: dict[int, Callable], every: int | None,
+    def __init__(self, objectives, plan: Plan, nets, opaque: dict[int, Callable], rematerialised: list[bool],
                  sum_cotangents: bool):
-        self.objectives, self.plan, self.nets, self.opaque, self.every = objectives, plan, nets, opaque, every
+        self.objectives, self.plan, self.nets, self.opaque = objectives, plan, nets, opaque
+        # a piece is rematerialised when every objective through it is
+        self.remat = [all(rematerialised[u] for u in p.users) for p in plan.pieces]
         self.sum_cotangents = sum_cotangents
         self.param_keys, self.state_keys = scheme_names(objectives)
         pieces = plan.pieces
@@ -250,8 +252,8 @@ class _Step:
             if isinstance(p.parent, int) and n in inside and inside.get(p.parent) == inside[n]:
                 self.children[p.parent] -= 1
         self.tails = []
-        for op in plan.objectives:
-            if every is None:
+        for op, again in zip(plan.objectives, rematerialised):
+            if not again:
                 self.tails.append(op.tail)
             else:  # rematerialised: only the last piece runs with the loss
                 self.tails.append(len(op.path) - 1 if op.tail < len(op.path) else len(op.path))
@@ -269,11 +271,11 @@ class _Run:
                               state=_part("the train state's state", ts.state, step.state_keys))
         self.batch = as_batch(batch)
         x_in = input_of(self.batch)
-        self.roots = {**boundaries, INPUT: x_in}
+        self.roots = {INPUT: x_in, **boundaries}
         missing = sorted(step.reads - set(self.roots))
         if missing:
             raise SchemeError(f"the boundaries {missing} are read but not passed; pass them by name")
-        self.devices = _rng_devices(x_in)
+        self.devices = generator_devices(x_in)
         self.live = [_Live(p, c) for p, c in zip(step.plan.pieces, step.children)]
         self.grads: Params = {}
         self.kept: dict[str, Tensor] = {}
@@ -283,7 +285,7 @@ class _Run:
     # -------------------------------------------------------------- values and graphs
     def release(self, k: int) -> None:
         lk = self.live[k]
-        if lk.children == 0 and (self.s.every is None or not lk.pending):
+        if lk.children == 0 and (not self.s.remat[k] or not lk.pending):
             lk.value = None
 
     def parent_value(self, k: int) -> Tensor:
@@ -312,27 +314,27 @@ class _Run:
         lk = self.live[k]
         x = self.parent_value(k)
         lk.computed = True
-        if self.s.every is None:
+        if not self.s.remat[k]:
             lk.updates = self.with_graph(k, x)
             lk.value = lk.out.detach() if lk.children else None
         else:  # no graph: keep the input (to recompute) and the output (for the children, a loss)
-            lk.rng = _rng_state(self.devices)
+            lk.rng = generator_state(self.devices)
             with torch.no_grad():
                 lk.value, lk.updates = self.s.nets[k].run(self.ts.params, self.ts.state, x, train=True)
             lk.inp = x
-        self.keep_output(k, lk.out if self.s.every is None else lk.value)
+        self.keep_output(k, lk.value if self.s.remat[k] else lk.out)
 
     @contextlib.contextmanager
     def graph(self, k: int):
         """Piece ``k``'s graph for its VJPs: the forward's, or, rematerialised, recomputed
         (the generator replayed) and dropped again afterwards."""
         lk = self.live[k]
-        if self.s.every is None:
+        if not self.s.remat[k]:
             yield
             return
         stored = lk.inp
         with torch.random.fork_rng(devices=self.devices):
-            _set_rng_state(lk.rng, self.devices)
+            set_generator_state(lk.rng, self.devices)
             self.with_graph(k, stored)
         try:
             yield
@@ -368,7 +370,7 @@ class _Run:
             with self.graph(k):
                 params = list(lk.leaves.values())
                 gs = vjp(lk.out, [*params, lk.inp] if continues else params, g,
-                         retain_graph=not final and self.s.every is None)
+                         retain_graph=not final and not self.s.remat[k])
                 accumulate(self.grads, lk.leaves, gs[:len(params)])
                 del params
         if final:
@@ -389,20 +391,20 @@ class _Run:
         self.settle(k)
 
     def settle(self, k: int) -> None:
-        every = self.s.every
+        again = self.s.remat[k]
         piece, lk = self.s.plan.pieces[k], self.live[k]
         ready = [s for s, group in lk.groups.items() if not group[1]]
         final = not lk.pending
         # Rematerialised, every arrival is turned into parameter gradients at once: holding
         # its cotangent until the last user arrives would outweigh the stored inputs.
-        flush = final or every is not None
+        flush = final or again
         with_params = flush and lk.total is not None and bool(piece.param_names)
         sends = []
         if ready or with_params:
             with self.graph(k):
                 out, params = lk.out, list(lk.leaves.values())
                 single = len(ready) == 1 and (lk.total is lk.groups[ready[0]][0] or (
-                    every is None and len(piece.groups) == 1 and not piece.stops))
+                    not again and len(piece.groups) == 1 and not piece.stops))
                 if with_params and single:
                     # one group carries every objective through here: one VJP for both
                     gs = vjp(out, [*params, lk.inp], lk.total)
@@ -411,7 +413,7 @@ class _Run:
                 else:
                     calls = [(s, lk.groups[s][0]) for s in ready] + ([(None, lk.total)] if with_params else [])
                     for j, (s, cot) in enumerate(calls):
-                        retain = not ((final or every is not None) and j == len(calls) - 1)
+                        retain = not ((final or again) and j == len(calls) - 1)
                         if s is None:
                             accumulate(self.grads, lk.leaves, vjp(out, params, cot, retain_graph=retain))
                         else:
@@ -451,7 +453,7 @@ class _Run:
                         live[k].value = h.detach()
             else:
                 end = live[op.path[-1]]
-                inp, h = input_leaf(end.out if s.every is None else end.value, True)
+                inp, h = input_leaf(end.value if s.remat[op.path[-1]] else end.out, True)
                 leaves = {}
             seed_block("loss:" + o.name)
             loss, m = o.score(h, self.batch, self.ts.state, self.ts.step)

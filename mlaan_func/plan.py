@@ -149,7 +149,7 @@ def plan_routes(objectives: Sequence[Objective], *, given: Iterable[str] = ()) -
     return [Route(t, frozenset(f)) for t, f in zip(taps, free)]
 
 
-def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None, *,
+def plan_scheme(objectives: Sequence[Objective], max_blocks: "int | Sequence[int | None] | None" = None, *,
                 given: Iterable[str] = (), keep: Iterable[str] = (), merge: bool = True,
                 opaque: Iterable[int] = ()) -> Plan:
     """Merge the objectives' block applications into pieces; see the module docstring.
@@ -159,7 +159,8 @@ def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None, 
     ``given`` (supplied from outside besides the input, e.g. received from another rank).
     Each boundary named in ``keep`` ends a piece, so a step can return its value
     (``Plan.kept``). ``max_blocks`` caps the blocks of a piece (a rematerialised step
-    recomputes one piece at a time). ``merge=False`` merges nothing (the per-objective
+    recomputes one piece at a time): one cap, or one per objective (``None``: no cap), a
+    piece taking the smallest cap of its users. ``merge=False`` merges nothing (the per-objective
     form: every objective runs its own blocks); the objectives in ``opaque`` (those that
     bring their own gradient function) never share a block application with another.
     """
@@ -203,11 +204,15 @@ def plan_scheme(objectives: Sequence[Objective], max_blocks: int | None = None, 
     children: dict[int | str, list[int]] = {}
     for n, p in enumerate(nodes_parent):
         children.setdefault(p, []).append(n)
+    per_objective = [max_blocks] * len(objectives) if max_blocks is None or isinstance(max_blocks, int) \
+        else list(max_blocks)
+    caps = [min((per_objective[u] for u in us if per_objective[u] is not None), default=None)
+            for us in nodes_users]
     piece_of: list[int] = []
     members: list[list[int]] = []
     for n, p in enumerate(nodes_parent):
         if (isinstance(p, int) and p not in ends and children[p] == [n] and nodes_users[p] == nodes_users[n]
-                and (max_blocks is None or len(members[piece_of[p]]) < max_blocks)):
+                and (caps[n] is None or len(members[piece_of[p]]) < caps[n])):
             piece_of.append(piece_of[p])
             members[piece_of[p]].append(n)
         else:

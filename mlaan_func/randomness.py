@@ -128,3 +128,21 @@ def seed_block(name: str) -> None:
     s = block_seed(seed, name)
     for g in _generators(device):
         g.manual_seed(s)
+
+
+def generator_devices(x: Tensor) -> list[int]:
+    """The CUDA devices whose generators a computation on ``x`` draws from (none on CPU)."""
+    return [x.device.index or 0] if x.is_cuda else []
+
+
+def generator_state(devices: list[int]) -> tuple:
+    """The CPU generator's state and those of ``devices``, to replay a recomputation."""
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def set_generator_state(state: tuple, devices: list[int]) -> None:
+    """Put back what ``generator_state`` saved."""
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for d, s in zip(devices, cuda):
+        torch.cuda.set_rng_state(s, d)
