@@ -20,7 +20,7 @@ sys.path.insert(0, __import__("os").path.dirname(__file__))
 import common  # noqa: E402
 
 import mlaan_func as mf  # noqa: E402
-from mlaan_func.shared_step import use_shared  # noqa: E402
+from mlaan_func.train.execute import use_shared  # noqa: E402
 
 
 def build_released(method: str, arch: str, k: int, trunks: bool = True):

@@ -288,7 +288,7 @@ FLOP_TARGETS = {"mlaan": 0.70, "dgl_mlaan": 0.62, "infopro_mlaan": 0.75}
 
 def sharing_section(flops: dict | None, timing: dict | list | None, memory: dict | None) -> list[str]:
     lines = ["## Shared step vs per-objective engine (`bench/flops.py`, `bench/shared.py`)", "",
-             "The shared step (`mlaan_func.shared_step`, docs/concepts.md \"Sharing and reach\") runs each "
+             "The shared step (the executor, `mlaan_func.train.execute`, docs/concepts.md \"Sharing and reach\") runs each "
              "block application once per step and delivers gradients by reach; the per-objective engine "
              "(`share=False`) runs every objective alone. The MLAAN-family rows in the memory and speed "
              "tables above were measured with the per-objective engine (before sharing became the default). "

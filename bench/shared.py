@@ -8,7 +8,7 @@ without remat, for the summed-cotangent form (``share="sum"``) and the default
     python bench/shared.py --what memory --remat both
 
 Schemes with nothing to share (E2E, DGL, InfoPro) run the per-objective engine either way.
-With remat the shared step rematerialises its pieces (``mlaan_func.shared_step``).
+With remat the shared step rematerialises its pieces (``mlaan_func.train.execute``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from memory import step_peak  # noqa: E402
 from speed import ratio  # noqa: E402
 
 import mlaan_func as mf  # noqa: E402
-from mlaan_func.shared_step import use_shared  # noqa: E402
+from mlaan_func.train.execute import use_shared  # noqa: E402
 
 
 def runner(scheme, opt, batch, device, share):

@@ -4,30 +4,49 @@
 >>> net = mf.from_module(mf.models.resnet32(num_classes=10))
 >>> len(mf.split(net, at=mf.published_split("resnet32", 16)))
 16
+
+The package shows its layers (docs/design.md §4): ``errors``; ``core`` (nets, objectives,
+batches, identity, tracing, randomness, hyper-parameters); ``combinators``; ``train`` (the
+plan, the executor, the step, checkpoints); ``optim``; the scheme zoo (``schemes``,
+``heads``, ``losses``, ``trunks``, ``splits``, ``published``); ``parallel``; ``data`` and
+``imagefolder``; ``models``; ``testing``; ``memory``.
 """
 
-from . import heads, losses, models, optim, published, schemes, splits, trace, trunks
-from .combinators import LeapBlock, Objective, cascade, leap_ema, local_loss, split
-from .core import (AfterStep, Block, Net, Params, ShapeError, State, copy, from_module,
-                   init_params, output_shape, to_module)
-from .engine import (NonFiniteLossError, TrainState, evaluate, gradients, init, load, save,
-                     step)
-from .losses import Batch
+import sys as _sys
+
+from . import errors, heads, labels, losses, models, optim, published, schemes, splits, trunks
+from .combinators import LeapBlock, cascade, leap_ema, local_loss, split
+from .core import (AfterStep, Batch, Block, DeviceMismatchError, Net, Objective, Params, ShapeError, State, copy,
+                   from_module, hyper, identity, init_params, output_shape, randomness, to_module, trace)
+from .errors import NonFiniteLossError
 from .published import infopro_lambda_table, leap_trunk_table, published_split
-from .remat import remat
-from . import hyper, labels
+from .train import routing
+from .train.remat import remat
+from .train.state import TrainState
+from .train.step import evaluate, gradients, init, load, save, step
 
 __all__ = [
-    "AfterStep", "Batch", "Block", "LeapBlock", "Net", "NonFiniteLossError", "Objective",
-    "Params", "ShapeError", "State", "TrainState", "cascade", "copy", "evaluate", "from_module",
-    "gradients", "heads", "infopro_lambda_table", "init", "init_params", "leap_ema",
-    "leap_trunk_table", "load", "local_loss", "losses", "models", "optim", "output_shape",
-    "published", "published_split", "remat", "save", "schemes", "split", "splits", "step", "to_module", "trace",
-    "trunks",
+    "AfterStep", "Batch", "Block", "DeviceMismatchError", "LeapBlock", "Net", "NonFiniteLossError", "Objective",
+    "Params", "ShapeError", "State", "TrainState", "cascade", "copy", "errors", "evaluate", "from_module",
+    "gradients", "heads", "hyper", "identity", "infopro_lambda_table", "init", "init_params", "labels",
+    "leap_ema", "leap_trunk_table", "load", "local_loss", "losses", "models", "optim", "output_shape",
+    "published", "published_split", "randomness", "remat", "routing", "save", "schemes", "split", "splits",
+    "step", "to_module", "trace", "trunks",
 ]
-__all__ += ["hyper", "labels"]
 
-from . import identity, randomness, routing  # noqa: E402
-from .core import DeviceMismatchError  # noqa: E402
+# Modules that moved into the layers keep their old import paths (mlaan_func.engine, ...).
+from .core import batch as _batch  # noqa: E402
+from .parallel import distributed as _distributed  # noqa: E402
+from .train import (checkpoint as _checkpoint, execute as _execute, kernels as _kernels,  # noqa: E402
+                    plan as _plan, remat as _remat, shared_step as _shared_step, state as _state,
+                    step as _engine, vjp as _vjp)
 
-__all__ += ["DeviceMismatchError", "identity", "randomness", "routing"]
+MOVED = {"engine": _engine, "train_state": _state, "vjp": _vjp, "plan": _plan, "kernels": _kernels,
+         "execute": _execute, "remat": _remat, "routing": routing, "checkpoint": _checkpoint,
+         "shared_step": _shared_step, "distributed": _distributed, "batch": _batch, "hyper": hyper,
+         "identity": identity, "randomness": randomness, "trace": trace}
+"""Old module name -> the module now: ``import mlaan_func.engine`` still works."""
+for _old, _module in MOVED.items():
+    _sys.modules[f"{__name__}.{_old}"] = _module
+    globals().setdefault(_old, _module)
+del _old, _module

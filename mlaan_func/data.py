@@ -40,8 +40,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .checkpoint import new_file
 from .errors import DatasetError
+from .train.checkpoint import new_file
 
 __all__ = [
     "AUGMENTATIONS", "Batches", "DOWNLOAD_TIMEOUT", "Dataset", "DatasetError", "FILES", "NAMES",

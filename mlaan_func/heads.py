@@ -21,12 +21,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
 from einops import rearrange, reduce
 from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
-from .core import ShapeError
+from .core.net import ShapeError
 
 FEATURE_DIM = 128
 """Width of the InfoPro classifier's hidden layer and of its contrastive output."""

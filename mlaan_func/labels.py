@@ -22,7 +22,7 @@ import fnmatch
 from typing import Any, Callable, Sequence
 
 from .combinators import LeapBlock, Objective
-from .core import Params
+from .core.net import Params
 
 LabelFn = Callable[[Params], dict[str, Any]]
 

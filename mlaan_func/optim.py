@@ -28,9 +28,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .core import Params
+from .core.hyper import Schedule, value_tensor
+from .core.net import Params
 from .errors import KeysError
-from .hyper import Schedule, value_tensor
 
 Grads = dict[str, Tensor]
 Updates = dict[str, Tensor]

@@ -13,7 +13,6 @@ import json
 from importlib import resources
 from typing import Sequence
 
-
 TABLE_FILES = ("released_tables.json", "imagenet_tables.json")
 """The data files under ``mlaan_func/resources``: CIFAR tables and ImageNet tables."""
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import heads, losses
 from .combinators import Objective, cascade, local_loss, split
-from .core import Net, from_module, output_shape
+from .core.net import Net, from_module, output_shape
 from .losses import cross_entropy
 
 _PROBE_BATCH = 2

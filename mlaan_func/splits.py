@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .core import Net, output_shape
+from .core.net import Net, output_shape
 
 ENDS = ("stem", "classifier")
 """Blocks never cut after on their own: the stem joins the first module, the classifier the

@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from .combinators import LeapBlock, Objective, cascade, split
-from .core import INPUT, Block, Net, Params, State, to_module
-from .batch import as_batch
-from .plan import plan_routes
-from .train_state import TrainState
+from .core.batch import as_batch
+from .core.net import INPUT, Block, Net, Params, State, to_module
+from .core.randomness import seed_block, seeded
 from .losses import input_of
-from .randomness import seed_block, seeded
-from .routing import fold
+from .train.plan import plan_routes
+from .train.routing import fold
+from .train.state import TrainState
 
 RTOL = 1e-5
 
@@ -288,7 +288,7 @@ def check_oracle(objectives: Sequence[Objective], ts: TrainState, batch: Any,
     """The engine's summed gradients and new state equal ``reference(params, state, batch)``:
     by default ``reference_gradients(objectives)``, the scheme as plain ``nn.Module`` code
     with one ``backward()`` of the summed local losses; or a reference written by hand."""
-    from .engine import gradients
+    from .train.step import gradients
 
     got = gradients(objectives, compile=compile, backend=backend)(ts, batch)
     if reference is None:

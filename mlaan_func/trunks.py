@@ -16,7 +16,7 @@ from typing import Sequence
 from torch import Tensor
 
 from .combinators import cascade, leap_ema
-from .core import Net, ShapeError, copy, output_shape
+from .core.net import Net, ShapeError, copy, output_shape
 
 
 def _stage_of(name: str) -> int | None:

@@ -6,11 +6,20 @@
 ['stem', '1.0', '1.1', '2.0', '2.1', '3.0', '3.1', 'classifier']
 """
 
-from .imagenet_resnet import (Bottleneck, ImageNetBasicBlock, ImageNetResNet, ImageNetStem, resnet18,
-                              resnet34, resnet50, resnet101, resnet152)
+from .catalog import arch_names, create  # noqa: E402  (reads the names above)
+from .imagenet_resnet import (
+                              Bottleneck,
+                              ImageNetBasicBlock,
+                              ImageNetResNet,
+                              ImageNetStem,
+                              resnet18,
+                              resnet34,
+                              resnet50,
+                              resnet101,
+                              resnet152,
+)
 from .resnet import BasicBlock, CifarResNet, Classifier, Stem, resnet32, resnet110
 from .vit import ViT, vit_micro, vit_mini, vit_tiny
-from .catalog import arch_names, create  # noqa: E402  (reads the names above)
 
 __all__ = ["BasicBlock", "CifarResNet", "Classifier", "Stem", "resnet32", "resnet110",
            "ViT", "vit_micro", "vit_mini", "vit_tiny",

@@ -13,7 +13,6 @@ from typing import Callable
 
 from torch import nn
 
-
 from .imagenet_resnet import resnet18, resnet34, resnet50, resnet101, resnet152
 from .resnet import resnet32, resnet110
 from .vit import vit_micro, vit_mini, vit_tiny

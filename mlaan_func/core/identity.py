@@ -33,7 +33,7 @@ from typing import Any, Hashable, Iterator
 import torch
 from torch import fx, nn
 
-from .errors import IdentityError
+from ..errors import IdentityError
 
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")

@@ -23,8 +23,8 @@ from typing import Callable
 
 import attrs
 
-from .combinators import Objective
-from .errors import SchemeError
+from ..combinators import Objective
+from ..errors import SchemeError
 from .execute import objective_gradient_fn
 
 

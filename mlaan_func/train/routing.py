@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from torch import Tensor
 
-from .core import INPUT
+from ..core.net import INPUT
 from .vjp import accumulate as add_gradients
 
 RunObjective = Callable[[int, Any, Tensor], Mapping[str, Tensor]]

@@ -34,18 +34,18 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .batch import as_batch
-from .combinators import Objective
-from .core import INPUT, Params
-from .engine import _step_randomness, finish_step, gradients
-from .errors import DistributedError
-from .execute import executor
-from .losses import input_of
-from .optim import Optimizer
-from .plan import plan_routes
-from .randomness import fold_in
-from .routing import accumulate
-from .train_state import Gradients, TrainState, after_steps, scheme_names
+from ..combinators import Objective
+from ..core.batch import as_batch
+from ..core.net import INPUT, Params
+from ..core.randomness import fold_in
+from ..errors import DistributedError
+from ..losses import input_of
+from ..optim import Optimizer
+from ..train.execute import executor
+from ..train.plan import plan_routes
+from ..train.routing import accumulate
+from ..train.state import Gradients, TrainState, after_steps, scheme_names
+from ..train.step import _step_randomness, finish_step, gradients
 
 BUCKET_BYTES = 25 * 2**20
 

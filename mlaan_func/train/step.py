@@ -26,17 +26,18 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from . import checkpoint, hyper
-from .batch import as_batch, check_device, check_structure, input_of
-from .combinators import Objective
-from .core import AfterStep, Params, State, check_keys, init_params
-from .errors import NonFiniteLossError, SchemeError
+from ..combinators import Objective
+from ..core import hyper
+from ..core.batch import as_batch, check_device, check_structure, input_of
+from ..core.identity import check_identity
+from ..core.net import AfterStep, Params, State, check_keys, init_params
+from ..core.randomness import key_from_seed, seeded
+from ..errors import NonFiniteLossError, SchemeError
+from ..optim import Optimizer, apply_updates, state_metrics
+from . import checkpoint
 from .execute import executor, forward_values, gradient_fns, objective_fn  # noqa: F401  (re-exported)
-from .identity import check_identity
-from .optim import Optimizer, apply_updates, state_metrics
 from .plan import Route, plan_routes, plan_scheme  # noqa: F401
-from .randomness import key_from_seed, seeded
-from .train_state import Gradients, TrainState, after_steps, scheme_names
+from .state import Gradients, TrainState, after_steps, scheme_names
 
 
 def init(objectives: Sequence[Objective], optimizer: Optimizer, *, seed: int = 0,
@@ -257,7 +258,7 @@ def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[
 def save(path: str | os.PathLike, ts: TrainState, extra: dict | None = None) -> None:
     """Write ``ts`` (and ``extra``: numbers, strings, lists, dicts, tensors) atomically, with a
     checksum: a reader sees the old file or the new one, never a partial one. The format is
-    tensors plus a JSON tree (:mod:`mlaan_func.checkpoint`), so :func:`load` never unpickles.
+    tensors plus a JSON tree (:mod:`mlaan_func.train.checkpoint`), so :func:`load` never unpickles.
 
     >>> from torch import nn
     >>> import mlaan_func as mf

@@ -50,14 +50,19 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
-from .batch import as_batch, input_of
-from .combinators import Objective
-from .core import INPUT, Params, State, check_keys
-from .errors import SchemeError
+from ..combinators import Objective
+from ..core.batch import as_batch, input_of
+from ..core.net import INPUT, Params, State, check_keys
+from ..core.randomness import (
+    generator_devices,
+    generator_state,
+    seed_block,
+    set_generator_state,
+)
+from ..errors import SchemeError
 from .kernels import kernel_net, kernel_table, own_code, retainable
 from .plan import Plan, plan_routes, plan_scheme
-from .randomness import generator_devices, generator_state, seed_block, set_generator_state
-from .train_state import Gradients, TrainState, scheme_names
+from .state import Gradients, TrainState, scheme_names
 from .vjp import accumulate, dense, input_leaf, param_leaves, vjp
 
 Executor = Callable[[TrainState, Any, dict[str, Tensor]], tuple[Gradients, dict[str, Tensor]]]

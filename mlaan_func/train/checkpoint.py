@@ -35,7 +35,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 FORMAT = "mlaan_func.checkpoint/2"
 """The ``format`` entry of every file :func:`write` produces."""

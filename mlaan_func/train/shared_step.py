@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Sequence
 
-from .combinators import Objective
+from ..combinators import Objective
 from .execute import Executor, executor, remat_every, use_shared
-from .train_state import Gradients, TrainState
+from .state import Gradients, TrainState
 
 __all__ = ["remat_every", "shared_gradients", "shared_gradients_from", "use_shared"]
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .errors import DeviceMismatchError, KeysError, ShapeError
+from ..errors import DeviceMismatchError, KeysError, ShapeError
 from .identity import check_identity
 from .randomness import seed_block
 from .trace import check_chain, split_module

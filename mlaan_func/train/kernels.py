@@ -7,7 +7,7 @@ shapes therefore compute the same function, so one ``torch.compile``d kernel ser
 the fifteen BasicBlocks of a ResNet-32 stage, their trunk copies and their EMA twins compile
 once (once per variant dynamo tells apart: input with or without gradient, parameters with or
 without gradient), however many modules the scheme has. The compiled step of
-``mlaan_func.shared_step`` runs every block through its kernel; losses stay eager.
+the executor (``mlaan_func.train.execute``) runs every block through its kernel; losses stay eager.
 
 A kernel is called eagerly per block, so the block's random stream is seeded by its name
 before the call (``mlaan_func.randomness``), compiled or not.
@@ -36,9 +36,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .core import AfterStep, Block, Net, Params, State, _join, call_explained
-from .identity import fingerprint, module_blocks
-from .randomness import seed_block
+from ..core.identity import fingerprint, module_blocks
+from ..core.net import AfterStep, Block, Net, Params, State, _join, call_explained
+from ..core.randomness import seed_block
 
 Kernel = Callable[[Params, State, Tensor], tuple[Tensor, State]]
 

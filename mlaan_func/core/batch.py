@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_structure, tree_unflatten
 
-from .errors import BatchError, DeviceMismatchError
+from ..errors import BatchError, DeviceMismatchError
 
 
 class Batch(NamedTuple):

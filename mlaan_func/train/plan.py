@@ -32,10 +32,10 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import attrs
 
-from .combinators import Objective
-from .core import INPUT, Net
-from .errors import SchemeError
-from .identity import same_block
+from ..combinators import Objective
+from ..core.identity import same_block
+from ..core.net import INPUT, Net
+from ..errors import SchemeError
 
 
 @attrs.frozen(eq=False)

@@ -32,7 +32,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from .errors import KeysError
+from ..errors import KeysError
 
 Schedule = Callable[[Tensor], Tensor]
 """A function of a step count (a 0-d int64 tensor) returning a 0-d float tensor. Loss weights

@@ -28,10 +28,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import torch
 from torch import fx, nn
 
-from .errors import TraceError
+from ..errors import TraceError
 
 BlockSelector = Sequence[str] | Callable[[str, nn.Module], bool]
 """Names of submodules (in execution order), or a predicate ``(name, module) -> bool``."""

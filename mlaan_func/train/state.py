@@ -8,7 +8,7 @@ from typing import Any, NamedTuple, Sequence
 
 from torch import Tensor
 
-from .core import AfterStep, Params, State
+from ..core.net import AfterStep, Params, State
 
 
 class TrainState(NamedTuple):
