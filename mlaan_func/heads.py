@@ -422,3 +422,100 @@ def for_shape(kind: str, shape: Sequence[int], num_classes: int) -> nn.Module:
         raise ValueError(f"unknown head {kind!r}; choose 'linear', 'dgl' or 'dgl_wide'")
     raise ValueError(f"head {kind!r} takes (C, H, W) feature maps; features of shape {shape} need "
                      "'linear' or 'dgl' (which have token and vector forms)")
+
+
+PATCH_FUSIONS = ("mean", "tile")
+"""How :class:`PatchFused` joins its patch outputs (see there)."""
+
+
+def patch_bounds(size: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``[start, stop)`` ranges tiling ``size``, cut at ``size·j // parts``
+    (for two parts: ``[:size // 2]`` and ``[size // 2:]``, as the released HPFF code).
+
+    >>> patch_bounds(8, 2), patch_bounds(5, 2)
+    ([(0, 4), (4, 8)], [(0, 2), (2, 5)])
+    """
+    cuts = [size * j // parts for j in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+class PatchFused(nn.Module):
+    """HPFF's patch feature fusion: the (N, C, H, W) map cut into a ``grid`` of patches, one
+    head per patch (its own parameters), the outputs fused: ``"mean"`` averages them (patch
+    logits scored as one prediction), ``"tile"`` lays image outputs out in the grid (each
+    patch reconstructs its image patch)."""
+
+    def __init__(self, make_head, grid: tuple[int, int], fuse: str):
+        super().__init__()
+        if fuse not in PATCH_FUSIONS:
+            raise ValueError(f"fuse must be 'mean' (average the patch outputs) or 'tile' (lay image "
+                             f"outputs out in the grid), got {fuse!r}")
+        self.grid, self.fuse = grid, fuse
+        self.heads = nn.ModuleList([make_head() for _ in range(grid[0] * grid[1])])
+
+    def reset_parameters(self) -> None:
+        for head in self.heads:
+            head.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_rank(self, x, (4,))
+        rows, cols = patch_bounds(x.shape[2], self.grid[0]), patch_bounds(x.shape[3], self.grid[1])
+        if any(a == b for a, b in rows + cols):
+            raise ShapeError(f"a {x.shape[2]}x{x.shape[3]} map has an empty patch in a {self.grid[0]}x"
+                             f"{self.grid[1]} grid; use a smaller grid for this module")
+        outs = [self.heads[r * len(cols) + c](x[:, :, r0:r1, c0:c1])
+                for r, (r0, r1) in enumerate(rows) for c, (c0, c1) in enumerate(cols)]
+        if self.fuse == "mean":
+            return torch.stack(outs).mean(dim=0)
+        return torch.cat([torch.cat(outs[r * len(cols):(r + 1) * len(cols)], dim=3) for r in range(len(rows))],
+                         dim=2)
+
+
+def patch_fused(make_head, grid: int | Sequence[int] = 2, fuse: str = "mean") -> PatchFused:
+    """One head per patch of a ``grid`` (an int or (rows, cols)) over the map, fused by
+    ``fuse`` (``"mean"`` or ``"tile"``); ``make_head()`` builds each patch's head.
+
+    >>> scored = patch_fused(lambda: linear(4, 3), grid=2)
+    >>> scored(torch.randn(2, 4, 8, 8)).shape, len(scored.heads)
+    (torch.Size([2, 3]), 4)
+    >>> decoded = patch_fused(lambda: infopro_decoder(4, 3, 16), grid=2, fuse="tile")
+    >>> decoded(torch.randn(2, 4, 8, 8)).shape
+    torch.Size([2, 3, 32, 32])
+    """
+    if not callable(make_head):
+        raise TypeError("patch_fused takes a function that builds one patch's head, e.g. "
+                        "lambda: heads.dgl(c, n, (h // 2, w // 2))")
+    return PatchFused(make_head, _pair(grid, "grid"), fuse)
+
+
+class ChannelGroup(nn.Module):
+    """Neuron groups: group ``group`` of ``groups`` equal channel groups (dim 1) passes as it
+    is, every other channel is detached, so a loss on the output reaches only the group's
+    neurons through this map."""
+
+    def __init__(self, group: int, groups: int):
+        super().__init__()
+        if not 0 <= group < groups:
+            raise ValueError(f"group {group} is not one of the {groups} groups (0 … {groups - 1})")
+        self.group, self.groups = group, groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        width = x.shape[1]
+        if width % self.groups:
+            raise ShapeError(f"{width} channels do not split into {self.groups} equal groups; pick a "
+                             "number of groups that divides every module's width")
+        size = width // self.groups
+        own = torch.zeros(width, dtype=torch.bool, device=x.device)
+        own[self.group * size:(self.group + 1) * size] = True
+        return torch.where(own.view(1, -1, *([1] * (x.dim() - 2))), x, x.detach())
+
+
+def channel_group(group: int, groups: int) -> ChannelGroup:
+    """The map with every channel outside group ``group`` of ``groups`` detached.
+
+    >>> x = torch.ones(1, 4, 2, 2, requires_grad=True)
+    >>> channel_group(1, 2)(x).sum().backward()
+    >>> x.grad[0, :, 0, 0].tolist()
+    [0.0, 0.0, 1.0, 1.0]
+    """
+    return ChannelGroup(_positive_int(group + 1, "group + 1") - 1, _positive_int(groups, "groups"))

@@ -309,3 +309,6 @@ def build(method: str, backbone: Net, at: Sequence[str], *, input_shape: Sequenc
         return e2e(backbone)
     return {"dgl": dgl, "infopro": infopro, "mlaan": mlaan, "dgl_mlaan": dgl_mlaan,
             "infopro_mlaan": infopro_mlaan}[name](backbone, at, input_shape=input_shape, **options)
+
+
+from .recipes import hpff  # noqa: E402  (the recipes compose the schemes above)

@@ -1,0 +1,154 @@
+"""Recipes of issue #23 (HPFF, neuron groups, AugLocal, MAN): one step against plain-PyTorch
+oracles written here from the papers and released code, and the laws through the checkers."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn import functional as F
+
+import mlaan_func as mf
+from mlaan_func import testing as mt
+from mlaan_func.models.resnet import CifarResNet
+from oracles import Reference
+
+SETTINGS = settings(deadline=None, max_examples=4)
+CLASSES = 5
+SHAPE = (3, 8, 8)
+WIDTHS = (4, 8, 8)
+
+
+def small_resnet():
+    return CifarResNet(14, num_classes=CLASSES, widths=WIDTHS)
+
+
+BLOCKS = mf.from_module(small_resnet()).block_names  # stem 1.0 1.1 2.0 2.1 3.0 3.1 classifier
+
+
+def batch(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SHAPE, generator=g), torch.arange(n) % CLASSES
+
+
+def modules_of(model, at):
+    """Block names of each module of ``model`` cut after ``at``."""
+    names = [n for n, _ in model.named_blocks()]
+    ends = [names.index(a) for a in at] + [len(names) - 1]
+    return [names[(ends[j - 1] + 1 if j else 0):ends[j] + 1] for j in range(len(ends))]
+
+
+def head_templates(scheme):
+    return {b.prefix: b.module for o in scheme if o.head is not None for b in o.head.blocks if hasattr(b, "module")}
+
+
+def quadrants(t):
+    """The 2×2 patches of a map, row by row, cut at h // 2 and w // 2 as the released HPFF."""
+    h, w = t.shape[2], t.shape[3]
+    return [t[:, :, :h // 2, :w // 2], t[:, :, :h // 2, w // 2:], t[:, :, h // 2:, :w // 2], t[:, :, h // 2:, w // 2:]]
+
+
+# ----------------------------------------------------------------------------- HPFF
+
+MEAN = torch.tensor(mf.schemes.CIFAR10_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(mf.schemes.CIFAR10_STD).view(1, 3, 1, 1)
+
+
+def hpff_reference(scheme, at, head, trunk_of=None, w_x=0.001, w_y=0.999, width=2):
+    """HPFF written after the released CIFAR ``InfoProResNet.forward``: module 0 has no loss of
+    its own; for 1 ≤ i ≤ K-2, ``w_x · L(aux(E_i(x)))`` and ``w_y · L(patch aux(E_i(E_{i-1}(y))))``;
+    the last module ``w_x · CE(E_{K-1}(x)) + w_y · CE(E_{K-1}(E_{K-2}(y)))``."""
+    model = small_resnet()
+    blocks = dict(model.named_blocks())
+    per_module = modules_of(model, at)
+    k = len(per_module)
+    templates = head_templates(scheme)
+
+    def reference(params, state, xy):
+        x, y = xy
+        ref = Reference(params, state)
+        image = (x * STD + MEAN).clamp(0, 1)
+
+        def run(j, h):
+            for b in per_module[j]:
+                h = ref.run(b, blocks[b], h)
+            return h
+
+        hs = [x]
+        for j in range(k):
+            hs.append(run(j, hs[-1].detach()).detach())
+        total = 0.0
+        for i in range(width - 1, k - 1):
+            z = hs[i - width + 1]
+            for j in range(i - width + 1, i + 1):
+                z = run(j, z)
+            trunk = trunk_of(i, per_module[i][-1]) if trunk_of else []
+            if trunk:
+                z = ref.run(f"trunk{i}.{trunk[0]}", blocks[trunk[0]], z) + \
+                    ref.run(f"twin.{trunk[0]}", blocks[trunk[0]], z, in_state=True)
+                for b in trunk[1:]:
+                    z = ref.run(f"trunk{i}.{b}", blocks[b], z)
+            chead = templates[f"chead{i}"]
+            if head == "dgl":
+                logits = [ref.run(f"chead{i}.heads.{q}", chead.heads[q], p) for q, p in enumerate(quadrants(z))]
+                cas = F.cross_entropy(sum(logits) / 4, y)
+            else:
+                lam1, lam2 = mf.losses.infopro_lambdas(i, k, *mf.schemes.DEFAULT_LAMBDAS)
+                bce = sum(F.binary_cross_entropy(ref.run(f"chead{i}.decoder.heads.{q}", chead.decoder.heads[q], p), o)
+                          for q, (p, o) in enumerate(zip(quadrants(z), quadrants(image))))
+                task = ref.run(f"chead{i}.classifier", chead.classifier, z)
+                cas = lam1 * bce + lam2 * F.cross_entropy(task, y)
+            ind = F.cross_entropy(ref.run(f"head{i}", templates[f"head{i}"], run(i, hs[i])), y)
+            total = total + w_y * cas + w_x * ind
+        z = hs[k - width]
+        for j in range(k - width, k):
+            z = run(j, z)
+        total = total + w_x * F.cross_entropy(run(k - 1, hs[k - 1]), y) + w_y * F.cross_entropy(z, y)
+        total.backward()
+        return ref.grads(), {**state, **ref.new_state}
+
+    return reference
+
+
+def build_hpff(at, **options):
+    return mf.schemes.hpff(mf.from_module(small_resnet()), at, input_shape=SHAPE, **options)
+
+
+@pytest.mark.parametrize("head", ["dgl", "infopro"])
+@pytest.mark.parametrize("trunks", [None, "rule"])
+def test_hpff_one_step_equals_plain_backward(head, trunks):
+    at = ["stem", "1.1", "2.1"]
+    scheme = build_hpff(at, head=head, trunks=trunks)
+    backbone = mf.from_module(small_resnet())
+    trunk_of = (lambda i, end: mf.trunks.leap_trunk_blocks(backbone, end, 4, input_shape=SHAPE)) if trunks else None
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=5)
+    mt.check_oracle(scheme, ts, batch(seed=1), hpff_reference(scheme, at, head, trunk_of), rtol=1e-4)
+
+
+def test_hpff_patch_heads_have_their_own_parameters_and_tile_the_image():
+    scheme = build_hpff(["1.1", "2.1"], head="infopro")
+    cascaded = next(o for o in scheme if o.name == "m1.cascaded")
+    decoder = cascaded.head.blocks[0].module.decoder
+    recon = decoder(torch.randn(2, 8, 4, 4))
+    assert recon.shape == (2, 3, 8, 8) and len(decoder.heads) == 4
+    keys = [k for k in cascaded.param_names if ".decoder.heads." in k and k.endswith("layers.1.weight")]
+    assert len(keys) == 4
+
+
+@SETTINGS
+@given(at=mt.cut_points(BLOCKS, min_modules=2, max_modules=4), head=st.sampled_from(["dgl", "infopro"]),
+       trunks=st.sampled_from([None, "rule"]))
+def test_hpff_laws_isolation_and_purity(at, head, trunks):
+    scheme = build_hpff(at, head=head, trunks=trunks)
+    assert scheme[-1].name == "final" and len({o.name for o in scheme}) == len(scheme)
+    opt = mf.optim.sgd(0.1, momentum=0.9)
+    ts = mf.init(scheme, opt, seed=0)
+    mt.check_isolation(scheme, ts, batch())
+    mt.check_purity(mf.step(scheme, opt), ts, batch())
+
+
+def test_hpff_refuses_an_image_the_patch_decoders_cannot_tile():
+    net = mf.from_module(CifarResNet(14, num_classes=CLASSES, in_channels=3, widths=WIDTHS))
+    with pytest.raises(ValueError, match="does not split"):
+        mf.schemes.hpff(net, ["1.1", "2.1"], input_shape=(3, 9, 9), head="infopro")
+    with pytest.raises(ValueError, match="unknown HPFF head"):
+        build_hpff(["1.1"], head="linear")
