@@ -13,13 +13,14 @@ differ.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
+import torch
 from torch import nn
 
 from . import heads, losses
 from .combinators import Objective, cascade, local_loss, split
-from .core import Net
+from .core import Net, from_module
 from .losses import cross_entropy
 from .schemes import (CIFAR10_MEAN, CIFAR10_STD, DEFAULT_LAMBDAS, _final_width, classifier_head,
                       e2e, module_shapes, multilaminar, num_classes_of, window_width)
@@ -88,3 +89,45 @@ def hpff(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 3
                               cascaded=cascaded, trunks=trunks, w_x=w_x, w_y=w_y, **options)[:-1]
     return objectives + [local_loss(cascade(*modules[k - w:]), None, cross_entropy, w_y, name=f"m{k - 1}.cascaded"),
                          local_loss(modules[-1], None, cross_entropy, w_x, name="final")]
+
+
+def neuron_groups(backbone: Net, at: Sequence[str], groups: int, *, input_shape: Sequence[int] = (3, 32, 32),
+                  head: str = "dgl") -> list[Objective]:
+    """Local learning with neuron groups (Patel et al., arXiv 2301.07635), without the diversity
+    term: module ``i < K-1`` of width ``C`` is also split along its width into ``groups``
+    channel groups; group ``g`` trains on ``CE(head_{i,g}(view_g(E_i(sg h_{i-1}))))``, where
+    ``view_g`` detaches every channel outside group ``g`` (``heads.channel_group``), so the
+    head sees the whole map; the last module on the backbone's classifier. The groups are
+    gradient-isolated only if the backbone's convolutions after each module's first layer are
+    grouped (``groups=G``): ``testing.check_isolation`` checks it width-wise. Evaluate the head
+    ensemble with :func:`ensemble_metric`.
+    """
+    modules = split(backbone, at)
+    shapes, n = module_shapes(modules, input_shape), num_classes_of(backbone, input_shape)
+    objectives = [
+        local_loss(m, cascade(from_module(heads.channel_group(g, groups), name=f"view{i}.{g}"),
+                              from_module(classifier_head(head, s, n), name=f"head{i}.{g}")),
+                   cross_entropy, name=f"m{i}.g{g}")
+        for i, (m, s) in enumerate(zip(modules[:-1], shapes)) for g in range(groups)
+    ]
+    return objectives + [local_loss(modules[-1], None, cross_entropy, name="final")]
+
+
+def ensemble_metric(objectives: Sequence[Objective], ts) -> Callable:
+    """A metric for ``mf.evaluate(..., metrics={"ensemble": ensemble_metric(heads, ts)})``: the
+    accuracy of the mean softmax of ``objectives``' heads (e.g. one module's group heads) on
+    their nets' outputs, in eval mode. It reads ``ts`` (pass the state ``evaluate`` gets):
+    metric functions do not receive the train state.
+    """
+    objectives = [o for o in objectives if o.head is not None]
+    if not objectives:
+        raise ValueError("ensemble_metric needs objectives with heads (the final objective scores the "
+                         "backbone's classifier and has none)")
+
+    def ensemble(outputs, batch):
+        probs = [o.head(ts.params, ts.state, outputs[o.output_name], train=False)[0].softmax(dim=1)
+                 for o in objectives]
+        y = losses.target_of(batch)
+        return {"accuracy": (torch.stack(probs).mean(dim=0).argmax(dim=1) == y).to(probs[0].dtype).mean()}
+
+    return ensemble

@@ -311,4 +311,4 @@ def build(method: str, backbone: Net, at: Sequence[str], *, input_shape: Sequenc
             "infopro_mlaan": infopro_mlaan}[name](backbone, at, input_shape=input_shape, **options)
 
 
-from .recipes import hpff  # noqa: E402  (the recipes compose the schemes above)
+from .recipes import ensemble_metric, hpff, neuron_groups  # noqa: E402  (the recipes compose the schemes above)

@@ -152,3 +152,114 @@ def test_hpff_refuses_an_image_the_patch_decoders_cannot_tile():
         mf.schemes.hpff(net, ["1.1", "2.1"], input_shape=(3, 9, 9), head="infopro")
     with pytest.raises(ValueError, match="unknown HPFF head"):
         build_hpff(["1.1"], head="linear")
+
+
+# ----------------------------------------------------------------------------- neuron groups
+
+from torch import nn  # noqa: E402
+
+GROUP_AT = ["5", "11"]
+
+
+def group_net(groups, grouped=True):
+    """Two conv modules of width 8 and a classifier; inside a module every conv after the
+    first is grouped when ``grouped`` (the first reads the detached boundary). No conv bias
+    before BatchNorm: its gradient is zero up to rounding, which a relative test cannot compare."""
+    g = groups if grouped else 1
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=g, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=g, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES))
+
+
+def build_groups(groups, grouped=True, head="dgl"):
+    return mf.schemes.neuron_groups(mf.from_module(group_net(groups, grouped)), GROUP_AT, groups,
+                                    input_shape=SHAPE, head=head)
+
+
+def groups_reference(scheme, groups, grouped):
+    """Neuron groups in plain PyTorch: each module runs on the detached boundary; group ``g``'s
+    head reads the module output with the channels of the other groups detached."""
+    model = group_net(groups, grouped)
+    layers = dict(model.named_children())
+    per_module = [[str(j) for j in range(0, 6)], [str(j) for j in range(6, 12)], [str(j) for j in range(12, 15)]]
+    templates = head_templates(scheme)
+
+    def reference(params, state, xy):
+        x, y = xy
+        ref = Reference(params, state)
+        h, total = x, 0.0
+        for i, names in enumerate(per_module):
+            h = h.detach()
+            for b in names:
+                h = ref.run(b, layers[b], h)
+            if i == len(per_module) - 1:
+                total = total + F.cross_entropy(h, y)
+                break
+            width = h.shape[1] // groups
+            for g in range(groups):
+                mixed = torch.cat([h[:, j * width:(j + 1) * width] if j == g else h[:, j * width:(j + 1) * width].detach()
+                                   for j in range(groups)], dim=1)
+                total = total + F.cross_entropy(ref.run(f"head{i}.{g}", templates[f"head{i}.{g}"], mixed), y)
+        total.backward()
+        return ref.grads(), {**state, **ref.new_state}
+
+    return reference
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_neuron_groups_one_step_equals_plain_backward(groups, grouped):
+    scheme = build_groups(groups, grouped)
+    assert [o.name for o in scheme][:groups] == [f"m0.g{g}" for g in range(groups)]
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=2)
+    mt.check_oracle(scheme, ts, batch(seed=3), groups_reference(scheme, groups, grouped), rtol=1e-4)
+
+
+@SETTINGS
+@given(groups=st.sampled_from([2, 4, 8]), head=st.sampled_from(["dgl", "linear"]), seed=mt.seeds)
+def test_neuron_groups_are_isolated_width_wise_with_grouped_convolutions(groups, head, seed):
+    scheme = build_groups(groups, grouped=True, head=head)
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=seed)
+    rows = mt.expected_rows(scheme, ts.params)
+    assert rows[0]["3.weight"] == (0, 8 // groups) and rows[-1] == {}
+    mt.check_isolation(scheme, ts, batch(seed=seed % 7))
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_a_neuron_group_build_without_grouped_convolutions_fails_the_checker(groups):
+    scheme = build_groups(groups, grouped=False)
+    ts = mf.init(scheme, mf.optim.sgd(0.1))
+    mt.check_isolation(scheme, ts, batch(), rows=[{} for _ in scheme])   # by name alone it passes
+    with pytest.raises(AssertionError, match=r"m0\.g0.*rows of '0\.weight' outside its channel group"):
+        mt.check_isolation(scheme, ts, batch())
+
+
+def test_width_that_does_not_split_into_groups_is_refused():
+    scheme = build_groups(3, grouped=False)
+    ts = mf.init(scheme, mf.optim.sgd(0.1))
+    with pytest.raises(ValueError, match="do not split into 3 groups"):
+        mt.expected_rows(scheme, ts.params)
+
+
+def test_ensemble_metric_is_the_mean_softmax_of_the_group_heads():
+    scheme = build_groups(2)
+    opt = mf.optim.sgd(0.1)
+    ts = mf.init(scheme, opt)
+    ts, _ = mf.step(scheme, opt)(ts, batch(seed=1))
+    last = [o for o in scheme if o.name.startswith("m1.")]
+    xy = batch(n=8, seed=4)
+    got = mf.evaluate(scheme, ts, [xy], metrics={"ensemble": mf.schemes.ensemble_metric(last, ts)}, select=None)
+    model = mf.to_module(mf.from_module(group_net(2)), ts.params, ts.state).eval()
+    with torch.no_grad():
+        h = xy[0]
+        for block in list(model.blocks)[:12]:
+            h = block(h)
+        probs = []
+        for o in last:
+            head = mf.to_module(mf.cascade(*(mf.Net((b,)) for b in o.head.blocks[1:])), ts.params, ts.state).eval()
+            probs.append(head(h).softmax(dim=1))
+    want = float((sum(probs).argmax(dim=1) == xy[1]).float().mean())
+    assert abs(got["ensemble"]["accuracy"] - want) < 1e-6
