@@ -519,3 +519,39 @@ def channel_group(group: int, groups: int) -> ChannelGroup:
     [0.0, 0.0, 1.0, 1.0]
     """
     return ChannelGroup(_positive_int(group + 1, "group + 1") - 1, _positive_int(groups, "groups"))
+
+
+class AugLocalHead(Head):
+    """AugLocal's auxiliary net: fresh blocks of the sampled later layers' widths
+    (``make_block(in, out, stride)``; stride 2 once per doubling of the width, at most one per
+    block, as the released code), global pool, a BatchNorm1d when it has at most one block,
+    Linear(C, n)."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int], num_classes: int, make_block):
+        layers, c, pools = [], in_channels, 0
+        for w in widths:
+            if w < c or w % c or (w // c) & (w // c - 1):
+                raise ValueError(f"AugLocal's auxiliary blocks widen by powers of two; a {c}-channel map "
+                                 f"cannot feed a sampled layer of width {w}")
+            pools += int(math.log2(w // c))
+            stride = 2 if pools >= 1 else 1
+            pools -= stride == 2
+            layers.append(make_block(c, w, stride))
+            c = w
+        tail = [nn.BatchNorm1d(c)] if len(widths) <= 1 else []
+        super().__init__(*layers, _global_pool(), *tail, nn.Linear(c, num_classes))
+
+
+def auglocal(in_channels: int, widths: Sequence[int], num_classes: int, make_block=None) -> AugLocalHead:
+    """AugLocal's auxiliary net for a (C, H, W) map: blocks of ``widths`` (the sampled later
+    layers' widths), built by ``make_block(in, out, stride)`` (default: the CIFAR ResNet
+    ``BasicBlock``), then pool and linear.
+
+    >>> head = auglocal(4, [8, 8], 10)
+    >>> [b.stride for b in head.layers[:2]], head(torch.randn(2, 4, 8, 8)).shape
+    ([2, 1], torch.Size([2, 10]))
+    """
+    if make_block is None:
+        from .models.resnet import BasicBlock as make_block
+    return AugLocalHead(_positive_int(in_channels, "in_channels"), [_positive_int(w, "width") for w in widths],
+                        _positive_int(num_classes, "num_classes"), make_block)

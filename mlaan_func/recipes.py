@@ -131,3 +131,58 @@ def ensemble_metric(objectives: Sequence[Objective], ts) -> Callable:
         return {"accuracy": (torch.stack(probs).mean(dim=0).argmax(dim=1) == y).to(probs[0].dtype).mean()}
 
     return ensemble
+
+
+def auglocal_depths(modules: int, depth: int, coeff: float = 1.0) -> list[int]:
+    """AugLocal's depth pyramid: the auxiliary depth of module ``i < K-1``, linear from ``depth``
+    at ``i = 0`` to 1 at ``i = K-2`` (``coeff`` scales the slope), ``max(1, round(·))`` as
+    released (Python's ``round``: halves to even).
+
+    >>> auglocal_depths(4, 3), auglocal_depths(6, 5)
+    ([3, 2, 1], [5, 4, 3, 2, 1])
+    """
+    span = max(modules - 2, 1)
+    return [max(1, round(depth * (1 - i * coeff / span) + i * coeff / span)) for i in range(modules - 1)]
+
+
+def uniform_layers(after: int, layers: int, depth: int) -> list[int]:
+    """The layers AugLocal samples after layer ``after`` of ``layers`` (classifier excluded):
+    all of them when ``depth`` reaches their number, else ``round(after + j·(layers - after - 1)
+    / depth)`` for ``j = 1 … depth`` (the last layer always among them).
+
+    >>> uniform_layers(1, 7, 3), uniform_layers(5, 7, 2)
+    ([3, 4, 6], [6])
+    """
+    if depth >= layers - 1 - after:
+        return list(range(after + 1, layers))
+    return [round(after + (layers - after - 1) / depth * j) for j in range(1, depth + 1)]
+
+
+def auglocal(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32), depth: int = 3,
+             pyramid: bool = True, coeff: float = 1.0, make_block=None) -> list[Objective]:
+    """AugLocal (Ma et al., arXiv 2402.17318): module ``i < K-1`` trains on
+    ``CE(aux_i(E_i(sg h_{i-1})))``, where ``aux_i`` is built from the layers uniformly sampled
+    after the module's last block (:func:`uniform_layers`), as fresh blocks of their widths
+    (``heads.auglocal``), ``depth`` of them, fewer deeper up with ``pyramid``
+    (:func:`auglocal_depths`); the last module on the backbone's classifier.
+
+    >>> import mlaan_func as mf
+    >>> net = mf.from_module(mf.models.CifarResNet(14, num_classes=10, widths=(4, 8, 8)))
+    >>> scheme = auglocal(net, ["stem", "1.1"], input_shape=(3, 8, 8))
+    >>> [sum(isinstance(m, mf.models.BasicBlock) for m in o.head.blocks[0].module.layers) for o in scheme[:-1]]
+    [3, 1]
+    """
+    from .trunks import block_shapes
+
+    modules = split(backbone, at)
+    names = list(backbone.block_names[:-1])
+    widths = [out[0] for _, out in block_shapes(backbone, input_shape)[:-1]]
+    n, k = num_classes_of(backbone, input_shape), len(modules)
+    depths = auglocal_depths(k, depth, coeff) if pyramid else [depth] * (k - 1)
+    objectives = []
+    for i, m in enumerate(modules[:-1]):
+        last = names.index(m.output_name)
+        aux = heads.auglocal(widths[last], [widths[j] for j in uniform_layers(last, len(names), depths[i])], n,
+                             make_block)
+        objectives.append(local_loss(m, from_module(aux, name=f"aux{i}"), cross_entropy, name=f"m{i}"))
+    return objectives + [local_loss(modules[-1], None, cross_entropy, name="final")]

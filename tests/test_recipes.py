@@ -263,3 +263,85 @@ def test_ensemble_metric_is_the_mean_softmax_of_the_group_heads():
             probs.append(head(h).softmax(dim=1))
     want = float((sum(probs).argmax(dim=1) == xy[1]).float().mean())
     assert abs(got["ensemble"]["accuracy"] - want) < 1e-6
+
+
+# ----------------------------------------------------------------------------- AugLocal
+
+def released_aux(in_width, widths, classes):
+    """The released ``AuxNetwork('unifSamp')`` for a map of ``in_width`` channels and sampled
+    layer widths: BasicBlocks with one stride 2 per width doubling, pool, BN1d at depth ≤ 1,
+    linear; laid out with the library head's indices so its tensors load by name."""
+    from mlaan_func.models.resnet import BasicBlock
+    layers, c, pools = [], in_width, 0
+    for w in widths:
+        pools += {1: 0, 2: 1, 4: 2}[w // c]
+        stride = 2 if pools >= 1 else 1
+        pools -= 1 if stride == 2 else 0
+        layers.append(BasicBlock(c, w, stride))
+        c = w
+    layers.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    if len(widths) <= 1:
+        layers.append(nn.BatchNorm1d(c))
+    return nn.Sequential(*layers, nn.Linear(c, classes))
+
+
+def auglocal_reference(at, depth):
+    model = small_resnet()
+    blocks = dict(model.named_blocks())
+    names = list(blocks)[:-1]
+    widths = [WIDTHS[0]] + [WIDTHS[int(n[0]) - 1] for n in names[1:]]   # stem, then by stage
+    per_module = modules_of(model, at)
+    k = len(per_module)
+
+    def reference(params, state, xy):
+        x, y = xy
+        ref = Reference(params, state)
+        h, total = x, 0.0
+        for i, module in enumerate(per_module):
+            h = h.detach()
+            for b in module:
+                h = ref.run(b, blocks[b], h)
+            if i == k - 1:
+                total = total + F.cross_entropy(h, y)
+                break
+            d = max(1, round(depth * (1 - i / (k - 2)) + i / (k - 2))) if k > 2 else depth
+            last = names.index(module[-1])
+            rest = len(names) - 1 - last
+            picks = list(range(last + 1, len(names))) if d >= rest else \
+                [round(last + rest / d * j) for j in range(1, d + 1)]
+            aux = released_aux(widths[last], [widths[j] for j in picks], CLASSES)
+            total = total + F.cross_entropy(ref.run(f"aux{i}.layers", aux, h), y)
+        total.backward()
+        return ref.grads(), {**state, **ref.new_state}
+
+    return reference
+
+
+def build_auglocal(at, **options):
+    return mf.schemes.auglocal(mf.from_module(small_resnet()), at, input_shape=SHAPE, **options)
+
+
+@pytest.mark.parametrize("at", [["stem", "1.0", "2.0"], ["1.0", "2.1"], ["stem", "1.0", "1.1", "2.0", "2.1"]])
+@pytest.mark.parametrize("depth", [1, 3])
+def test_auglocal_one_step_equals_plain_backward(at, depth):
+    scheme = build_auglocal(at, depth=depth)
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=4)
+    mt.check_oracle(scheme, ts, batch(seed=2), auglocal_reference(at, depth), rtol=1e-4)
+
+
+def test_auglocal_aux_nets_are_fresh_and_shrink_deeper_up():
+    scheme = build_auglocal(["stem", "1.0", "1.1", "2.0", "2.1"], depth=4)
+    depths = [sum(isinstance(m, mf.models.BasicBlock) for m in o.head.blocks[0].module.layers) for o in scheme[:-1]]
+    assert depths == mf.schemes.auglocal_depths(6, 4) == [4, 3, 2, 2, 1]   # round(2.5) = 2: halves to even
+    params, _ = mf.init_params(scheme)
+    assert not torch.equal(params["aux1.layers.0.conv1.weight"], params["aux2.layers.0.conv1.weight"])
+
+
+@SETTINGS
+@given(at=mt.cut_points(BLOCKS, min_modules=2, max_modules=5), depth=st.integers(1, 4), pyramid=st.booleans())
+def test_auglocal_laws_isolation_and_purity(at, depth, pyramid):
+    scheme = build_auglocal(at, depth=depth, pyramid=pyramid)
+    opt = mf.optim.sgd(0.1, momentum=0.9)
+    ts = mf.init(scheme, opt, seed=1)
+    mt.check_isolation(scheme, ts, batch())
+    mt.check_purity(mf.step(scheme, opt), ts, batch())
