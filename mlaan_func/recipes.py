@@ -20,10 +20,12 @@ from torch import nn
 
 from . import heads, losses
 from .combinators import Objective, cascade, local_loss, split
-from .core import Net, from_module
+from .core import Net, from_module, output_shape
 from .losses import cross_entropy
-from .schemes import (CIFAR10_MEAN, CIFAR10_STD, DEFAULT_LAMBDAS, _final_width, classifier_head,
-                      e2e, module_shapes, multilaminar, num_classes_of, window_width)
+from .schemes import (_PROBE_BATCH, CIFAR10_MEAN, CIFAR10_STD, DEFAULT_LAMBDAS, _final_width, classifier_head,
+                      e2e, infopro_head, infopro_loss, module_shapes, multilaminar, num_classes_of,
+                      stage_fraction, window_width)
+from .trunks import leap_trunk
 
 HPFF_HEADS = ("dgl", "infopro")
 
@@ -185,4 +187,48 @@ def auglocal(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (
         aux = heads.auglocal(widths[last], [widths[j] for j in uniform_layers(last, len(names), depths[i])], n,
                              make_block)
         objectives.append(local_loss(m, from_module(aux, name=f"aux{i}"), cross_entropy, name=f"m{i}"))
+    return objectives + [local_loss(modules[-1], None, cross_entropy, name="final")]
+
+
+MAN_HEADS = ("infopro", "dgl")
+
+
+def man(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32), head: str = "infopro",
+        decay: float = 0.995, lambdas: Sequence[float] = DEFAULT_LAMBDAS, lambda_by: str = "stage",
+        contrastive: bool = False, mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD) -> list[Objective]:
+    """MAN (Su et al., arXiv 2407.05623): module ``i < K-1`` trains on ``L(head_i(copy(z) +
+    twin(z)))`` with ``z = E_i(sg h_{i-1})``, where ``copy`` is a trainable copy of the next
+    module's first block and ``twin`` its EMA (``leap_ema``, decay ``decay``); the last
+    module on the backbone's classifier. A module followed by the classifier alone has no
+    block to copy and scores ``z`` itself. ``head="infopro"`` (the released CIFAR code):
+    ``λ1·BCE + λ2·task`` with λ interpolated at ``stage / (K-2)`` of the copied block
+    (``lambda_by="stage"``, as released; ``"module"`` for ``i / (K-2)``); ``"dgl"``: DGL's
+    head and CE.
+
+    >>> import mlaan_func as mf
+    >>> net = mf.from_module(mf.models.CifarResNet(14, num_classes=10, widths=(4, 8, 8)))
+    >>> [b.name for b in man(net, ["1.0", "2.0"], input_shape=(3, 8, 8))[0].head.blocks]
+    ['lb0.1.1', 'head0']
+    """
+    if head not in MAN_HEADS or lambda_by not in ("stage", "module"):
+        raise ValueError(f"MAN takes head in {MAN_HEADS} and lambda_by 'stage' or 'module', got {head!r} and "
+                         f"{lambda_by!r}")
+    modules = split(backbone, at)
+    k, shapes = len(modules), module_shapes(modules, input_shape)
+    n, final = num_classes_of(backbone, input_shape), _final_width(backbone, input_shape)
+    objectives = []
+    for i, (m, s) in enumerate(zip(modules[:-1], shapes)):
+        first = modules[i + 1].blocks[0].name
+        # the backbone's final block (its classifier) is never copied: that module's head reads z itself
+        trunk = None if first == backbone.output_name else leap_trunk(backbone, [first], f"lb{i}", decay)
+        z = s if trunk is None else output_shape(trunk, (_PROBE_BATCH, *s))[1:]
+        if head == "dgl":
+            aux, loss = classifier_head("dgl", z, n), cross_entropy
+        else:
+            r = stage_fraction(first, k) if lambda_by == "stage" else None
+            aux = infopro_head(z, n, input_shape, final, contrastive)
+            loss = infopro_loss(i, k, lambdas, contrastive=contrastive, mean=mean, std=std, stage_fraction=r)
+        aux = from_module(aux, name=f"head{i}")
+        objectives.append(local_loss(m, aux if trunk is None else cascade(trunk, aux), loss, name=f"m{i}"))
     return objectives + [local_loss(modules[-1], None, cross_entropy, name="final")]

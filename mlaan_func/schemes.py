@@ -311,5 +311,5 @@ def build(method: str, backbone: Net, at: Sequence[str], *, input_shape: Sequenc
             "infopro_mlaan": infopro_mlaan}[name](backbone, at, input_shape=input_shape, **options)
 
 
-from .recipes import (auglocal, auglocal_depths, ensemble_metric, hpff, neuron_groups,  # noqa: E402, F401
+from .recipes import (auglocal, auglocal_depths, ensemble_metric, hpff, man, neuron_groups,  # noqa: E402, F401
                       uniform_layers)  # (the recipes compose the schemes above)

@@ -345,3 +345,79 @@ def test_auglocal_laws_isolation_and_purity(at, depth, pyramid):
     ts = mf.init(scheme, opt, seed=1)
     mt.check_isolation(scheme, ts, batch())
     mt.check_purity(mf.step(scheme, opt), ts, batch())
+
+
+# ----------------------------------------------------------------------------- MAN
+
+def man_reference(scheme, at, head):
+    """MAN after the released CIFAR ``InfoProResNet.forward``: ``y = LB_i(x) + EMA_i(x)`` on
+    module ``i``'s output, LB and EMA copies of the next module's first block; the heads score
+    ``y`` with λ at ``stage / (K-2)`` of that block; the last module on the classifier."""
+    model = small_resnet()
+    blocks = dict(model.named_blocks())
+    per_module = modules_of(model, at)
+    k = len(per_module)
+    templates = head_templates(scheme)
+
+    def reference(params, state, xy):
+        x, y = xy
+        ref = Reference(params, state)
+        image = (x * STD + MEAN).clamp(0, 1)
+        h, total = x, 0.0
+        for i, module in enumerate(per_module):
+            h = h.detach()
+            for b in module:
+                h = ref.run(b, blocks[b], h)
+            if i == k - 1:
+                total = total + F.cross_entropy(h, y)
+                break
+            first = per_module[i + 1][0]
+            z = h if first == "classifier" else \
+                ref.run(f"lb{i}.{first}", blocks[first], h) + ref.run(f"twin.{first}", blocks[first], h, in_state=True)
+            aux = templates[f"head{i}"]
+            if head == "dgl":
+                total = total + F.cross_entropy(ref.run(f"head{i}", aux, z), y)
+                continue
+            ratio = int(first.split(".")[0]) / (k - 2) if k > 2 and first[0].isdigit() else 0.0
+            ixx_1, ixy_1, ixx_2, ixy_2 = mf.schemes.DEFAULT_LAMBDAS
+            lam1, lam2 = ixx_1 * (1 - ratio) + ixx_2 * ratio, ixy_1 * (1 - ratio) + ixy_2 * ratio
+            bce = F.binary_cross_entropy(ref.run(f"head{i}.decoder", aux.decoder, z), image)
+            total = total + lam1 * bce + lam2 * F.cross_entropy(ref.run(f"head{i}.classifier", aux.classifier, z), y)
+        total.backward()
+        return ref.grads(), {**state, **ref.new_state}
+
+    return reference
+
+
+def build_man(at, **options):
+    return mf.schemes.man(mf.from_module(small_resnet()), at, input_shape=SHAPE, **options)
+
+
+@pytest.mark.parametrize("head", ["infopro", "dgl"])
+@pytest.mark.parametrize("at", [["stem", "1.1", "2.1"], ["1.0", "2.0", "3.1"]])
+def test_man_one_step_equals_plain_backward_and_twins_follow_the_next_block(head, at):
+    scheme = build_man(at, head=head)
+    opt = mf.optim.sgd(0.5)
+    ts = mf.init(scheme, opt, seed=7)
+    xy = batch(seed=5)
+    reference = man_reference(scheme, at, head)
+    mt.check_oracle(scheme, ts, xy, reference, rtol=1e-4)
+    grads, _ = reference(ts.params, ts.state, xy)
+    new, _ = mf.step(scheme, opt)(ts, xy)
+    twins = [key for key in ts.state if key.startswith("twin.") and key[5:] in ts.params]
+    for first in (m[0] for m in modules_of(small_resnet(), at)[1:] if m[0] != "classifier"):
+        assert any(key.startswith(f"twin.{first}.") for key in twins), first
+    for key in twins:
+        src = key[len("twin."):]
+        mt.assert_close(new.state[key], 0.995 * ts.state[key] + 0.005 * (ts.params[src] - 0.5 * grads[src]), 1e-4, key)
+
+
+@SETTINGS
+@given(at=mt.cut_points(BLOCKS, min_modules=2, max_modules=5), head=st.sampled_from(["infopro", "dgl"]))
+def test_man_laws_isolation_and_purity(at, head):
+    scheme = build_man(at, head=head)
+    opt = mf.optim.sgd(0.1, momentum=0.9)
+    ts = mf.init(scheme, opt, seed=3)
+    assert not any(k.startswith("twin") for k in ts.params)
+    mt.check_isolation(scheme, ts, batch())
+    mt.check_purity(mf.step(scheme, opt), ts, batch())
