@@ -232,3 +232,70 @@ def man(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32
         aux = from_module(aux, name=f"head{i}")
         objectives.append(local_loss(m, aux if trunk is None else cascade(trunk, aux), loss, name=f"m{i}"))
     return objectives + [local_loss(modules[-1], None, cross_entropy, name="final")]
+
+
+def _keep_entries(new, old, keys: frozenset[str]):
+    """``new`` optimizer state with the per-parameter entries of ``keys`` taken from ``old``
+    (every dict keyed by parameter names; counts and hyper-parameters stay ``new``)."""
+    if isinstance(new, dict):
+        return {k: old[k] if k in keys else _keep_entries(v, old[k], keys) for k, v in new.items()}
+    if isinstance(new, tuple):
+        parts = [_keep_entries(a, b, keys) for a, b in zip(new, old)]
+        return type(new)(*parts) if hasattr(new, "_fields") else tuple(parts)
+    return new
+
+
+def pgl(local: Sequence[Objective], global_scheme: Sequence[Objective], optimizer, *, every: int,
+        share: bool | str | None = None) -> Callable:
+    """PGL (Bhatti et al., arXiv 2208.00821): a step ``(ts, batch) -> (ts, metrics)`` that
+    trains ``local`` and, on steps ``every-1, 2·every-1, …`` (counted from 0), the global
+    (end-to-end) scheme instead, over one train state and one optimizer state.
+
+    Rules for the entries the global step does not touch (the auxiliary heads, trunks, their
+    statistics): their parameters, BatchNorm statistics and per-parameter optimizer state
+    (momentum, Adam moments) stay as they were, as ``torch.optim`` skips a parameter whose
+    gradient is ``None``; the optimizer's shared counts (learning-rate schedule, Adam's bias
+    correction) advance on every step, where ``torch.optim.Adam`` counts each parameter's own
+    updates; the local scheme's after-step updates (EMA twins) run on every step.
+    ``metrics["pgl"]["global"]`` is 1 on a global step.
+
+    >>> import mlaan_func as mf
+    >>> net = mf.from_module(mf.models.CifarResNet(14, num_classes=10, widths=(4, 8, 8)))
+    >>> local, whole, opt = mf.schemes.dgl(net, ["1.1"], input_shape=(3, 8, 8)), mf.schemes.e2e(net), mf.optim.sgd(0.1)
+    >>> train_step, ts = pgl(local, whole, opt, every=2), mf.init(local, opt)
+    >>> batch = (torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    >>> [float(train_step(ts, batch)[1]["pgl"]["global"]) for ts in [ts, ts._replace(step=ts.step + 1)]]
+    [0.0, 1.0]
+    """
+    from .engine import NonFiniteLossError, after_steps, apply_gradients, gradients, scheme_names, step
+    from .hyper import takes_step
+
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int (a global step every that many steps), got {every!r}")
+    (local_params, _), (params, state) = scheme_names(local), scheme_names(global_scheme)
+    outside = [k for k in params if k not in set(local_params)]
+    if outside:
+        raise ValueError(f"the global scheme trains {outside[:3]}, which the local scheme does not hold; both "
+                         "must run over the same backbone (mf.schemes.e2e(backbone) beside a local scheme of it)")
+    local_step, global_grads, post = step(local, optimizer, share=share), gradients(global_scheme), after_steps(local)
+    untouched = frozenset(local_params) - set(params)
+
+    def train_step(ts, batch):
+        if int(ts.step) % every != every - 1:
+            ts, metrics = local_step(ts, batch)
+            return ts, {**metrics, "pgl": {"global": torch.zeros(())}}
+        g = global_grads(ts._replace(params={k: ts.params[k] for k in params},
+                                     state={k: ts.state[k] for k in state}), batch)
+        if not bool(g.finite):
+            raise NonFiniteLossError(f"non-finite end-to-end loss at step {int(ts.step)}; nothing was updated")
+        grads = {k: g.grads[k] if k in g.grads else torch.zeros_like(v) for k, v in ts.params.items()}
+        new = apply_gradients(ts, grads, {**ts.state, **g.state}, optimizer, post=())
+        new = new._replace(params={**new.params, **{k: ts.params[k] for k in untouched}},
+                           opt_state=_keep_entries(new.opt_state, ts.opt_state, untouched))
+        after = new.state
+        for a in post:
+            after = a.fn(new.params, after, step=ts.step) if takes_step(a.fn) else a.fn(new.params, after)
+        metrics = {n: {**m, "weighted_loss": g.losses[n]} for n, m in g.metrics.items()}
+        return new._replace(state=after), {**metrics, "pgl": {"global": torch.ones(())}}
+
+    return train_step

@@ -1,10 +1,13 @@
-"""Recipes of issue #23 (HPFF, neuron groups, AugLocal, MAN): one step against plain-PyTorch
-oracles written here from the papers and released code, and the laws through the checkers."""
+"""Recipes of issue #23 (HPFF, neuron groups, AugLocal, MAN, PGL): plain-PyTorch oracles
+written here from the papers and released code, and the laws through the checkers."""
+
+import copy
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 from torch.nn import functional as F
 
 import mlaan_func as mf
@@ -156,7 +159,6 @@ def test_hpff_refuses_an_image_the_patch_decoders_cannot_tile():
 
 # ----------------------------------------------------------------------------- neuron groups
 
-from torch import nn  # noqa: E402
 
 GROUP_AT = ["5", "11"]
 
@@ -421,3 +423,79 @@ def test_man_laws_isolation_and_purity(at, head):
     assert not any(k.startswith("twin") for k in ts.params)
     mt.check_isolation(scheme, ts, batch())
     mt.check_purity(mf.step(scheme, opt), ts, batch())
+
+
+# ----------------------------------------------------------------------------- PGL
+
+def load_blocks(named, tensors, prefix=""):
+    """Each module of ``named`` with its tensors from ``tensors`` (keys ``"<prefix><name>.<local>"``)."""
+    for name, module in named.items():
+        for k, v in [*module.named_parameters(), *module.named_buffers()]:
+            v.data.copy_(tensors[f"{prefix}{name}.{k}"])
+    return named
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_pgl_equals_torch_sgd_with_heads_skipped_on_global_steps(every):
+    """PGL in plain PyTorch: one ``torch.optim.SGD`` (momentum, weight decay) over the backbone
+    and the heads; a global step backpropagates the backbone's CE end to end, so the heads'
+    gradients are ``None`` and ``torch.optim`` leaves them (and their momentum) alone."""
+    at = ["1.1", "2.1"]
+    backbone = mf.from_module(small_resnet())
+    local, whole = mf.schemes.dgl(backbone, at, input_shape=SHAPE), mf.schemes.e2e(backbone)
+    opt = mf.optim.sgd(0.05, momentum=0.9, weight_decay=5e-4)
+    ts = mf.init(local, opt, seed=3)
+    train_step = mf.schemes.pgl(local, whole, opt, every=every)
+
+    model, templates = small_resnet().train(), head_templates(local)
+    blocks = load_blocks(dict(model.named_blocks()), {**ts.params, **ts.state})
+    aux = load_blocks({k: copy.deepcopy(v).train() for k, v in templates.items()}, {**ts.params, **ts.state})
+    torch_opt = torch.optim.SGD([p for m in [*blocks.values(), *aux.values()] for p in m.parameters()],
+                                lr=0.05, momentum=0.9, weight_decay=5e-4)
+    per_module = modules_of(model, at)
+    for i in range(2 * every + 1):
+        x, y = batch(seed=10 + i)
+        ts, metrics = train_step(ts, (x, y))
+        torch_opt.zero_grad(set_to_none=True)
+        h, total, is_global = x, 0.0, i % every == every - 1
+        assert float(metrics["pgl"]["global"]) == float(is_global)
+        for j, names in enumerate(per_module):
+            h = h if is_global else h.detach()
+            for b in names:
+                h = blocks[b](h)
+            if j < len(per_module) - 1 and not is_global:
+                total = total + F.cross_entropy(aux[f"head{j}"](h), y)
+        (total + F.cross_entropy(h, y)).backward()
+        torch_opt.step()
+    want = {f"{n}.{k}": v.detach() for group in (blocks, aux) for n, m in group.items()
+            for k, v in [*m.named_parameters(), *m.named_buffers()]}
+    mt.assert_close(ts.params, {k: want[k] for k in ts.params}, 1e-4, "params")
+    mt.assert_close(ts.state, {k: want[k] for k in ts.state}, 1e-4, "state")
+
+
+def test_pgl_global_step_keeps_untouched_adam_moments_and_advances_the_shared_count():
+    backbone = mf.from_module(small_resnet())
+    local, whole = mf.schemes.dgl(backbone, ["1.1"], input_shape=SHAPE), mf.schemes.e2e(backbone)
+    opt = mf.optim.adamw(1e-2)
+    ts = mf.init(local, opt)
+    train_step = mf.schemes.pgl(local, whole, opt, every=2)
+    ts, _ = train_step(ts, batch(seed=0))
+    before = ts
+    ts, _ = train_step(ts, batch(seed=1))   # step 1: global
+    adam = ts.opt_state[0]
+    heads = [k for k in ts.params if k.startswith("head0.")]
+    assert heads and int(adam.count) == 2
+    for k in heads:
+        assert torch.equal(ts.params[k], before.params[k])
+        assert torch.equal(adam.mu[k], before.opt_state[0].mu[k]) and torch.equal(adam.nu[k], before.opt_state[0].nu[k])
+    assert not torch.equal(ts.params["stem.conv.weight"], before.params["stem.conv.weight"])
+
+
+def test_pgl_refuses_a_global_scheme_over_other_parameters_and_a_bad_period():
+    backbone = mf.from_module(small_resnet())
+    local = mf.schemes.dgl(backbone, ["1.1"], input_shape=SHAPE)
+    other = mf.schemes.e2e(mf.from_module(small_resnet(), name="other"))
+    with pytest.raises(ValueError, match="does not hold"):
+        mf.schemes.pgl(local, other, mf.optim.sgd(0.1), every=2)
+    with pytest.raises(ValueError, match="positive int"):
+        mf.schemes.pgl(local, mf.schemes.e2e(backbone), mf.optim.sgd(0.1), every=0)
