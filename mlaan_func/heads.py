@@ -555,3 +555,22 @@ def auglocal(in_channels: int, widths: Sequence[int], num_classes: int, make_blo
         from .models.resnet import BasicBlock as make_block
     return AugLocalHead(_positive_int(in_channels, "in_channels"), [_positive_int(w, "width") for w in widths],
                         _positive_int(num_classes, "num_classes"), make_block)
+
+
+class TokenReadout(Head):
+    """A language model's readout for (N, T, D) tokens: LayerNorm, Linear(D, V) without bias,
+    ``(N, T, V)`` next-token logits."""
+
+    ranks = (3,)
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, vocab_size, bias=False))
+
+
+def token_readout(dim: int, vocab_size: int) -> TokenReadout:
+    """Next-token logits from (N, T, D) tokens.
+
+    >>> token_readout(8, 20)(torch.randn(2, 5, 8)).shape
+    torch.Size([2, 5, 20])
+    """
+    return TokenReadout(_positive_int(dim, "dim"), _positive_int(vocab_size, "vocab_size"))

@@ -387,6 +387,26 @@ def image_batches(channels: int = 3, size: int = 8, num_classes: int = 10,
     return build()
 
 
+def token_batches(vocab_size: int = 16, length: int = 8, max_batch: int = 6) -> st.SearchStrategy:
+    """Small next-token ``(tokens, targets)`` batches drawn from a seed: ``(n, length)`` int64
+    tokens and the same sequences shifted by one (``targets[:, t] = tokens[:, t + 1]``).
+
+    >>> from hypothesis import given
+    >>> @given(token_batches(vocab_size=5, length=4))
+    ... def shifted(batch):
+    ...     tokens, targets = batch
+    ...     assert tokens.shape == targets.shape and bool((tokens[:, 1:] == targets[:, :-1]).all())
+    >>> shifted()
+    """
+    @st.composite
+    def build(draw):
+        n = draw(st.integers(2, max_batch))
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+        sequence = torch.randint(0, vocab_size, (n, length + 1), generator=g)
+        return sequence[:, :-1], sequence[:, 1:]
+    return build()
+
+
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
 """Seeds for ``init``."""
 
