@@ -299,3 +299,25 @@ def pgl(local: Sequence[Objective], global_scheme: Sequence[Objective], optimize
         return new._replace(state=after), {**metrics, "pgl": {"global": torch.ones(())}}
 
     return train_step
+
+
+def lm_local(backbone: Net, at: Sequence[str], *, readout: str = "readout") -> list[Objective]:
+    """Local learning of a language model (``mf.models.DecoderLM``): module ``i < K-1`` predicts
+    the next token through its own readout, a trainable copy of the final readout block
+    ``readout`` that starts equal to it (``copy``), scored by ``losses.sequence_cross_entropy``;
+    the last module through the final readout itself (``at=[]``: end-to-end). SOLO-style shared readouts (every module
+    reading the final unembedding, read-only) need read-only views, which the library lacks.
+
+    >>> import mlaan_func as mf
+    >>> net = mf.from_module(mf.models.lm_micro(vocab_size=16, context=8))
+    >>> [(o.name, o.head.block_names if o.head else None) for o in lm_local(net, ["blocks.1"])]
+    [('m0', ('readout0.readout',)), ('final', None)]
+    """
+    from .core import copy
+
+    if readout not in backbone.block_names:
+        raise ValueError(f"no readout block {readout!r}; the blocks are {list(backbone.block_names)}")
+    modules, final = split(backbone, at), backbone.block(readout)
+    objectives = [local_loss(m, copy(final, f"readout{i}"), losses.sequence_cross_entropy, name=f"m{i}")
+                  for i, m in enumerate(modules[:-1])]
+    return objectives + [local_loss(modules[-1], None, losses.sequence_cross_entropy, name="final")]

@@ -312,4 +312,4 @@ def build(method: str, backbone: Net, at: Sequence[str], *, input_shape: Sequenc
 
 
 from .recipes import (auglocal, auglocal_depths, ensemble_metric, hpff, man, neuron_groups,  # noqa: E402, F401
-                      pgl, uniform_layers)  # (the recipes compose the schemes above)
+                      lm_local, pgl, uniform_layers)  # (the recipes compose the schemes above)

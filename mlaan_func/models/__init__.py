@@ -11,8 +11,9 @@ from .imagenet_resnet import (Bottleneck, ImageNetBasicBlock, ImageNetResNet, Im
 from .resnet import BasicBlock, CifarResNet, Classifier, Stem, resnet32, resnet110
 from .vit import ViT, vit_micro, vit_mini, vit_tiny
 from .catalog import arch_names, create  # noqa: E402  (reads the names above)
+from .lm import DecoderLM, lm_micro  # noqa: E402  (a language model: not an image backbone of the catalog)
 
 __all__ = ["BasicBlock", "CifarResNet", "Classifier", "Stem", "resnet32", "resnet110",
            "ViT", "vit_micro", "vit_mini", "vit_tiny",
            "Bottleneck", "ImageNetBasicBlock", "ImageNetResNet", "ImageNetStem",
-           "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+           "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "DecoderLM"]
