@@ -67,8 +67,7 @@ def hpff(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 3
     """
     if head not in HPFF_HEADS:
         raise ValueError(f"unknown HPFF head {head!r}; choose one of {HPFF_HEADS}")
-    modules = split(backbone, at)
-    k = len(modules)
+    k = len(split(backbone, at))
     if k == 1:
         return e2e(backbone)
     n, final = num_classes_of(backbone, input_shape), _final_width(backbone, input_shape)
@@ -86,11 +85,9 @@ def hpff(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 3
         return (_patch_infopro(shape, n, input_shape, final, grid, contrastive),
                 losses.weighted_sum((losses.reconstruction_bce(mean, std), lam1 * grid * grid), (task, lam2)))
 
-    w = window_width(width, 2, k)
-    objectives = multilaminar(backbone, at, input_shape=input_shape, width=w, independent=independent,
-                              cascaded=cascaded, trunks=trunks, w_x=w_x, w_y=w_y, **options)[:-1]
-    return objectives + [local_loss(cascade(*modules[k - w:]), None, cross_entropy, w_y, name=f"m{k - 1}.cascaded"),
-                         local_loss(modules[-1], None, cross_entropy, w_x, name="final")]
+    return multilaminar(backbone, at, input_shape=input_shape, width=window_width(width, 2, k),
+                        independent=independent, cascaded=cascaded, trunks=trunks, w_x=w_x, w_y=w_y,
+                        final_weight=w_y, final_alone=w_x, **options)
 
 
 def neuron_groups(backbone: Net, at: Sequence[str], groups: int, *, input_shape: Sequence[int] = (3, 32, 32),

@@ -197,15 +197,19 @@ def multilaminar(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int]
                  independent: HeadFactory, cascaded: HeadFactory,
                  trunks: Sequence[Sequence[str]] | str | None = "rule", trunk_depth: int = 4,
                  decay: float = 0.995, ema_update: str = "all",
-                 w_x: float = 0.001, w_y: float = 0.999) -> list[Objective]:
+                 w_x: float = 0.001, w_y: float = 0.999, final_weight: float = 1.0,
+                 final_alone: float | None = None) -> list[Objective]:
     """MLAAN's objectives over any pair of head factories (DESIGN.md §2).
 
     For each module ``W-1 ≤ i ≤ K-2``: a cascaded objective ``w_y · L(casc_head(trunk(
     E_i ∘ … ∘ E_{i-W+1}(sg h_{i-W}))))`` and an independent one ``w_x · L(head(E_i(sg
     h_{i-1})))``, as separate objectives so their graphs never coexist; then the final window
-    into the backbone's classifier. ``trunks``: ``"rule"`` (the leap-trunk rule), a table
-    (row ``i`` for the window ending at module ``i``), or ``None`` (MLM without LAM).
-    A factory is ``(i, feature shape) -> (head module, loss)``.
+    into the backbone's classifier, weighted ``final_weight``. ``trunks``: ``"rule"`` (the
+    leap-trunk rule), a table (row ``i`` for the window ending at module ``i``), or ``None``
+    (MLM without LAM). A factory is ``(i, feature shape) -> (head module, loss)``.
+    ``final_alone=w`` adds an independent term on the last module, ``w · CE(E_{K-1}(sg
+    h_{K-2}))`` (HPFF); it is then the objective named ``"final"``, after the window
+    (``m{K-1}.cascaded``), which produces its input.
     """
     from .trunks import leap_trunk, leap_trunk_blocks
 
@@ -240,8 +244,11 @@ def multilaminar(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int]
         head, loss = independent(i, shapes[i])
         objectives.append(local_loss(modules[i], from_module(head, name=f"head{i}"), loss, w_x,
                                      name=f"m{i}.independent"))
-    objectives.append(local_loss(cascade(*modules[k - width:]), None, cross_entropy, name="final"))
-    return objectives
+    window = cascade(*modules[k - width:])
+    if final_alone is None:
+        return objectives + [local_loss(window, None, cross_entropy, final_weight, name="final")]
+    return objectives + [local_loss(window, None, cross_entropy, final_weight, name=f"m{k - 1}.cascaded"),
+                         local_loss(modules[-1], None, cross_entropy, final_alone, name="final")]
 
 
 def _ce_factory(kind: str, num_classes: int):
