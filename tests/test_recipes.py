@@ -56,7 +56,7 @@ MEAN = torch.tensor(mf.schemes.CIFAR10_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(mf.schemes.CIFAR10_STD).view(1, 3, 1, 1)
 
 
-def hpff_reference(scheme, at, head, trunk_of=None, w_x=0.001, w_y=0.999, width=2):
+def hpff_reference(scheme, at, head, trunk_of=None, w_x=0.001, w_y=0.999, width=2, contrastive=False):
     """HPFF written after the released CIFAR ``InfoProResNet.forward``: module 0 has no loss of
     its own; for 1 ≤ i ≤ K-2, ``w_x · L(aux(E_i(x)))`` and ``w_y · L(patch aux(E_i(E_{i-1}(y))))``;
     the last module ``w_x · CE(E_{K-1}(x)) + w_y · CE(E_{K-1}(E_{K-2}(y)))``."""
@@ -65,6 +65,10 @@ def hpff_reference(scheme, at, head, trunk_of=None, w_x=0.001, w_y=0.999, width=
     per_module = modules_of(model, at)
     k = len(per_module)
     templates = head_templates(scheme)
+    supcon = mf.losses.supervised_contrastive(0.07)
+
+    def task(out, x, y):
+        return supcon(out, mf.Batch(x, y))[0] if contrastive else F.cross_entropy(out, y)
 
     def reference(params, state, xy):
         x, y = xy
@@ -98,9 +102,9 @@ def hpff_reference(scheme, at, head, trunk_of=None, w_x=0.001, w_y=0.999, width=
                 lam1, lam2 = mf.losses.infopro_lambdas(i, k, *mf.schemes.DEFAULT_LAMBDAS)
                 bce = sum(F.binary_cross_entropy(ref.run(f"chead{i}.decoder.heads.{q}", chead.decoder.heads[q], p), o)
                           for q, (p, o) in enumerate(zip(quadrants(z), quadrants(image))))
-                task = ref.run(f"chead{i}.classifier", chead.classifier, z)
-                cas = lam1 * bce + lam2 * F.cross_entropy(task, y)
-            ind = F.cross_entropy(ref.run(f"head{i}", templates[f"head{i}"], run(i, hs[i])), y)
+                cas = lam1 * bce + lam2 * task(ref.run(f"chead{i}.classifier", chead.classifier, z), x, y)
+            ind_out = ref.run(f"head{i}", templates[f"head{i}"], run(i, hs[i]))
+            ind = task(ind_out, x, y) if head == "infopro" else F.cross_entropy(ind_out, y)
             total = total + w_y * cas + w_x * ind
         z = hs[k - width]
         for j in range(k - width, k):
@@ -125,6 +129,14 @@ def test_hpff_one_step_equals_plain_backward(head, trunks):
     trunk_of = (lambda i, end: mf.trunks.leap_trunk_blocks(backbone, end, 4, input_shape=SHAPE)) if trunks else None
     ts = mf.init(scheme, mf.optim.sgd(0.1), seed=5)
     mt.check_oracle(scheme, ts, batch(seed=1), hpff_reference(scheme, at, head, trunk_of), rtol=1e-4)
+
+
+def test_hpff_contrastive_infopro_one_step_equals_plain_backward():
+    at = ["1.0", "1.1", "2.1"]
+    scheme = build_hpff(at, head="infopro", contrastive=True)
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=6)
+    xy = batch(n=8, seed=2)   # labels repeat, so the contrastive loss has positives
+    mt.check_oracle(scheme, ts, xy, hpff_reference(scheme, at, "infopro", contrastive=True), rtol=1e-4)
 
 
 def test_hpff_patch_heads_have_their_own_parameters_and_tile_the_image():
@@ -360,6 +372,10 @@ def man_reference(scheme, at, head):
     per_module = modules_of(model, at)
     k = len(per_module)
     templates = head_templates(scheme)
+    supcon = mf.losses.supervised_contrastive(0.07)
+
+    def task(out, x, y):
+        return supcon(out, mf.Batch(x, y))[0] if contrastive else F.cross_entropy(out, y)
 
     def reference(params, state, xy):
         x, y = xy
