@@ -61,7 +61,7 @@ def train(scheme, steps: int, data, batch: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         pick = torch.randint(0, x.shape[0], (batch,), generator=g)
-        ts, metrics = train_step(ts, (x[pick], y[pick]))
+        ts, _ = train_step(ts, (x[pick], y[pick]))
     return ts
 
 

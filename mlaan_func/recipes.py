@@ -20,12 +20,12 @@ from torch import nn
 
 from . import heads, losses
 from .combinators import Objective, cascade, local_loss, split
-from .core import Net, from_module, output_shape
+from .core import Net, copy, from_module, output_shape
 from .losses import cross_entropy
 from .schemes import (_PROBE_BATCH, CIFAR10_MEAN, CIFAR10_STD, DEFAULT_LAMBDAS, _final_width, classifier_head,
                       e2e, infopro_head, infopro_loss, module_shapes, multilaminar, num_classes_of,
                       stage_fraction, window_width)
-from .trunks import leap_trunk
+from .trunks import block_shapes, leap_trunk
 
 HPFF_HEADS = ("dgl", "infopro")
 
@@ -171,8 +171,6 @@ def auglocal(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (
     >>> [sum(isinstance(m, mf.models.BasicBlock) for m in o.head.blocks[0].module.layers) for o in scheme[:-1]]
     [3, 1]
     """
-    from .trunks import block_shapes
-
     modules = split(backbone, at)
     names = list(backbone.block_names[:-1])
     widths = [out[0] for _, out in block_shapes(backbone, input_shape)[:-1]]
@@ -284,7 +282,9 @@ def pgl(local: Sequence[Objective], global_scheme: Sequence[Objective], optimize
         g = global_grads(ts._replace(params={k: ts.params[k] for k in params},
                                      state={k: ts.state[k] for k in state}), batch)
         if not bool(g.finite):
-            raise NonFiniteLossError(f"non-finite end-to-end loss at step {int(ts.step)}; nothing was updated")
+            raise NonFiniteLossError(f"non-finite end-to-end loss at step {int(ts.step)}; nothing was updated. "
+                                     "Lower the learning rate or clip the gradients "
+                                     "(mlaan_func.optim.clip_by_global_norm)")
         grads = {k: g.grads[k] if k in g.grads else torch.zeros_like(v) for k, v in ts.params.items()}
         new = apply_gradients(ts, grads, {**ts.state, **g.state}, optimizer, post=())
         new = new._replace(params={**new.params, **{k: ts.params[k] for k in untouched}},
@@ -302,16 +302,15 @@ def lm_local(backbone: Net, at: Sequence[str], *, readout: str = "readout") -> l
     """Local learning of a language model (``mf.models.DecoderLM``): module ``i < K-1`` predicts
     the next token through its own readout, a trainable copy of the final readout block
     ``readout`` that starts equal to it (``copy``), scored by ``losses.sequence_cross_entropy``;
-    the last module through the final readout itself (``at=[]``: end-to-end). SOLO-style shared readouts (every module
-    reading the final unembedding, read-only) need read-only views, which the library lacks.
+    the last module through the final readout itself (``at=[]``: end-to-end). SOLO-style
+    shared readouts (every module reading the final unembedding, read-only) need read-only
+    views, which the library lacks.
 
     >>> import mlaan_func as mf
     >>> net = mf.from_module(mf.models.lm_micro(vocab_size=16, context=8))
     >>> [(o.name, o.head.block_names if o.head else None) for o in lm_local(net, ["blocks.1"])]
     [('m0', ('readout0.readout',)), ('final', None)]
     """
-    from .core import copy
-
     if readout not in backbone.block_names:
         raise ValueError(f"no readout block {readout!r}; the blocks are {list(backbone.block_names)}")
     modules, final = split(backbone, at), backbone.block(readout)

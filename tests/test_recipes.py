@@ -198,7 +198,7 @@ def groups_reference(scheme, groups, grouped):
     head reads the module output with the channels of the other groups detached."""
     model = group_net(groups, grouped)
     layers = dict(model.named_children())
-    per_module = [[str(j) for j in range(0, 6)], [str(j) for j in range(6, 12)], [str(j) for j in range(12, 15)]]
+    per_module = [[str(j) for j in range(6)], [str(j) for j in range(6, 12)], [str(j) for j in range(12, 15)]]
     templates = head_templates(scheme)
 
     def reference(params, state, xy):
@@ -214,8 +214,8 @@ def groups_reference(scheme, groups, grouped):
                 break
             width = h.shape[1] // groups
             for g in range(groups):
-                mixed = torch.cat([h[:, j * width:(j + 1) * width] if j == g else h[:, j * width:(j + 1) * width].detach()
-                                   for j in range(groups)], dim=1)
+                parts = [h[:, j * width:(j + 1) * width] for j in range(groups)]
+                mixed = torch.cat([p if j == g else p.detach() for j, p in enumerate(parts)], dim=1)
                 total = total + F.cross_entropy(ref.run(f"head{i}.{g}", templates[f"head{i}.{g}"], mixed), y)
         total.backward()
         return ref.grads(), {**state, **ref.new_state}
@@ -372,10 +372,6 @@ def man_reference(scheme, at, head):
     per_module = modules_of(model, at)
     k = len(per_module)
     templates = head_templates(scheme)
-    supcon = mf.losses.supervised_contrastive(0.07)
-
-    def task(out, x, y):
-        return supcon(out, mf.Batch(x, y))[0] if contrastive else F.cross_entropy(out, y)
 
     def reference(params, state, xy):
         x, y = xy

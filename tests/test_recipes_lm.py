@@ -1,7 +1,6 @@
 """Language-model local learning: sequence cross-entropy, the decoder-only LM, the local
 scheme against plain PyTorch, and the example program."""
 
-import math
 import os
 import re
 import subprocess
@@ -104,9 +103,9 @@ def test_lm_local_laws_isolation_and_purity(at, batch):
 def test_lm_example_trains_both_and_reports_perplexity():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "lm_local.py"), "--steps", "40"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=600)
+                       env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    found = dict(re.findall(r"^(e2e|local) .*perplexity ([\d.]+)", r.stdout, re.M))
+    found = dict(re.findall(r"^(e2e|local) .*perplexity ([\d.]+)", r.stdout, re.MULTILINE))
     assert set(found) == {"e2e", "local"}, r.stdout
     for value in found.values():
         assert 1.0 < float(value) < VOCAB * 2
