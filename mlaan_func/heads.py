@@ -421,3 +421,155 @@ def for_shape(kind: str, shape: Sequence[int], num_classes: int) -> nn.Module:
         raise ValueError(f"unknown head {kind!r}; choose 'linear', 'dgl' or 'dgl_wide'")
     raise ValueError(f"head {kind!r} takes (C, H, W) feature maps; features of shape {shape} need "
                      "'linear' or 'dgl' (which have token and vector forms)")
+
+
+PATCH_FUSIONS = ("mean", "tile")
+"""How :class:`PatchFused` joins its patch outputs (see there)."""
+
+
+def patch_bounds(size: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``[start, stop)`` ranges tiling ``size``, cut at ``size·j // parts``
+    (for two parts: ``[:size // 2]`` and ``[size // 2:]``, as the released HPFF code).
+
+    >>> patch_bounds(8, 2), patch_bounds(5, 2)
+    ([(0, 4), (4, 8)], [(0, 2), (2, 5)])
+    """
+    cuts = [size * j // parts for j in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+class PatchFused(nn.Module):
+    """HPFF's patch feature fusion: the (N, C, H, W) map cut into a ``grid`` of patches, one
+    head per patch (its own parameters), the outputs fused: ``"mean"`` averages them (patch
+    logits scored as one prediction), ``"tile"`` lays image outputs out in the grid (each
+    patch reconstructs its image patch)."""
+
+    def __init__(self, make_head, grid: tuple[int, int], fuse: str):
+        super().__init__()
+        if fuse not in PATCH_FUSIONS:
+            raise ValueError(f"fuse must be 'mean' (average the patch outputs) or 'tile' (lay image "
+                             f"outputs out in the grid), got {fuse!r}")
+        self.grid, self.fuse = grid, fuse
+        self.heads = nn.ModuleList([make_head() for _ in range(grid[0] * grid[1])])
+
+    def reset_parameters(self) -> None:
+        for head in self.heads:
+            head.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_rank(self, x, (4,))
+        rows, cols = patch_bounds(x.shape[2], self.grid[0]), patch_bounds(x.shape[3], self.grid[1])
+        if any(a == b for a, b in rows + cols):
+            raise ShapeError(f"a {x.shape[2]}x{x.shape[3]} map has an empty patch in a {self.grid[0]}x"
+                             f"{self.grid[1]} grid; use a smaller grid for this module")
+        outs = [self.heads[r * len(cols) + c](x[:, :, r0:r1, c0:c1])
+                for r, (r0, r1) in enumerate(rows) for c, (c0, c1) in enumerate(cols)]
+        if self.fuse == "mean":
+            return torch.stack(outs).mean(dim=0)
+        return torch.cat([torch.cat(outs[r * len(cols):(r + 1) * len(cols)], dim=3) for r in range(len(rows))],
+                         dim=2)
+
+
+def patch_fused(make_head, grid: int | Sequence[int] = 2, fuse: str = "mean") -> PatchFused:
+    """One head per patch of a ``grid`` (an int or (rows, cols)) over the map, fused by
+    ``fuse`` (``"mean"`` or ``"tile"``); ``make_head()`` builds each patch's head.
+
+    >>> scored = patch_fused(lambda: linear(4, 3), grid=2)
+    >>> scored(torch.randn(2, 4, 8, 8)).shape, len(scored.heads)
+    (torch.Size([2, 3]), 4)
+    >>> decoded = patch_fused(lambda: infopro_decoder(4, 3, 16), grid=2, fuse="tile")
+    >>> decoded(torch.randn(2, 4, 8, 8)).shape
+    torch.Size([2, 3, 32, 32])
+    """
+    if not callable(make_head):
+        raise TypeError("patch_fused takes a function that builds one patch's head, e.g. "
+                        "lambda: heads.dgl(c, n, (h // 2, w // 2))")
+    return PatchFused(make_head, _pair(grid, "grid"), fuse)
+
+
+class ChannelGroup(nn.Module):
+    """Neuron groups: group ``group`` of ``groups`` equal channel groups (dim 1) passes as it
+    is, every other channel is detached, so a loss on the output reaches only the group's
+    neurons through this map."""
+
+    def __init__(self, group: int, groups: int):
+        super().__init__()
+        if not 0 <= group < groups:
+            raise ValueError(f"group {group} is not one of the {groups} groups (0 … {groups - 1})")
+        self.group, self.groups = group, groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        width = x.shape[1]
+        if width % self.groups:
+            raise ShapeError(f"{width} channels do not split into {self.groups} equal groups; pick a "
+                             "number of groups that divides every module's width")
+        size = width // self.groups
+        own = torch.zeros(width, dtype=torch.bool, device=x.device)
+        own[self.group * size:(self.group + 1) * size] = True
+        return torch.where(own.view(1, -1, *([1] * (x.dim() - 2))), x, x.detach())
+
+
+def channel_group(group: int, groups: int) -> ChannelGroup:
+    """The map with every channel outside group ``group`` of ``groups`` detached.
+
+    >>> x = torch.ones(1, 4, 2, 2, requires_grad=True)
+    >>> channel_group(1, 2)(x).sum().backward()
+    >>> x.grad[0, :, 0, 0].tolist()
+    [0.0, 0.0, 1.0, 1.0]
+    """
+    return ChannelGroup(_positive_int(group + 1, "group + 1") - 1, _positive_int(groups, "groups"))
+
+
+class AugLocalHead(Head):
+    """AugLocal's auxiliary net: fresh blocks of the sampled later layers' widths
+    (``make_block(in, out, stride)``; stride 2 once per doubling of the width, at most one per
+    block, as the released code), global pool, a BatchNorm1d when it has at most one block,
+    Linear(C, n)."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int], num_classes: int, make_block):
+        layers, c, pools = [], in_channels, 0
+        for w in widths:
+            if w < c or w % c or (w // c) & (w // c - 1):
+                raise ValueError(f"AugLocal's auxiliary blocks widen by powers of two; a {c}-channel map "
+                                 f"cannot feed a sampled layer of width {w}")
+            pools += int(math.log2(w // c))
+            stride = 2 if pools >= 1 else 1
+            pools -= stride == 2
+            layers.append(make_block(c, w, stride))
+            c = w
+        tail = [nn.BatchNorm1d(c)] if len(widths) <= 1 else []
+        super().__init__(*layers, _global_pool(), *tail, nn.Linear(c, num_classes))
+
+
+def auglocal(in_channels: int, widths: Sequence[int], num_classes: int, make_block=None) -> AugLocalHead:
+    """AugLocal's auxiliary net for a (C, H, W) map: blocks of ``widths`` (the sampled later
+    layers' widths), built by ``make_block(in, out, stride)`` (default: the CIFAR ResNet
+    ``BasicBlock``), then pool and linear.
+
+    >>> head = auglocal(4, [8, 8], 10)
+    >>> [b.stride for b in head.layers[:2]], head(torch.randn(2, 4, 8, 8)).shape
+    ([2, 1], torch.Size([2, 10]))
+    """
+    if make_block is None:
+        from .models.resnet import BasicBlock as make_block
+    return AugLocalHead(_positive_int(in_channels, "in_channels"), [_positive_int(w, "width") for w in widths],
+                        _positive_int(num_classes, "num_classes"), make_block)
+
+
+class TokenReadout(Head):
+    """A language model's readout for (N, T, D) tokens: LayerNorm, Linear(D, V) without bias,
+    ``(N, T, V)`` next-token logits."""
+
+    ranks = (3,)
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, vocab_size, bias=False))
+
+
+def token_readout(dim: int, vocab_size: int) -> TokenReadout:
+    """Next-token logits from (N, T, D) tokens.
+
+    >>> token_readout(8, 20)(torch.randn(2, 5, 8)).shape
+    torch.Size([2, 5, 20])
+    """
+    return TokenReadout(_positive_int(dim, "dim"), _positive_int(vocab_size, "vocab_size"))

@@ -237,3 +237,27 @@ def infopro_lambdas(i: int, num_modules: int, ixx_1: float, ixy_1: float, ixx_2:
         raise ValueError(f"module index must be an int in [0, {num_modules}), got {i!r}")
     r = i / max(num_modules - 2, 1)
     return float(ixx_1 * (1 - r) + ixx_2 * r), float(ixy_1 * (1 - r) + ixy_2 * r)
+
+
+def sequence_cross_entropy(output: Tensor, batch: Any) -> tuple[Tensor, Metrics]:
+    """Mean next-token cross-entropy of logits ``output`` (N, T, V) against the int64 targets
+    (N, T) of the batch (``target_of``); metrics ``loss`` and ``accuracy`` (over tokens).
+    ``exp(loss)`` is the perplexity.
+
+    >>> tokens = torch.zeros(2, 3, dtype=torch.long)
+    >>> loss, m = sequence_cross_entropy(torch.zeros(2, 3, 4), (tokens, tokens))
+    >>> round(float(loss), 4), round(float(loss.exp()), 4)
+    (1.3863, 4.0)
+    """
+    y = target_of(batch)
+    if output.dim() != 3:
+        raise ValueError(f"sequence_cross_entropy takes (N, T, V) logits, got shape {tuple(output.shape)}; "
+                         "for (N, V) logits use cross_entropy")
+    if tuple(y.shape) != tuple(output.shape[:2]):
+        raise ValueError(f"sequence_cross_entropy: logits of shape {tuple(output.shape)} need targets of shape "
+                         f"{tuple(output.shape[:2])}, got {tuple(y.shape)}")
+    y = _check_labels(y.reshape(-1), output.shape[2], "sequence_cross_entropy")
+    logits = rearrange(output, "n t v -> (n t) v")
+    loss = F.cross_entropy(logits, y)
+    accuracy = (logits.detach().argmax(dim=1) == y).to(output.dtype).mean()
+    return loss, {"loss": loss.detach(), "accuracy": accuracy}

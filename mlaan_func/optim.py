@@ -836,6 +836,27 @@ def set_hyperparams(opt_state: OptState, **values) -> OptState:
     return new
 
 
+def keep_entries(new: OptState, old: OptState, keys: frozenset[str]) -> OptState:
+    """``new`` optimizer state with the per-parameter entries of ``keys`` taken from ``old``
+    (every dict keyed by parameter names; counts and hyper-parameters stay ``new``): the
+    state of a step that trains only some of the parameters.
+
+    >>> import torch
+    >>> opt = sgd(0.1, momentum=0.9)
+    >>> old = opt.init({"a": torch.ones(1), "b": torch.ones(1)})
+    >>> _, new = opt.update({"a": torch.ones(1), "b": torch.ones(1)}, old, {"a": torch.ones(1), "b": torch.ones(1)})
+    >>> kept = keep_entries(new, old, frozenset({"b"}))
+    >>> float(kept[0].momentum_buffer["a"]), float(kept[0].momentum_buffer["b"])
+    (1.0, 0.0)
+    """
+    if isinstance(new, dict):
+        return {k: old[k] if k in keys else keep_entries(v, old[k], keys) for k, v in new.items()}
+    if isinstance(new, tuple):
+        parts = [keep_entries(a, b, keys) for a, b in zip(new, old)]
+        return type(new)(*parts) if hasattr(new, "_fields") else tuple(parts)
+    return new
+
+
 def state_metrics(opt_state: OptState) -> dict[str, Tensor]:
     """What the optimizer state reports: ``apply_if_finite``'s ``skipped`` flag and counts,
     ``multi_steps``' ``mini_step``, and every injected hyper-parameter, keyed by the

@@ -197,15 +197,19 @@ def multilaminar(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int]
                  independent: HeadFactory, cascaded: HeadFactory,
                  trunks: Sequence[Sequence[str]] | str | None = "rule", trunk_depth: int = 4,
                  decay: float = 0.995, ema_update: str = "all",
-                 w_x: float = 0.001, w_y: float = 0.999) -> list[Objective]:
+                 w_x: float = 0.001, w_y: float = 0.999, final_weight: float = 1.0,
+                 final_alone: float | None = None) -> list[Objective]:
     """MLAAN's objectives over any pair of head factories (docs/design.md §2).
 
     For each module ``W-1 ≤ i ≤ K-2``: a cascaded objective ``w_y · L(casc_head(trunk(
     E_i ∘ … ∘ E_{i-W+1}(sg h_{i-W}))))`` and an independent one ``w_x · L(head(E_i(sg
     h_{i-1})))``, as separate objectives so their graphs never coexist; then the final window
-    into the backbone's classifier. ``trunks``: ``"rule"`` (the leap-trunk rule), a table
-    (row ``i`` for the window ending at module ``i``), or ``None`` (MLM without LAM).
-    A factory is ``(i, feature shape) -> (head module, loss)``.
+    into the backbone's classifier, weighted ``final_weight``. ``trunks``: ``"rule"`` (the
+    leap-trunk rule), a table (row ``i`` for the window ending at module ``i``), or ``None``
+    (MLM without LAM). A factory is ``(i, feature shape) -> (head module, loss)``.
+    ``final_alone=w`` adds an independent term on the last module, ``w · CE(E_{K-1}(sg
+    h_{K-2}))`` (HPFF); it is then the objective named ``"final"``, after the window
+    (``m{K-1}.cascaded``), which produces its input.
     """
     from .trunks import leap_trunk, leap_trunk_blocks
 
@@ -240,8 +244,11 @@ def multilaminar(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int]
         head, loss = independent(i, shapes[i])
         objectives.append(local_loss(modules[i], from_module(head, name=f"head{i}"), loss, w_x,
                                      name=f"m{i}.independent"))
-    objectives.append(local_loss(cascade(*modules[k - width:]), None, cross_entropy, name="final"))
-    return objectives
+    window = cascade(*modules[k - width:])
+    if final_alone is None:
+        return objectives + [local_loss(window, None, cross_entropy, final_weight, name="final")]
+    return objectives + [local_loss(window, None, cross_entropy, final_weight, name=f"m{k - 1}.cascaded"),
+                         local_loss(modules[-1], None, cross_entropy, final_alone, name="final")]
 
 
 def _ce_factory(kind: str, num_classes: int):
@@ -297,15 +304,30 @@ def infopro_mlaan(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int
 
 SCHEMES = ("e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan")
 
+RECIPES = ("hpff", "auglocal", "man", "neuron_groups")
+"""The recipes of ``mlaan_func.recipes`` that ``build`` also takes (``neuron_groups`` needs
+``groups=``)."""
+
 
 def build(method: str, backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32),
           **options) -> list[Objective]:
     """A published scheme by name (``-`` or ``_``): e2e, dgl, infopro, mlaan, dgl_mlaan,
-    infopro_mlaan. ``e2e`` ignores ``at`` (it is always one module)."""
+    infopro_mlaan, or one of the ``RECIPES``. ``e2e`` ignores ``at`` (it is always one module).
+
+    >>> import mlaan_func as mf
+    >>> net = mf.from_module(mf.models.CifarResNet(14, num_classes=10, widths=(4, 8, 8)))
+    >>> [o.name for o in build("neuron-groups", net, ["2.1"], input_shape=(3, 8, 8), groups=2)]
+    ['m0.g0', 'm0.g1', 'final']
+    """
     name = method.replace("-", "_").lower()
-    if name not in SCHEMES:
-        raise ValueError(f"unknown scheme {method!r}; choose one of {', '.join(SCHEMES)}")
+    if name not in SCHEMES + RECIPES:
+        raise ValueError(f"unknown scheme {method!r}; choose one of {', '.join(SCHEMES + RECIPES)}")
     if name == "e2e":
         return e2e(backbone)
-    return {"dgl": dgl, "infopro": infopro, "mlaan": mlaan, "dgl_mlaan": dgl_mlaan,
-            "infopro_mlaan": infopro_mlaan}[name](backbone, at, input_shape=input_shape, **options)
+    return {"dgl": dgl, "infopro": infopro, "mlaan": mlaan, "dgl_mlaan": dgl_mlaan, "infopro_mlaan": infopro_mlaan,
+            "hpff": hpff, "auglocal": auglocal, "man": man,
+            "neuron_groups": neuron_groups}[name](backbone, at, input_shape=input_shape, **options)
+
+
+from .recipes import (auglocal, auglocal_depths, ensemble_metric, hpff, man, neuron_groups,  # noqa: E402, F401
+                      lm_local, pgl, uniform_layers)  # (the recipes compose the schemes above)

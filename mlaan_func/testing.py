@@ -23,6 +23,7 @@ from .core.batch import as_batch
 from .core.net import INPUT, Block, Net, Params, State, to_module
 from .core.randomness import seed_block, seeded
 from .losses import input_of
+from .heads import ChannelGroup
 from .train.plan import plan_routes
 from .train.routing import fold
 from .train.state import TrainState
@@ -145,15 +146,68 @@ def expected_reach(objectives: Sequence[Objective]) -> list[frozenset[str]]:
     return reach
 
 
+Rows = dict[str, tuple[int, int]]
+"""Width-wise reach of one objective: parameter name -> the ``[start, stop)`` rows of its
+first dimension (output channels / features) the loss may reach."""
+
+
+def channel_group_of(objective: Objective) -> tuple[int, int] | None:
+    """``(group, groups)`` when the objective's head starts with a channel-group view
+    (``heads.channel_group``): its loss supervises that group of its module's output."""
+    first = objective.head.blocks[0] if objective.head is not None else None
+    module = getattr(first, "module", None)
+    return (module.group, module.groups) if isinstance(module, ChannelGroup) else None
+
+
+def expected_rows(objectives: Sequence[Objective], params: Params) -> list[Rows]:
+    """The width-wise reach of each objective, from the scheme's structure: an objective whose
+    head views channel group ``g`` of ``G`` (``heads.channel_group``) may reach only rows
+    ``[g·d/G, (g+1)·d/G)`` of every parameter of its net (``d`` = the parameter's first
+    dimension: a conv's or linear's output channels, a BatchNorm's channels); other
+    objectives have no width-wise limit (``{}``). That holds only if each group's neurons
+    read no other group's neurons inside the module (grouped convolutions after its first
+    layer), which ``check_isolation`` then checks.
+
+    >>> import mlaan_func as mf
+    >>> from torch import nn
+    >>> net = mf.from_module(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()))
+    >>> view = mf.cascade(mf.from_module(mf.heads.channel_group(1, 2), name="view"),
+    ...                   mf.from_module(mf.heads.linear(4, 3), name="head"))
+    >>> scheme = [mf.local_loss(net, view, mf.losses.cross_entropy, name="final")]
+    >>> expected_rows(scheme, mf.init_params(scheme)[0])
+    [{'0.weight': (2, 4), '0.bias': (2, 4)}]
+    """
+    out: list[Rows] = []
+    for o in objectives:
+        group = channel_group_of(o)
+        if group is None:
+            out.append({})
+            continue
+        g, groups = group
+        rows: Rows = {}
+        for k in o.net.param_names:
+            d = params[k].shape[0] if params[k].dim() else 1
+            if d % groups or not params[k].dim():
+                raise ValueError(f"objective {o.name!r} supervises channel group {g} of {groups}, but "
+                                 f"parameter {k!r} has {d} rows, which do not split into {groups} groups; "
+                                 "a neuron-group module needs widths divisible by the number of groups")
+            rows[k] = (g * d // groups, (g + 1) * d // groups)
+        out.append(rows)
+    return out
+
+
 def check_isolation(objectives: Sequence[Objective], ts: TrainState, batch: Any,
-                    expect: Sequence[Any] | None = None) -> None:
+                    expect: Sequence[Any] | None = None, rows: Sequence[Rows] | None = None) -> None:
     """Each objective's loss reaches exactly its expected parameters.
 
     ``expect[i]`` is the set of parameter names objective ``i`` may reach (default:
     ``expected_reach(objectives)``). The check fails if the loss has a nonzero gradient on
     any other parameter, or if some block inside its reach is not connected to the loss at
     all. Connection, not a nonzero value, is what counts inside the reach, so a head that
-    starts at zero passes.
+    starts at zero passes. ``rows[i]`` narrows it width-wise (default:
+    ``expected_rows(objectives, ts.params)``): a nonzero gradient outside a parameter's rows
+    fails too, so a neuron-group module whose groups read each other's neurons (a plain
+    convolution after its first layer) fails.
 
     >>> import mlaan_func as mf
     >>> from torch import nn
@@ -168,12 +222,14 @@ def check_isolation(objectives: Sequence[Objective], ts: TrainState, batch: Any,
     objective 'leaky' leaks gradient into '1.weight', outside its reach
     """
     expect = expected_reach(objectives) if expect is None else [frozenset(e) for e in expect]
-    if len(expect) != len(objectives):
-        raise ValueError(f"expect has {len(expect)} entries for {len(objectives)} objectives")
+    rows = expected_rows(objectives, ts.params) if rows is None else list(rows)
+    if len(expect) != len(objectives) or len(rows) != len(objectives):
+        raise ValueError(f"expect and rows have {len(expect)} and {len(rows)} entries for "
+                         f"{len(objectives)} objectives")
     params = {k: v.detach().clone().requires_grad_(True) for k, v in ts.params.items()}
     losses, _ = reference_losses(objectives, ts, batch, params)
     keys = list(params)
-    for o, loss, reach in zip(objectives, losses, expect):
+    for o, loss, reach, own_rows in zip(objectives, losses, expect, rows):
         grads = torch.autograd.grad(loss, [params[k] for k in keys], allow_unused=True, retain_graph=False)
         connected: set[str] = set()
         for k, g in zip(keys, grads):
@@ -182,6 +238,14 @@ def check_isolation(objectives: Sequence[Objective], ts: TrainState, batch: Any,
             connected.add(k)
             if k not in reach and bool(g.abs().max() > 0):
                 raise AssertionError(f"objective {o.name!r} leaks gradient into {k!r}, outside its reach")
+            if k in own_rows:
+                start, stop = own_rows[k]
+                outside = torch.cat([g[:start], g[stop:]])
+                if outside.numel() and bool(outside.abs().max() > 0):
+                    raise AssertionError(f"objective {o.name!r} leaks gradient into rows of {k!r} outside "
+                                         f"its channel group [{start}, {stop}): the group's neurons read "
+                                         "other groups' neurons (use grouped convolutions after the "
+                                         "module's first layer)")
         for block in (b for net in o.nets for b in net.blocks):
             names = set(block.param_names) & reach
             if names and not names & connected:
@@ -322,6 +386,26 @@ def image_batches(channels: int = 3, size: int = 8, num_classes: int = 10,
         g = torch.Generator().manual_seed(seed)
         return (torch.randn(n, channels, size, size, generator=g),
                 torch.randint(0, num_classes, (n,), generator=g))
+    return build()
+
+
+def token_batches(vocab_size: int = 16, length: int = 8, max_batch: int = 6) -> st.SearchStrategy:
+    """Small next-token ``(tokens, targets)`` batches drawn from a seed: ``(n, length)`` int64
+    tokens and the same sequences shifted by one (``targets[:, t] = tokens[:, t + 1]``).
+
+    >>> from hypothesis import given
+    >>> @given(token_batches(vocab_size=5, length=4))
+    ... def shifted(batch):
+    ...     tokens, targets = batch
+    ...     assert tokens.shape == targets.shape and bool((tokens[:, 1:] == targets[:, :-1]).all())
+    >>> shifted()
+    """
+    @st.composite
+    def build(draw):
+        n = draw(st.integers(2, max_batch))
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+        sequence = torch.randint(0, vocab_size, (n, length + 1), generator=g)
+        return sequence[:, :-1], sequence[:, 1:]
     return build()
 
 

@@ -33,7 +33,7 @@ from ..core.identity import check_identity
 from ..core.net import AfterStep, Params, State, check_keys, init_params
 from ..core.randomness import key_from_seed, seeded
 from ..errors import NonFiniteLossError, SchemeError
-from ..optim import Optimizer, apply_updates, state_metrics
+from ..optim import Optimizer, apply_updates, keep_entries, state_metrics
 from . import checkpoint
 from .execute import executor, forward_values, gradient_fns, objective_fn  # noqa: F401  (re-exported)
 from .plan import Route, plan_routes, plan_scheme  # noqa: F401
@@ -111,11 +111,15 @@ def _step_randomness(ts: TrainState, x: Tensor):
 
 
 def apply_gradients(ts: TrainState, grads: Params, state: State, optimizer: Optimizer,
-                    post: Sequence[AfterStep]) -> TrainState:
+                    post: Sequence[AfterStep], *, untouched: Iterable[str] = ()) -> TrainState:
     """One pure optimizer update with ``grads``, then the after-step updates (EMA twins) on
     ``state``: the end of every step, single-process or distributed."""
     updates, opt_state = optimizer.update({k: grads[k] for k in ts.params}, ts.opt_state, ts.params)
     params = apply_updates(ts.params, updates)
+    untouched = frozenset(untouched)
+    if untouched:
+        params = {k: ts.params[k] if k in untouched else v for k, v in params.items()}
+        opt_state = keep_entries(opt_state, ts.opt_state, untouched)
     for a in post:
         state = a.fn(params, state, step=ts.step) if hyper.takes_step(a.fn) else a.fn(params, state)
     return ts._replace(params=params, state=state, opt_state=opt_state, step=ts.step + 1)
@@ -165,11 +169,17 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
 
 
 def finish_step(ts: TrainState, g: Gradients, optimizer: Optimizer, post: Sequence[AfterStep], *,
-                check_finite: bool = True) -> tuple[TrainState, dict[str, dict[str, Tensor]]]:
+                check_finite: bool = True, untouched: Iterable[str] = ()
+                ) -> tuple[TrainState, dict[str, dict[str, Tensor]]]:
     """The end of every step, single-process or distributed: the non-finite check (nothing
     is updated past a non-finite loss), the optimizer update and after-steps
     (``apply_gradients``), and the metrics: each objective's, with its ``weighted_loss``,
-    and what the optimizer state reports under ``"optimizer"``."""
+    and what the optimizer state reports under ``"optimizer"``.
+
+    ``untouched`` names parameters this step does not train (a scheme over part of a train
+    state, as ``mf.schemes.pgl``'s end-to-end steps): they and their per-parameter optimizer
+    state (momentum, moments) stay as they were, as ``torch.optim`` skips a parameter whose
+    gradient is ``None``; shared counts (schedules, bias correction) advance."""
     if check_finite and not bool(g.finite):
         bad = [n for n, v in g.losses.items() if not bool(torch.isfinite(v))]
         where = f"in objective(s) {bad}" if bad else "on another rank"
@@ -177,7 +187,7 @@ def finish_step(ts: TrainState, g: Gradients, optimizer: Optimizer, post: Sequen
             f"non-finite loss {where} at step {int(ts.step)}; nothing was updated. Lower the learning "
             "rate, add gradient clipping (mlaan_func.optim.clip_by_global_norm), or check the inputs for NaN.")
     metrics = {n: {**m, "weighted_loss": g.losses[n]} for n, m in g.metrics.items()}
-    ts = apply_gradients(ts, g.grads, g.state, optimizer, post)
+    ts = apply_gradients(ts, g.grads, g.state, optimizer, post, untouched=untouched)
     reported = state_metrics(ts.opt_state)
     if reported:
         if "optimizer" in metrics:

@@ -1,0 +1,299 @@
+"""The field's methods around MLAAN as short compositions of the combinators (issue #23).
+
+Each recipe returns an ordered list of objectives like :mod:`mlaan_func.schemes` (which
+re-exports them) and is tested against an independent plain-PyTorch implementation in
+``tests/test_recipes.py``; ``docs/schemes.md`` lists where each paper and its released code
+differ.
+
+>>> import mlaan_func as mf
+>>> net = mf.from_module(mf.models.CifarResNet(14, num_classes=10, widths=(4, 8, 8)))
+>>> [o.name for o in hpff(net, ["1.0", "2.0"], input_shape=(3, 8, 8))]
+['m1.cascaded', 'm1.independent', 'm2.cascaded', 'final']
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import heads, losses
+from .combinators import Objective, cascade, local_loss, split
+from .core import Net, copy, from_module, output_shape
+from .losses import cross_entropy
+from .schemes import (_PROBE_BATCH, CIFAR10_MEAN, CIFAR10_STD, DEFAULT_LAMBDAS, _final_width, classifier_head,
+                      e2e, infopro_head, infopro_loss, module_shapes, multilaminar, num_classes_of,
+                      stage_fraction, window_width)
+from .train.state import after_steps, scheme_names
+from .train.step import finish_step, gradients, step
+from .train.vjp import dense
+from .trunks import block_shapes, leap_trunk
+
+HPFF_HEADS = ("dgl", "infopro")
+
+
+def _patch_head(kind: str, shape: Sequence[int], n: int, grid: int) -> nn.Module:
+    c, h, w = shape
+    return heads.patch_fused(lambda: classifier_head(kind, (c, max(h // grid, 1), max(w // grid, 1)), n), grid)
+
+
+def _patch_infopro(shape, n, input_shape, final_width: int, grid: int, contrastive: bool) -> nn.Module:
+    c = shape[0]
+    image_channels, height, width = input_shape
+    if height % grid or width % grid:
+        raise ValueError(f"HPFF's patch decoders tile the image: {height}x{width} does not split into a "
+                         f"{grid}x{grid} grid; pick a grid that divides the image size")
+    out = heads.FEATURE_DIM if contrastive else n
+    decoders = heads.patch_fused(lambda: heads.infopro_decoder(c, image_channels, (height // grid, width // grid)),
+                                 grid, fuse="tile")
+    return heads.InfoProHead(decoders, heads.infopro_classifier(c, out, final_width=c == final_width))
+
+
+def hpff(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32), head: str = "dgl",
+         trunks: str | None = None, width: int | None = None, grid: int = 2, w_x: float = 0.001,
+         w_y: float = 0.999, lambdas: Sequence[float] = DEFAULT_LAMBDAS, contrastive: bool = False,
+         mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD, **options) -> list[Objective]:
+    """HPFF (Su et al., arXiv 2407.05638): the hierarchical cascade (for ``W-1 ≤ i ≤ K-2`` a
+    cascaded objective ``w_y · L(E_i ∘ … ∘ E_{i-W+1})`` beside an independent one
+    ``w_x · L(E_i)``; the last module scored by ``w_y · CE`` through the final window,
+    ``m{K-1}.cascaded``, and ``w_x · CE`` alone, ``final``, which comes last because the
+    window produces its input), with patch feature fusion on the cascaded heads.
+
+    ``head="dgl"``: DGL classifiers; the cascaded one is one head per patch of a ``grid`` ×
+    ``grid`` split, logits averaged. ``head="infopro"`` (the released CIFAR code): the
+    independent head is InfoPro's classifier alone; the cascaded one is a decoder per patch,
+    each reconstructing its image patch (BCE summed over patches as released, hence
+    ``λ1 · grid²`` on the tiled image's mean BCE), beside the classifier. ``trunks="rule"``
+    puts MLAAN's leap trunks in front of the cascaded heads (HPFF on MLAAN);
+    ``W`` = 2 by default.
+    """
+    if head not in HPFF_HEADS:
+        raise ValueError(f"unknown HPFF head {head!r}; choose one of {HPFF_HEADS}")
+    k = len(split(backbone, at))
+    if k == 1:
+        return e2e(backbone)
+    n, final = num_classes_of(backbone, input_shape), _final_width(backbone, input_shape)
+    task = losses.supervised_contrastive(0.07) if contrastive else cross_entropy
+
+    def independent(i, shape):
+        if head == "dgl":
+            return classifier_head("dgl", shape, n), cross_entropy
+        return heads.infopro_classifier(shape[0], heads.FEATURE_DIM if contrastive else n, shape[0] == final), task
+
+    def cascaded(i, shape):
+        if head == "dgl":
+            return _patch_head("dgl", shape, n, grid), cross_entropy
+        lam1, lam2 = losses.infopro_lambdas(i, k, *lambdas)
+        return (_patch_infopro(shape, n, input_shape, final, grid, contrastive),
+                losses.weighted_sum((losses.reconstruction_bce(mean, std), lam1 * grid * grid), (task, lam2)))
+
+    return multilaminar(backbone, at, input_shape=input_shape, width=window_width(width, 2, k),
+                        independent=independent, cascaded=cascaded, trunks=trunks, w_x=w_x, w_y=w_y,
+                        final_weight=w_y, final_alone=w_x, **options)
+
+
+def neuron_groups(backbone: Net, at: Sequence[str], groups: int, *, input_shape: Sequence[int] = (3, 32, 32),
+                  head: str = "dgl") -> list[Objective]:
+    """Local learning with neuron groups (Patel et al., arXiv 2301.07635), without the diversity
+    term: module ``i < K-1`` of width ``C`` is also split along its width into ``groups``
+    channel groups; group ``g`` trains on ``CE(head_{i,g}(view_g(E_i(sg h_{i-1}))))``, where
+    ``view_g`` detaches every channel outside group ``g`` (``heads.channel_group``), so the
+    head sees the whole map; the last module on the backbone's classifier. The groups are
+    gradient-isolated only if the backbone's convolutions after each module's first layer are
+    grouped (``groups=G``): ``testing.check_isolation`` checks it width-wise. Evaluate the head
+    ensemble with :func:`ensemble_metric`.
+    """
+    modules = split(backbone, at)
+    shapes, n = module_shapes(modules, input_shape), num_classes_of(backbone, input_shape)
+    objectives = [
+        local_loss(m, cascade(from_module(heads.channel_group(g, groups), name=f"view{i}.{g}"),
+                              from_module(classifier_head(head, s, n), name=f"head{i}.{g}")),
+                   cross_entropy, name=f"m{i}.g{g}")
+        for i, (m, s) in enumerate(zip(modules[:-1], shapes)) for g in range(groups)
+    ]
+    return objectives + [local_loss(modules[-1], None, cross_entropy, name="final")]
+
+
+def ensemble_metric(objectives: Sequence[Objective], ts) -> Callable:
+    """A metric for ``mf.evaluate(..., metrics={"ensemble": ensemble_metric(heads, ts)})``: the
+    accuracy of the mean softmax of ``objectives``' heads (e.g. one module's group heads) on
+    their nets' outputs, in eval mode. It reads ``ts`` (pass the state ``evaluate`` gets):
+    metric functions do not receive the train state.
+    """
+    objectives = [o for o in objectives if o.head is not None]
+    if not objectives:
+        raise ValueError("ensemble_metric needs objectives with heads (the final objective scores the "
+                         "backbone's classifier and has none)")
+
+    def ensemble(outputs, batch):
+        probs = [o.head(ts.params, ts.state, outputs[o.output_name], train=False)[0].softmax(dim=1)
+                 for o in objectives]
+        y = losses.target_of(batch)
+        return {"accuracy": (torch.stack(probs).mean(dim=0).argmax(dim=1) == y).to(probs[0].dtype).mean()}
+
+    return ensemble
+
+
+def auglocal_depths(modules: int, depth: int, coeff: float = 1.0) -> list[int]:
+    """AugLocal's depth pyramid: the auxiliary depth of module ``i < K-1``, linear from ``depth``
+    at ``i = 0`` to 1 at ``i = K-2`` (``coeff`` scales the slope), ``max(1, round(·))`` as
+    released (Python's ``round``: halves to even).
+
+    >>> auglocal_depths(4, 3), auglocal_depths(6, 5)
+    ([3, 2, 1], [5, 4, 3, 2, 1])
+    """
+    span = max(modules - 2, 1)
+    return [max(1, round(depth * (1 - i * coeff / span) + i * coeff / span)) for i in range(modules - 1)]
+
+
+def uniform_layers(after: int, layers: int, depth: int) -> list[int]:
+    """The layers AugLocal samples after layer ``after`` of ``layers`` (classifier excluded):
+    all of them when ``depth`` reaches their number, else ``round(after + j·(layers - after - 1)
+    / depth)`` for ``j = 1 … depth`` (the last layer always among them).
+
+    >>> uniform_layers(1, 7, 3), uniform_layers(5, 7, 2)
+    ([3, 4, 6], [6])
+    """
+    if depth >= layers - 1 - after:
+        return list(range(after + 1, layers))
+    return [round(after + (layers - after - 1) / depth * j) for j in range(1, depth + 1)]
+
+
+def auglocal(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32), depth: int = 3,
+             pyramid: bool = True, coeff: float = 1.0, make_block=None) -> list[Objective]:
+    """AugLocal (Ma et al., arXiv 2402.17318): module ``i < K-1`` trains on
+    ``CE(aux_i(E_i(sg h_{i-1})))``, where ``aux_i`` is built from the layers uniformly sampled
+    after the module's last block (:func:`uniform_layers`), as fresh blocks of their widths
+    (``heads.auglocal``), ``depth`` of them, fewer deeper up with ``pyramid``
+    (:func:`auglocal_depths`); the last module on the backbone's classifier.
+
+    >>> import mlaan_func as mf
+    >>> net = mf.from_module(mf.models.CifarResNet(14, num_classes=10, widths=(4, 8, 8)))
+    >>> scheme = auglocal(net, ["stem", "1.1"], input_shape=(3, 8, 8))
+    >>> [sum(isinstance(m, mf.models.BasicBlock) for m in o.head.blocks[0].module.layers) for o in scheme[:-1]]
+    [3, 1]
+    """
+    modules = split(backbone, at)
+    names = list(backbone.block_names[:-1])
+    widths = [out[0] for _, out in block_shapes(backbone, input_shape)[:-1]]
+    n, k = num_classes_of(backbone, input_shape), len(modules)
+    depths = auglocal_depths(k, depth, coeff) if pyramid else [depth] * (k - 1)
+    objectives = []
+    for i, m in enumerate(modules[:-1]):
+        last = names.index(m.output_name)
+        aux = heads.auglocal(widths[last], [widths[j] for j in uniform_layers(last, len(names), depths[i])], n,
+                             make_block)
+        objectives.append(local_loss(m, from_module(aux, name=f"aux{i}"), cross_entropy, name=f"m{i}"))
+    return objectives + [local_loss(modules[-1], None, cross_entropy, name="final")]
+
+
+MAN_HEADS = ("infopro", "dgl")
+
+
+def man(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32), head: str = "infopro",
+        decay: float = 0.995, lambdas: Sequence[float] = DEFAULT_LAMBDAS, lambda_by: str = "stage",
+        contrastive: bool = False, mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD) -> list[Objective]:
+    """MAN (Su et al., arXiv 2407.05623): module ``i < K-1`` trains on ``L(head_i(copy(z) +
+    twin(z)))`` with ``z = E_i(sg h_{i-1})``, where ``copy`` is a trainable copy of the next
+    module's first block and ``twin`` its EMA (``leap_ema``, decay ``decay``); the last
+    module on the backbone's classifier. A module followed by the classifier alone has no
+    block to copy and scores ``z`` itself. ``head="infopro"`` (the released CIFAR code):
+    ``λ1·BCE + λ2·task`` with λ interpolated at ``stage / (K-2)`` of the copied block
+    (``lambda_by="stage"``, as released; ``"module"`` for ``i / (K-2)``); ``"dgl"``: DGL's
+    head and CE.
+
+    >>> import mlaan_func as mf
+    >>> net = mf.from_module(mf.models.CifarResNet(14, num_classes=10, widths=(4, 8, 8)))
+    >>> [b.name for b in man(net, ["1.0", "2.0"], input_shape=(3, 8, 8))[0].head.blocks]
+    ['lb0.1.1', 'head0']
+    """
+    if head not in MAN_HEADS or lambda_by not in ("stage", "module"):
+        raise ValueError(f"MAN takes head in {MAN_HEADS} and lambda_by 'stage' or 'module', got {head!r} and "
+                         f"{lambda_by!r}")
+    modules = split(backbone, at)
+    k, shapes = len(modules), module_shapes(modules, input_shape)
+    n, final = num_classes_of(backbone, input_shape), _final_width(backbone, input_shape)
+    objectives = []
+    for i, (m, s) in enumerate(zip(modules[:-1], shapes)):
+        first = modules[i + 1].blocks[0].name
+        # the backbone's final block (its classifier) is never copied: that module's head reads z itself
+        trunk = None if first == backbone.output_name else leap_trunk(backbone, [first], f"lb{i}", decay)
+        z = s if trunk is None else output_shape(trunk, (_PROBE_BATCH, *s))[1:]
+        if head == "dgl":
+            aux, loss = classifier_head("dgl", z, n), cross_entropy
+        else:
+            r = stage_fraction(first, k) if lambda_by == "stage" else None
+            aux = infopro_head(z, n, input_shape, final, contrastive)
+            loss = infopro_loss(i, k, lambdas, contrastive=contrastive, mean=mean, std=std, stage_fraction=r)
+        aux = from_module(aux, name=f"head{i}")
+        objectives.append(local_loss(m, aux if trunk is None else cascade(trunk, aux), loss, name=f"m{i}"))
+    return objectives + [local_loss(modules[-1], None, cross_entropy, name="final")]
+
+
+def pgl(local: Sequence[Objective], global_scheme: Sequence[Objective], optimizer, *, every: int,
+        share: bool | str | None = None) -> Callable:
+    """PGL (Bhatti et al., arXiv 2208.00821): a step ``(ts, batch) -> (ts, metrics)`` that
+    trains ``local`` and, on steps ``every-1, 2·every-1, …`` (counted from 0), the global
+    (end-to-end) scheme instead, over one train state and one optimizer state.
+
+    Rules for the entries the global step does not touch (the auxiliary heads, trunks, their
+    statistics), which ``finish_step(..., untouched=)`` applies: their parameters, BatchNorm
+    statistics and per-parameter optimizer state (momentum, Adam moments) stay as they were,
+    as ``torch.optim`` skips a parameter whose gradient is ``None``; the optimizer's shared
+    counts (learning-rate schedule, Adam's bias correction) advance on every step, where
+    ``torch.optim.Adam`` counts each parameter's own updates; the local scheme's after-step
+    updates (EMA twins) run on every step.
+    ``metrics["pgl"]["global"]`` is 1 on a global step.
+
+    >>> import mlaan_func as mf
+    >>> net = mf.from_module(mf.models.CifarResNet(14, num_classes=10, widths=(4, 8, 8)))
+    >>> local, whole, opt = mf.schemes.dgl(net, ["1.1"], input_shape=(3, 8, 8)), mf.schemes.e2e(net), mf.optim.sgd(0.1)
+    >>> train_step, ts = pgl(local, whole, opt, every=2), mf.init(local, opt)
+    >>> batch = (torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    >>> [float(train_step(ts, batch)[1]["pgl"]["global"]) for ts in [ts, ts._replace(step=ts.step + 1)]]
+    [0.0, 1.0]
+    """
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int (a global step every that many steps), got {every!r}")
+    (local_params, _), (params, state) = scheme_names(local), scheme_names(global_scheme)
+    outside = [k for k in params if k not in set(local_params)]
+    if outside:
+        raise ValueError(f"the global scheme trains {outside[:3]}, which the local scheme does not hold; both "
+                         "must run over the same backbone (mf.schemes.e2e(backbone) beside a local scheme of it)")
+    local_step, global_grads, post = step(local, optimizer, share=share), gradients(global_scheme), after_steps(local)
+    untouched = frozenset(local_params) - set(params)
+
+    def train_step(ts, batch):
+        if int(ts.step) % every != every - 1:
+            ts, metrics = local_step(ts, batch)
+            return ts, {**metrics, "pgl": {"global": torch.zeros(())}}
+        g = global_grads(ts._replace(params={k: ts.params[k] for k in params},
+                                     state={k: ts.state[k] for k in state}), batch)
+        g = g._replace(grads=dense(g.grads, ts.params), state={**ts.state, **g.state})
+        ts, metrics = finish_step(ts, g, optimizer, post, untouched=untouched)
+        return ts, {**metrics, "pgl": {"global": torch.ones(())}}
+
+    return train_step
+
+
+def lm_local(backbone: Net, at: Sequence[str], *, readout: str = "readout") -> list[Objective]:
+    """Local learning of a language model (``mf.models.DecoderLM``): module ``i < K-1`` predicts
+    the next token through its own readout, a trainable copy of the final readout block
+    ``readout`` that starts equal to it (``copy``), scored by ``losses.sequence_cross_entropy``;
+    the last module through the final readout itself (``at=[]``: end-to-end). SOLO-style
+    shared readouts (every module reading the final unembedding, read-only) need read-only
+    views, which the library lacks.
+
+    >>> import mlaan_func as mf
+    >>> net = mf.from_module(mf.models.lm_micro(vocab_size=16, context=8))
+    >>> [(o.name, o.head.block_names if o.head else None) for o in lm_local(net, ["blocks.1"])]
+    [('m0', ('readout0.readout',)), ('final', None)]
+    """
+    if readout not in backbone.block_names:
+        raise ValueError(f"no readout block {readout!r}; the blocks are {list(backbone.block_names)}")
+    modules, final = split(backbone, at), backbone.block(readout)
+    objectives = [local_loss(m, copy(final, f"readout{i}"), losses.sequence_cross_entropy, name=f"m{i}")
+                  for i, m in enumerate(modules[:-1])]
+    return objectives + [local_loss(modules[-1], None, losses.sequence_cross_entropy, name="final")]
