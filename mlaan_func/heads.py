@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import torch
 from einops import rearrange, reduce
 from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
