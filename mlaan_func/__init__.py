@@ -7,19 +7,22 @@
 
 The package shows its layers (docs/design.md §4): ``errors``; ``core`` (nets, objectives,
 batches, identity, tracing, randomness, hyper-parameters); ``combinators``; ``train`` (the
-plan, the executor, the step, checkpoints); ``optim``; the scheme zoo (``schemes``,
-``heads``, ``losses``, ``trunks``, ``splits``, ``published``); ``parallel``; ``data`` and
+plan, the executor, the step, checkpoints); ``optim``; the scheme zoo (``schemes``: the
+published schemes and recipes with their heads, losses, trunks, splits and released tables);
+``parallel``; ``data`` and
 ``imagefolder``; ``models``; ``testing``; ``memory``.
 """
 
 import sys as _sys
 
-from . import errors, heads, labels, losses, models, optim, published, schemes, splits, trunks
+from . import errors, models, optim, schemes
+from .schemes import heads, labels, losses, splits, trunks
+from .schemes import tables as published
 from .combinators import LeapBlock, cascade, leap_ema, local_loss, split
 from .core import (AfterStep, Batch, Block, DeviceMismatchError, Net, Objective, Params, ShapeError, State, copy,
                    from_module, hyper, identity, init_params, output_shape, randomness, to_module, trace)
 from .errors import NonFiniteLossError
-from .published import infopro_lambda_table, leap_trunk_table, published_split
+from .schemes.tables import infopro_lambda_table, leap_trunk_table, published_split
 from .train import routing
 from .train.remat import remat
 from .train.state import TrainState
@@ -36,6 +39,7 @@ __all__ = [
 
 # Modules that moved into the layers keep their old import paths (mlaan_func.engine, ...).
 from .core import batch as _batch  # noqa: E402
+from .schemes import recipes as _recipes  # noqa: E402
 from .parallel import distributed as _distributed  # noqa: E402
 from .train import (checkpoint as _checkpoint, execute as _execute, kernels as _kernels,  # noqa: E402
                     plan as _plan, remat as _remat, shared_step as _shared_step, state as _state,
@@ -44,7 +48,9 @@ from .train import (checkpoint as _checkpoint, execute as _execute, kernels as _
 MOVED = {"engine": _engine, "train_state": _state, "vjp": _vjp, "plan": _plan, "kernels": _kernels,
          "execute": _execute, "remat": _remat, "routing": routing, "checkpoint": _checkpoint,
          "shared_step": _shared_step, "distributed": _distributed, "batch": _batch, "hyper": hyper,
-         "identity": identity, "randomness": randomness, "trace": trace}
+         "identity": identity, "randomness": randomness, "trace": trace, "heads": heads, "losses": losses,
+         "trunks": trunks, "splits": splits, "published": published, "labels": labels,
+         "imagenet_heads": schemes.imagenet_heads, "recipes": _recipes}
 """Old module name -> the module now: ``import mlaan_func.engine`` still works."""
 for _old, _module in MOVED.items():
     _sys.modules[f"{__name__}.{_old}"] = _module

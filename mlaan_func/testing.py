@@ -22,8 +22,8 @@ from .combinators import LeapBlock, Objective, cascade, split
 from .core.batch import as_batch
 from .core.net import INPUT, Block, Net, Params, State, to_module
 from .core.randomness import seed_block, seeded
-from .losses import input_of
-from .heads import ChannelGroup
+from .schemes.heads import ChannelGroup
+from .schemes.losses import input_of
 from .train.plan import plan_routes
 from .train.routing import fold
 from .train.state import TrainState

@@ -39,8 +39,8 @@ from ..core.batch import as_batch
 from ..core.net import INPUT, Params
 from ..core.randomness import fold_in
 from ..errors import DistributedError
-from ..losses import input_of
 from ..optim import Optimizer
+from ..schemes.losses import input_of
 from ..train.execute import executor
 from ..train.plan import plan_routes
 from ..train.routing import accumulate

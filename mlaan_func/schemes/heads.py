@@ -26,7 +26,7 @@ from einops import rearrange, reduce
 from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
-from .core.net import ShapeError
+from ..core.net import ShapeError
 
 FEATURE_DIM = 128
 """Width of the InfoPro classifier's hidden layer and of its contrastive output."""
@@ -552,7 +552,7 @@ def auglocal(in_channels: int, widths: Sequence[int], num_classes: int, make_blo
     ([2, 1], torch.Size([2, 10]))
     """
     if make_block is None:
-        from .models.resnet import BasicBlock as make_block
+        from ..models.resnet import BasicBlock as make_block
     return AugLocalHead(_positive_int(in_channels, "in_channels"), [_positive_int(w, "width") for w in widths],
                         _positive_int(num_classes, "num_classes"), make_block)
 

@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from ..combinators import Objective, cascade, local_loss, split
+from ..core.net import Net, from_module, output_shape
 from . import heads, losses
-from .combinators import Objective, cascade, local_loss, split
-from .core.net import Net, from_module, output_shape
 from .losses import cross_entropy
 
 _PROBE_BATCH = 2
@@ -300,34 +300,3 @@ def infopro_mlaan(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int
 
     return multilaminar(backbone, at, input_shape=input_shape, width=w, independent=factory(True),
                         cascaded=factory(False), **options)
-
-
-SCHEMES = ("e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan")
-
-RECIPES = ("hpff", "auglocal", "man", "neuron_groups")
-"""The recipes of ``mlaan_func.recipes`` that ``build`` also takes (``neuron_groups`` needs
-``groups=``)."""
-
-
-def build(method: str, backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32),
-          **options) -> list[Objective]:
-    """A published scheme by name (``-`` or ``_``): e2e, dgl, infopro, mlaan, dgl_mlaan,
-    infopro_mlaan, or one of the ``RECIPES``. ``e2e`` ignores ``at`` (it is always one module).
-
-    >>> import mlaan_func as mf
-    >>> net = mf.from_module(mf.models.CifarResNet(14, num_classes=10, widths=(4, 8, 8)))
-    >>> [o.name for o in build("neuron-groups", net, ["2.1"], input_shape=(3, 8, 8), groups=2)]
-    ['m0.g0', 'm0.g1', 'final']
-    """
-    name = method.replace("-", "_").lower()
-    if name not in SCHEMES + RECIPES:
-        raise ValueError(f"unknown scheme {method!r}; choose one of {', '.join(SCHEMES + RECIPES)}")
-    if name == "e2e":
-        return e2e(backbone)
-    return {"dgl": dgl, "infopro": infopro, "mlaan": mlaan, "dgl_mlaan": dgl_mlaan, "infopro_mlaan": infopro_mlaan,
-            "hpff": hpff, "auglocal": auglocal, "man": man,
-            "neuron_groups": neuron_groups}[name](backbone, at, input_shape=input_shape, **options)
-
-
-from .recipes import (auglocal, auglocal_depths, ensemble_metric, hpff, man, neuron_groups,  # noqa: E402, F401
-                      lm_local, pgl, uniform_layers)  # (the recipes compose the schemes above)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .core.batch import Batch, input_of
+from ..core.batch import Batch, input_of
 
 Metrics = dict[str, Tensor]
 LossFn = Callable[[object, "Batch"], tuple[Tensor, Metrics]]

@@ -21,8 +21,8 @@ from __future__ import annotations
 import fnmatch
 from typing import Any, Callable, Sequence
 
-from .combinators import LeapBlock, Objective
-from .core.net import Params
+from ..combinators import LeapBlock, Objective
+from ..core.net import Params
 
 LabelFn = Callable[[Params], dict[str, Any]]
 

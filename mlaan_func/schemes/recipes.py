@@ -18,16 +18,29 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..combinators import Objective, cascade, local_loss, split
+from ..core import Net, copy, from_module, output_shape
+from ..train.state import after_steps, scheme_names
+from ..train.step import finish_step, gradients, step
+from ..train.vjp import dense
 from . import heads, losses
-from .combinators import Objective, cascade, local_loss, split
-from .core import Net, copy, from_module, output_shape
+from .catalog import (
+    _PROBE_BATCH,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    DEFAULT_LAMBDAS,
+    _final_width,
+    classifier_head,
+    e2e,
+    infopro_head,
+    infopro_loss,
+    module_shapes,
+    multilaminar,
+    num_classes_of,
+    stage_fraction,
+    window_width,
+)
 from .losses import cross_entropy
-from .schemes import (_PROBE_BATCH, CIFAR10_MEAN, CIFAR10_STD, DEFAULT_LAMBDAS, _final_width, classifier_head,
-                      e2e, infopro_head, infopro_loss, module_shapes, multilaminar, num_classes_of,
-                      stage_fraction, window_width)
-from .train.state import after_steps, scheme_names
-from .train.step import finish_step, gradients, step
-from .train.vjp import dense
 from .trunks import block_shapes, leap_trunk
 
 HPFF_HEADS = ("dgl", "infopro")

@@ -15,8 +15,8 @@ from typing import Sequence
 
 from torch import Tensor
 
-from .combinators import cascade, leap_ema
-from .core.net import Net, ShapeError, copy, output_shape
+from ..combinators import cascade, leap_ema
+from ..core.net import Net, ShapeError, copy, output_shape
 
 
 def _stage_of(name: str) -> int | None:

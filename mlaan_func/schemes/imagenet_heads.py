@@ -20,7 +20,7 @@ from einops.layers.torch import Reduce
 from torch import nn
 
 from .heads import FEATURE_DIM, Head, InfoProHead
-from .published import tables
+from .tables import tables
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int = 1, stride: int = 1, bias: bool = False) -> list[nn.Module]:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from .core.net import Net, output_shape
+from ..core.net import Net, output_shape
 
 ENDS = ("stem", "classifier")
 """Blocks never cut after on their own: the stem joins the first module, the classifier the
@@ -76,7 +76,7 @@ def default_split(arch: str | None, net: Net, modules: int, input_shape: Sequenc
     >>> default_split("resnet32", mf.from_module(mf.models.resnet32()), 16, (3, 32, 32))[:2]
     ['stem', '1.0']
     """
-    from .published import split_for, tables
+    from .tables import split_for, tables
 
     if arch is not None and arch in tables()["splits"]:
         return split_for(arch, net.block_names, modules)
