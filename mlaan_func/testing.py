@@ -209,6 +209,11 @@ def check_isolation(objectives: Sequence[Objective], ts: TrainState, batch: Any,
     fails too, so a neuron-group module whose groups read each other's neurons (a plain
     convolution after its first layer) fails.
 
+    An objective with its own ``grad_fn`` (other than ``mf.remat``'s) is checked on what its
+    function returns, run on the objective's input: a nonzero gradient outside its reach
+    fails, and so does a block inside its reach that its loss reaches but the function gives
+    no gradient (a ``grad_fn`` that returns zeros).
+
     >>> import mlaan_func as mf
     >>> from torch import nn
     >>> a, b = mf.split(mf.from_module(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))), ["0"])
@@ -228,9 +233,13 @@ def check_isolation(objectives: Sequence[Objective], ts: TrainState, batch: Any,
                          f"{len(objectives)} objectives")
     params = {k: v.detach().clone().requires_grad_(True) for k, v in ts.params.items()}
     losses, _ = reference_losses(objectives, ts, batch, params)
+    own = _own_gradients(objectives, ts, batch)
     keys = list(params)
-    for o, loss, reach, own_rows in zip(objectives, losses, expect, rows):
+    for i, (o, loss, reach, own_rows) in enumerate(zip(objectives, losses, expect, rows)):
         grads = torch.autograd.grad(loss, [params[k] for k in keys], allow_unused=True, retain_graph=False)
+        if i in own:
+            _check_own_gradients(o, own[i], dict(zip(keys, grads)), reach)
+            grads = [own[i].get(k) for k in keys]
         connected: set[str] = set()
         for k, g in zip(keys, grads):
             if g is None:
@@ -250,6 +259,41 @@ def check_isolation(objectives: Sequence[Objective], ts: TrainState, batch: Any,
             names = set(block.param_names) & reach
             if names and not names & connected:
                 raise AssertionError(f"objective {o.name!r} does not reach block {block.name!r}")
+
+
+def _own_gradients(objectives: Sequence[Objective], ts: TrainState, batch: Any) -> dict[int, Params]:
+    """The gradients each objective with its own ``grad_fn`` (not ``mf.remat``'s) returns,
+    run on its input."""
+    custom = [i for i, o in enumerate(objectives)
+              if o.grad_fn is not None and getattr(o.grad_fn, "remat_every", None) is None]
+    if not custom:
+        return {}
+    routes = plan_routes(objectives)
+    batch = as_batch(batch)
+    found: dict[int, Params] = {}
+
+    def run(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
+        if i in custom:
+            fn = o.grad_fn(o, routes[i].taps)
+            grads, (_, (_, outputs, _)) = fn({k: ts.params[k] for k in o.param_names}, ts.state, x.detach(),
+                                             batch, ts.step)
+            found[i] = dict(grads)
+            return outputs
+        with torch.no_grad():
+            return o.forward(ts.params, ts.state, x, batch, taps=routes[i].taps, step=ts.step)[2]
+
+    fold(objectives, routes, input_of(batch), run, free=False)
+    return found
+
+
+def _check_own_gradients(o: Objective, own: Params, reference: dict[str, Tensor | None], reach) -> None:
+    for block in (b for net in o.nets for b in net.blocks):
+        names = [k for k in block.param_names if k in reach]
+        if not names or all(reference.get(k) is None or not bool(reference[k].abs().max() > 0) for k in names):
+            continue
+        if all(k not in own or not bool(own[k].abs().max() > 0) for k in names):
+            raise AssertionError(f"objective {o.name!r}'s grad_fn gives no gradient to block {block.name!r}, "
+                                 "which its loss reaches; the grad_fn must return the loss's gradients")
 
 
 class _Leap(nn.Module):
