@@ -25,7 +25,7 @@ from torch import Tensor
 from .core import hyper
 from .core.net import AfterStep, Net, Params, State, copy
 from .core.objective import LossFn, Objective
-from .errors import KeysError
+from .errors import KeysError, SchemeError
 
 
 def _require_net(net: Any, what: str) -> None:
@@ -157,6 +157,10 @@ class LeapBlock:
 
         return (AfterStep("ema:" + ",".join(self.twin.block_names), ema),) + self.copy.after_steps
 
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return self.copy.reads
+
     def children(self) -> tuple:
         return (*self.copy.blocks, *self.twin.blocks)
 
@@ -198,6 +202,78 @@ class LeapBlock:
 
     def renamed(self, prefix: str) -> "LeapBlock":
         return attrs.evolve(self, copy=copy(self.copy, prefix))
+
+
+@attrs.frozen(eq=False)
+class FrozenBlock:
+    """A read-only view of ``block``: the same function on the same parameters and
+    statistics, by the same names, with no gradient into them and no state written. Made by
+    ``frozen``."""
+
+    block: Any
+
+    @property
+    def name(self) -> str:
+        return self.block.name
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return self.block.param_names
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return self.block.state_names
+
+    @property
+    def after_steps(self) -> tuple[AfterStep, ...]:
+        return ()
+
+    def children(self) -> tuple:
+        return (self.block,)
+
+    def with_children(self, children: tuple) -> "FrozenBlock":
+        return FrozenBlock(children[0])
+
+    def meta_forward(self, x: Tensor) -> Tensor:
+        return self.block.meta_forward(x)
+
+    def apply(self, params: Params, state: State, x: Tensor, *, train: bool) -> tuple[Tensor, State]:
+        missing = [k for k in self.block.param_names if k not in params]
+        if missing:
+            raise KeysError(f"the read-only view of block {self.block.name!r} reads {missing[:3]}, which the "
+                            "parameters passed in lack; a view's source must be trained by the scheme")
+        viewed = {**params, **{k: params[k].detach() for k in self.block.param_names}}
+        y, _ = self.block.apply(viewed, state, x, train=train)
+        return y, {}
+
+    def init(self, seed: int) -> tuple[Params, State]:
+        return {}, {}
+
+    def renamed(self, prefix: str) -> "FrozenBlock":
+        raise SchemeError(f"copy() of a read-only view of {self.block.name!r} would read names no block "
+                          "holds; copy the source net and take frozen() of the copy")
+
+
+def frozen(net: Net) -> Net:
+    """A read-only view of ``net``: the same function on the same parameters, following
+    them every step without a refresh, with no gradient flowing into them (the loss that
+    reads it does not train them) and no statistics written. The source must be trained by
+    some objective of the scheme; the checkers know the dependency (``Objective.reads``),
+    so a view is outside its objective's reach.
+
+    >>> from torch import nn
+    >>> from mlaan_func.core import from_module
+    >>> readout = from_module(nn.Linear(4, 3), name="readout")
+    >>> view = frozen(readout)
+    >>> view.param_names, view.reads
+    ((), ('readout.weight', 'readout.bias'))
+    """
+    _require_net(net, "frozen")
+    return Net(tuple(FrozenBlock(b) for b in net.blocks), input_name=net.input_name)
 
 
 def leap_ema(copy_net: Net, source: Net, decay: float | Tensor = 0.995, *, twin: str = "twin") -> Net:

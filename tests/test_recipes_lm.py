@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 from hypothesis import given, settings
@@ -82,7 +83,7 @@ def lm_reference(at):
 
 @pytest.mark.parametrize("at", [["blocks.1"], ["embed", "blocks.0", "blocks.2"]])
 def test_lm_local_one_step_equals_plain_backward(at):
-    scheme = mf.schemes.lm_local(mf.from_module(lm()), at)
+    scheme = mf.schemes.lm_local(mf.from_module(lm()), at, shared=False)
     ts = mf.init(scheme, mf.optim.adamw(1e-3), seed=2)
     mt.check_oracle(scheme, ts, tokens(seed=3), lm_reference(at), rtol=1e-4)
 
@@ -91,7 +92,7 @@ def test_lm_local_one_step_equals_plain_backward(at):
 @given(at=mt.cut_points(mf.from_module(lm()).block_names, min_modules=2, max_modules=4),
        batch=mt.token_batches(VOCAB, CONTEXT))
 def test_lm_local_laws_isolation_and_purity(at, batch):
-    scheme = mf.schemes.lm_local(mf.from_module(lm()), at)
+    scheme = mf.schemes.lm_local(mf.from_module(lm()), at, shared=False)
     opt = mf.optim.adamw(1e-3)
     ts = mf.init(scheme, opt)
     p, _ = mf.init_params(scheme)
@@ -109,3 +110,64 @@ def test_lm_example_trains_both_and_reports_perplexity():
     assert set(found) == {"e2e", "local"}, r.stdout
     for value in found.values():
         assert 1.0 < float(value) < VOCAB * 2
+
+
+def shared_reference(at):
+    """SOLO-style: module ``i`` scores its next tokens through the final readout itself, with
+    the readout's parameters detached; only the final module trains the readout."""
+    model = lm()
+    blocks = dict(model.named_blocks())
+    names = list(blocks)
+    ends = [names.index(a) for a in at] + [len(names) - 1]
+    per_module = [names[(ends[j - 1] + 1 if j else 0):ends[j] + 1] for j in range(len(ends))]
+
+    def reference(params, state, xy):
+        x, y = xy
+        ref = Reference(params, state)
+        readout = blocks["readout"]
+        h, total = x, 0.0
+        for i, module in enumerate(per_module):
+            h = h.detach()
+            for b in module:
+                h = ref.run(b, blocks[b], h)
+            if i < len(per_module) - 1:
+                frozen_out = torch.func.functional_call(
+                    readout, {n: params[f"readout.{n}"].detach() for n, _ in readout.named_parameters()}, (h,))
+                total = total + F.cross_entropy(frozen_out.reshape(-1, VOCAB), y.reshape(-1))
+            else:
+                total = total + F.cross_entropy(h.reshape(-1, VOCAB), y.reshape(-1))
+        total.backward()
+        return ref.grads(), {**state, **ref.new_state}
+
+    return reference
+
+
+@pytest.mark.parametrize("at", [["blocks.1"], ["embed", "blocks.0", "blocks.2"]])
+def test_shared_readout_one_step_equals_plain_backward(at):
+    scheme = mf.schemes.lm_local(mf.from_module(lm()), at)
+    ts = mf.init(scheme, mf.optim.adamw(1e-3), seed=2)
+    assert not any(k.startswith("readout0") for k in ts.params)   # no copies: one readout
+    mt.check_oracle(scheme, ts, tokens(seed=3), shared_reference(at), rtol=1e-4)
+    mt.check_isolation(scheme, ts, tokens(seed=3))
+
+
+def test_a_view_follows_its_source_without_refresh_and_never_trains_it():
+    net = mf.from_module(lm())
+    scheme = mf.schemes.lm_local(net, ["blocks.1"])
+    opt = mf.optim.sgd(0.5)
+    ts = mf.init(scheme, opt, seed=1)
+    ts2, _ = mf.step(scheme, opt)(ts, tokens(seed=4))
+    assert not torch.equal(ts2.params["readout.unembed.weight"], ts.params["readout.unembed.weight"])
+    # the view reads the updated readout at once: m0 scored through the readout itself, in eval mode
+    plain = [attrs.evolve(scheme[0], head=net.block("readout")), scheme[1]]
+    got = mf.evaluate(scheme, ts2, [tokens(seed=5)], select="loss")
+    want = mf.evaluate(plain, ts2, [tokens(seed=5)], select="loss")
+    assert got == want
+
+
+def test_a_view_whose_source_nobody_trains_is_refused():
+    net = mf.from_module(lm())
+    head_only = [mf.local_loss(mf.split(net, ["blocks.1"])[0], mf.frozen(net.block("readout")),
+                               mf.losses.sequence_cross_entropy, name="m0")]
+    with pytest.raises(ValueError, match="no objective of the scheme trains them"):
+        mf.gradients(head_only)

@@ -198,6 +198,11 @@ class Block:
     def after_steps(self) -> tuple[AfterStep, ...]:
         return ()
 
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Parameters it reads without training them (a read-only view's source): none."""
+        return ()
+
     def children(self) -> tuple:
         return ()
 
@@ -338,6 +343,11 @@ class Net:
     @property
     def after_steps(self) -> tuple[AfterStep, ...]:
         return tuple(a for b in self.blocks for a in b.after_steps)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Parameters its blocks read without training them (read-only views)."""
+        return _chain_names(self.blocks, "reads")
 
     def run(self, params: Params, state: State, x: Tensor, *, train: bool = True,
             taps: dict[str, Tensor] | None = None) -> tuple[Tensor, State]:

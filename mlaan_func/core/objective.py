@@ -104,6 +104,11 @@ class Objective:
         return tuple(dict.fromkeys(k for n in self.nets for k in n.param_names))
 
     @property
+    def reads(self) -> tuple[str, ...]:
+        """Parameters it reads without training them (read-only views of other blocks)."""
+        return tuple(dict.fromkeys(k for n in self.nets for k in n.reads))
+
+    @property
     def state_names(self) -> tuple[str, ...]:
         held = (self.weight.key,) if isinstance(self.weight, hyper.Held) else ()
         return tuple(dict.fromkeys(k for n in self.nets for k in n.state_names)) + held

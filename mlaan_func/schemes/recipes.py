@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..combinators import Objective, cascade, local_loss, split
+from ..combinators import Objective, cascade, frozen, local_loss, split
 from ..core import Net, copy, from_module, output_shape
 from ..train.state import after_steps, scheme_names
 from ..train.step import finish_step, gradients, step
@@ -291,22 +291,27 @@ def pgl(local: Sequence[Objective], global_scheme: Sequence[Objective], optimize
     return train_step
 
 
-def lm_local(backbone: Net, at: Sequence[str], *, readout: str = "readout") -> list[Objective]:
+def lm_local(backbone: Net, at: Sequence[str], *, readout: str = "readout", shared: bool = True
+             ) -> list[Objective]:
     """Local learning of a language model (``mf.models.DecoderLM``): module ``i < K-1`` predicts
-    the next token through its own readout, a trainable copy of the final readout block
-    ``readout`` that starts equal to it (``copy``), scored by ``losses.sequence_cross_entropy``;
-    the last module through the final readout itself (``at=[]``: end-to-end). SOLO-style
-    shared readouts (every module reading the final unembedding, read-only) need read-only
-    views, which the library lacks.
+    the next token through the final readout block ``readout``, scored by
+    ``losses.sequence_cross_entropy``; the last module through the final readout itself,
+    which only it trains (``at=[]``: end-to-end). ``shared=True`` (SOLO-style): every module
+    reads the final readout through a read-only view (``mf.frozen``), which follows it every
+    step and passes it no gradient; ``shared=False``: each module has its own trainable copy
+    that starts equal to it (``copy``).
 
     >>> import mlaan_func as mf
     >>> net = mf.from_module(mf.models.lm_micro(vocab_size=16, context=8))
-    >>> [(o.name, o.head.block_names if o.head else None) for o in lm_local(net, ["blocks.1"])]
+    >>> [(o.name, o.reads[:1]) for o in lm_local(net, ["blocks.1"])]
+    [('m0', ('readout.norm.weight',)), ('final', ())]
+    >>> [(o.name, o.head.block_names if o.head else None) for o in lm_local(net, ["blocks.1"], shared=False)]
     [('m0', ('readout0.readout',)), ('final', None)]
     """
     if readout not in backbone.block_names:
         raise ValueError(f"no readout block {readout!r}; the blocks are {list(backbone.block_names)}")
     modules, final = split(backbone, at), backbone.block(readout)
-    objectives = [local_loss(m, copy(final, f"readout{i}"), losses.sequence_cross_entropy, name=f"m{i}")
+    objectives = [local_loss(m, frozen(final) if shared else copy(final, f"readout{i}"),
+                             losses.sequence_cross_entropy, name=f"m{i}")
                   for i, m in enumerate(modules[:-1])]
     return objectives + [local_loss(modules[-1], None, losses.sequence_cross_entropy, name="final")]

@@ -246,6 +246,9 @@ class _Step:
         self.remat = [all(rematerialised[u] for u in p.users) for p in plan.pieces]
         self.sum_cotangents = sum_cotangents
         self.param_keys, self.state_keys = scheme_names(objectives)
+        # read-only views read parameters that other objectives (maybe on other ranks) train
+        self.param_keys += tuple(dict.fromkeys(k for o in objectives for k in o.reads if k not in self.param_keys))
+        self.views = [p.net.reads for p in plan.pieces]
         pieces = plan.pieces
         self.reads = {p.parent for p in pieces if isinstance(p.parent, str)} | {
             at for _, at in plan.kept if isinstance(at, str)}
@@ -308,8 +311,13 @@ class _Run:
         lk.inp, value = input_leaf(x, piece.needs_input_grad)
         lk.leaves = param_leaves(self.ts.params, piece.param_names)
         with torch.enable_grad():
-            lk.out, updates = self.s.nets[k].run(lk.leaves, self.ts.state, value, train=True)
+            lk.out, updates = self.s.nets[k].run(self.with_reads(k, lk.leaves), self.ts.state, value, train=True)
         return updates
+
+    def with_reads(self, k: int, leaves: Params) -> Params:
+        """``leaves`` and the parameters piece ``k``'s read-only views read."""
+        views = self.s.views[k]
+        return {**leaves, **{n: self.ts.params[n] for n in views}} if views else leaves
 
     def keep_output(self, k: int, value: Tensor) -> None:
         if k in self.s.kept_at:
@@ -450,7 +458,7 @@ class _Run:
                 for j, k in enumerate(tail):
                     if j:
                         self.parent_value(k)  # bookkeeping: the value flows inside this graph
-                    h, live[k].updates = s.nets[k].run(leaves, self.ts.state, h, train=True)
+                    h, live[k].updates = s.nets[k].run(self.with_reads(k, leaves), self.ts.state, h, train=True)
                     self.keep_output(k, h)
                     live[k].computed = True
                     live[k].pending.clear()  # its gradient is this graph's
@@ -478,7 +486,7 @@ class _Run:
         path = self.s.plan.objectives[i].path
         x = self.parent_value(path[0])
         seed_block(o.name)
-        p = {k: self.ts.params[k] for k in o.param_names}
+        p = {k: self.ts.params[k] for k in (*o.param_names, *o.reads)}
         g, (loss, (updates, outputs, m)) = self.s.opaque[i](p, self.ts.state, x, self.batch, self.ts.step)
         accumulate(self.grads, g, g.values())
         self.own_updates[i] = updates

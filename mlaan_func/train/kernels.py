@@ -121,6 +121,10 @@ class KernelBlock:
     def after_steps(self) -> tuple[AfterStep, ...]:
         return ()
 
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return ()
+
     def children(self) -> tuple:
         return ()
 

@@ -85,6 +85,7 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     """
     objectives = list(objectives)
     check_identity(objectives)
+    check_reads(objectives)
     run_step = executor(objectives, share=share, compile=compile, backend=backend)
     param_keys, state_keys = scheme_names(objectives)
     first_structure = None
@@ -166,6 +167,17 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
         return finish_step(ts, grad_step(ts, batch), optimizer, post, check_finite=check_finite)
 
     return train_step
+
+
+def check_reads(objectives: Sequence[Objective]) -> None:
+    """Every parameter a read-only view reads is trained by an objective of the scheme."""
+    trained = {k for o in objectives for k in o.param_names}
+    for o in objectives:
+        orphan = [k for k in o.reads if k not in trained]
+        if orphan:
+            raise SchemeError(f"objective {o.name!r} reads {orphan[:3]} through a read-only view (frozen), but no "
+                              "objective of the scheme trains them; add the objective that trains the source, "
+                              "or use a trainable copy (mf.copy) instead of a view")
 
 
 def finish_step(ts: TrainState, g: Gradients, optimizer: Optimizer, post: Sequence[AfterStep], *,
