@@ -16,7 +16,7 @@ True
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import attrs
 import torch
@@ -314,7 +314,7 @@ def leap_ema(copy_net: Net, source: Net, decay: float | Tensor = 0.995, *, twin:
 
 
 def local_loss(net: Net, head: Net | None, loss: LossFn, weight: float | Tensor = 1.0, *,
-               name: str | None = None) -> Objective:
+               name: str | None = None, active: Callable[[Tensor], Any] | None = None) -> Objective:
     """An objective: ``weight · loss(head(net(x)), batch)``; with ``head=None`` the net's own
     output is scored (the last module's classifier).
 
@@ -336,11 +336,11 @@ def local_loss(net: Net, head: Net | None, loss: LossFn, weight: float | Tensor 
     name = name or default
     if isinstance(weight, hyper.Held):
         return Objective(name=name, net=net, head=head, loss=loss,
-                         weight=attrs.evolve(weight, key=hyper.weight_key(name)))
+                         weight=attrs.evolve(weight, key=hyper.weight_key(name)), active=active)
     if hyper.is_schedule(weight):
-        return Objective(name=name, net=net, head=head, loss=loss, weight=weight)
+        return Objective(name=name, net=net, head=head, loss=loss, weight=weight, active=active)
     w = torch.as_tensor(weight, dtype=torch.float32).detach().clone()
     if w.ndim != 0 or not bool(torch.isfinite(w)):
         raise ValueError(f"a loss weight must be a finite number, a schedule of the step or "
                          f"mlaan_func.hyper.held(w), got {weight}")
-    return Objective(name=name, net=net, head=head, loss=loss, weight=w)
+    return Objective(name=name, net=net, head=head, loss=loss, weight=w, active=active)

@@ -70,3 +70,29 @@ def test_share_true_refuses_a_grad_fn_by_name():
     scheme = scheme_with(zeros)
     with pytest.raises(ValueError, match=r"objectives \['m0'\] bring their own grad_fn"):
         mf.gradients(scheme, share=True)
+
+
+def test_a_switched_off_objective_is_neither_computed_nor_updated():
+    calls = []
+
+    def counted(out, batch):
+        calls.append(1)
+        return mf.losses.cross_entropy(out, batch)
+
+    a, b = mf.split(mf.from_module(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))), ["1"])
+    head = mf.from_module(nn.Linear(4, 3), name="head")
+    scheme = [mf.local_loss(a, head, counted, name="m0", active=lambda step: step % 2 == 0),
+              mf.local_loss(b, None, mf.losses.cross_entropy, name="final")]
+    opt = mf.optim.sgd(0.1, momentum=0.9, weight_decay=1e-2)
+    train_step, ts = mf.step(scheme, opt), mf.init(scheme, opt)
+    ts, metrics = train_step(ts, BATCH)                # step 0: both
+    assert sorted(metrics) == ["final", "m0"] and len(calls) == 1
+    before = ts
+    ts, metrics = train_step(ts, BATCH)                # step 1: m0 off
+    assert sorted(metrics) == ["final"] and len(calls) == 1
+    for k in ("head.weight", "0.weight"):               # what only m0 trains does not move, momentum included
+        assert torch.equal(ts.params[k], before.params[k])
+        assert torch.equal(ts.opt_state[1].momentum_buffer[k], before.opt_state[1].momentum_buffer[k])
+    assert not torch.equal(ts.params["2.weight"], before.params["2.weight"])
+    ts, metrics = train_step(ts, BATCH)                # step 2: both again
+    assert sorted(metrics) == ["final", "m0"] and len(calls) == 2

@@ -31,6 +31,10 @@ class Objective:
     (and any tapped block output inside it) is what later objectives may read; ``score``
     gives the weighted loss at ``step``.
 
+    ``active``, when given, is a schedule of the step saying whether the objective runs at
+    that step (``mf.step`` neither computes a switched-off objective nor moves what only it
+    trains: parameters, momentum, decay); ``None``: always.
+
     ``grad_fn``, when given, is how this objective is differentiated instead of by the
     executor: a factory ``grad_fn(objective, taps) -> fn`` called once when the step is
     built, where ``taps`` names the blocks inside ``net`` that later objectives read, and
@@ -42,6 +46,7 @@ class Objective:
     ``grad_fn`` never shares blocks with others (``share=True`` refuses it), and the
     checkers (``mlaan_func.testing``) run it to see its reach.
 
+    >>> import torch
     >>> from torch import nn
     >>> from mlaan_func.core import from_module, init_params
     >>> from mlaan_func.losses import Batch, cross_entropy
@@ -82,6 +87,7 @@ class Objective:
     loss: LossFn
     weight: Tensor
     grad_fn: Callable | None = None
+    active: Callable[[Tensor], Any] | None = None
     loss_takes_step: bool = attrs.field(init=False)
 
     def __attrs_post_init__(self):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import torch  # noqa: F401  (the doctests use it)
 from torch import fx, nn
 
 from ..errors import TraceError

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import attrs
 import torch
 from torch import nn
 
 from ..combinators import Objective, cascade, frozen, local_loss, split
 from ..core import Net, copy, from_module, output_shape
-from ..train.state import after_steps, scheme_names
-from ..train.step import finish_step, gradients, step
-from ..train.vjp import dense
 from . import heads, losses
 from .catalog import (
     _PROBE_BATCH,
@@ -245,11 +243,11 @@ def man(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32
     return objectives + [local_loss(modules[-1], None, cross_entropy, name="final")]
 
 
-def pgl(local: Sequence[Objective], global_scheme: Sequence[Objective], optimizer, *, every: int,
-        share: bool | str | None = None) -> Callable:
-    """PGL (Bhatti et al., arXiv 2208.00821): a step ``(ts, batch) -> (ts, metrics)`` that
-    trains ``local`` and, on steps ``every-1, 2·every-1, …`` (counted from 0), the global
-    (end-to-end) scheme instead, over one train state and one optimizer state.
+def pgl(local: Sequence[Objective], global_scheme: Sequence[Objective], *, every: int) -> list[Objective]:
+    """PGL (Bhatti et al., arXiv 2208.00821): one scheme that trains ``local`` and, on steps
+    ``every-1, 2·every-1, …`` (counted from 0), the global (end-to-end) scheme instead, over
+    one train state and one optimizer state (``mf.step`` switches objectives by their
+    ``active`` schedules). The global objectives are renamed ``global.<name>``.
 
     Rules for the entries the global step does not touch (the auxiliary heads, trunks, their
     statistics), which ``finish_step(..., untouched=)`` applies: their parameters, BatchNorm
@@ -258,37 +256,26 @@ def pgl(local: Sequence[Objective], global_scheme: Sequence[Objective], optimize
     counts (learning-rate schedule, Adam's bias correction) advance on every step, where
     ``torch.optim.Adam`` counts each parameter's own updates; the local scheme's after-step
     updates (EMA twins) run on every step.
-    ``metrics["pgl"]["global"]`` is 1 on a global step.
 
     >>> import mlaan_func as mf
     >>> net = mf.from_module(mf.models.CifarResNet(14, num_classes=10, widths=(4, 8, 8)))
-    >>> local, whole, opt = mf.schemes.dgl(net, ["1.1"], input_shape=(3, 8, 8)), mf.schemes.e2e(net), mf.optim.sgd(0.1)
-    >>> train_step, ts = pgl(local, whole, opt, every=2), mf.init(local, opt)
+    >>> scheme = pgl(mf.schemes.dgl(net, ["1.1"], input_shape=(3, 8, 8)), mf.schemes.e2e(net), every=2)
+    >>> opt = mf.optim.sgd(0.1)
+    >>> train_step, ts = mf.step(scheme, opt), mf.init(scheme, opt)
     >>> batch = (torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
-    >>> [float(train_step(ts, batch)[1]["pgl"]["global"]) for ts in [ts, ts._replace(step=ts.step + 1)]]
-    [0.0, 1.0]
+    >>> [sorted(train_step(ts, batch)[1]) for ts in [ts, ts._replace(step=ts.step + 1)]]
+    [['final', 'm0'], ['global.final']]
     """
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be a positive int (a global step every that many steps), got {every!r}")
-    (local_params, _), (params, state) = scheme_names(local), scheme_names(global_scheme)
-    outside = [k for k in params if k not in set(local_params)]
+    trained = {k for o in local for k in o.param_names}
+    outside = [k for o in global_scheme for k in o.param_names if k not in trained]
     if outside:
         raise ValueError(f"the global scheme trains {outside[:3]}, which the local scheme does not hold; both "
                          "must run over the same backbone (mf.schemes.e2e(backbone) beside a local scheme of it)")
-    local_step, global_grads, post = step(local, optimizer, share=share), gradients(global_scheme), after_steps(local)
-    untouched = frozenset(local_params) - set(params)
-
-    def train_step(ts, batch):
-        if int(ts.step) % every != every - 1:
-            ts, metrics = local_step(ts, batch)
-            return ts, {**metrics, "pgl": {"global": torch.zeros(())}}
-        g = global_grads(ts._replace(params={k: ts.params[k] for k in params},
-                                     state={k: ts.state[k] for k in state}), batch)
-        g = g._replace(grads=dense(g.grads, ts.params), state={**ts.state, **g.state})
-        ts, metrics = finish_step(ts, g, optimizer, post, untouched=untouched)
-        return ts, {**metrics, "pgl": {"global": torch.ones(())}}
-
-    return train_step
+    is_global = lambda step: step % every == every - 1  # noqa: E731
+    return ([attrs.evolve(o, active=lambda step: ~is_global(step)) for o in local]
+            + [attrs.evolve(o, name=f"global.{o.name}", active=is_global) for o in global_scheme])
 
 
 def lm_local(backbone: Net, at: Sequence[str], *, readout: str = "readout", shared: bool = True

@@ -45,6 +45,7 @@ def remat_grad_fn(every: int = 1) -> Callable:
 def remat(objective: Objective, every: int = 1) -> Objective:
     """The same objective, differentiated by rematerialisation every ``every`` blocks.
 
+    >>> import torch
     >>> from torch import nn
     >>> import mlaan_func as mf
     >>> net = mf.from_module(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)))

@@ -23,6 +23,7 @@ import contextlib
 import os
 from typing import Any, Callable, Iterable, Sequence
 
+import attrs
 import torch
 from torch import Tensor
 
@@ -38,6 +39,7 @@ from . import checkpoint
 from .execute import executor, forward_values, gradient_fns, objective_fn  # noqa: F401  (re-exported)
 from .plan import Route, plan_routes, plan_scheme  # noqa: F401
 from .state import Gradients, TrainState, after_steps, scheme_names
+from .vjp import dense
 
 
 def init(objectives: Sequence[Objective], optimizer: Optimizer, *, seed: int = 0,
@@ -145,6 +147,12 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
     compiled code) and nothing is updated; with ``check_finite=False`` the step goes on
     (use ``optim.apply_if_finite`` to skip such updates).
 
+    Objectives switched by a schedule (``local_loss(..., active=)``): each step runs only the
+    objectives active at ``ts.step`` (worked out on the host, one read of the step), as a
+    scheme of its own; what only switched-off objectives train keeps its parameters and
+    per-parameter optimizer state (``finish_step(untouched=)``), and only the active
+    objectives report metrics. After-steps (EMA twins) run every step.
+
     >>> from torch import nn
     >>> import mlaan_func as mf
     >>> scheme = [mf.local_loss(mf.from_module(nn.Linear(2, 3), name="fc"), None,
@@ -160,13 +168,63 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
     >>> int(ts.step), float(metrics["final"]["loss"]) < first
     (20, True)
     """
-    grad_step = gradients(objectives, compile=compile, backend=backend, share=share)
+    objectives = list(objectives)
     post = after_steps(objectives)
+    if all(o.active is None for o in objectives):
+        grad_step = gradients(objectives, compile=compile, backend=backend, share=share)
 
-    def train_step(ts: TrainState, batch: Any):
-        return finish_step(ts, grad_step(ts, batch), optimizer, post, check_finite=check_finite)
+        def train_step(ts: TrainState, batch: Any):
+            return finish_step(ts, grad_step(ts, batch), optimizer, post, check_finite=check_finite)
 
-    return train_step
+        return train_step
+    check_identity(objectives)
+    check_reads(objectives)
+    by_active: dict[tuple[int, ...], tuple] = {}  # the step of each set of active objectives, built once
+
+    def build(on: tuple[int, ...]):
+        part, feeders = [], set()
+        for j, o in enumerate(objectives):
+            if j in on:
+                part.append(o)
+            elif any(objectives[k].input_name in o.net.block_names for k in on if k > j):
+                part.append(attrs.evolve(o, grad_fn=forward_only))  # a later active objective reads its net
+                feeders.add(o.name)
+        trained = {k for o in part if o.name not in feeders for k in o.param_names}
+        params, state = scheme_names(part)
+        return (gradients(part, compile=compile, backend=backend, share=share), params, state,
+                frozenset(k for k in params if k not in trained), feeders)
+
+    def switched_step(ts: TrainState, batch: Any):
+        on = tuple(i for i, o in enumerate(objectives) if o.active is None or bool(o.active(ts.step)))
+        if not on:
+            raise SchemeError(f"no objective is active at step {int(ts.step)}; every step needs one "
+                              "(check the active= schedules)")
+        if on not in by_active:
+            by_active[on] = build(on)
+        grad_step, params, state, fed, feeders = by_active[on]
+        g = grad_step(ts._replace(params={k: ts.params[k] for k in params}, state={k: ts.state[k] for k in state}),
+                      batch)
+        g = g._replace(grads=dense(g.grads, ts.params), state={**ts.state, **g.state},
+                       losses={n: v for n, v in g.losses.items() if n not in feeders},
+                       metrics={n: v for n, v in g.metrics.items() if n not in feeders})
+        untouched = (set(ts.params) - set(params)) | fed
+        return finish_step(ts, g, optimizer, post, check_finite=check_finite, untouched=untouched)
+
+    return switched_step
+
+
+def forward_only(objective: Objective, taps: tuple[str, ...]) -> Callable:
+    """The ``grad_fn`` of a switched-off objective whose net a later active objective reads:
+    its net runs forward in training mode (its statistics move, as any forward's do), with
+    no gradient, no head and no loss."""
+    def fn(params: Params, state: State, x: Tensor, batch: Any, step: Tensor | None = None):
+        outputs = dict.fromkeys(taps)
+        with torch.no_grad():
+            h, updates = objective.net.run(params, state, x, train=True, taps=outputs)
+        outputs[objective.output_name] = h
+        return {}, (torch.zeros((), device=x.device), (updates, outputs, {}))
+
+    return fn
 
 
 def check_reads(objectives: Sequence[Objective]) -> None:
