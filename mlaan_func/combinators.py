@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .core import hyper
-from .core.net import AfterStep, Net, Params, State, copy
+from .core.net import AfterStep, Net, Params, State, Wrapper, copy
 from .core.objective import LossFn, Objective
 from .errors import KeysError, SchemeError
 
@@ -205,16 +205,12 @@ class LeapBlock:
 
 
 @attrs.frozen(eq=False)
-class FrozenBlock:
+class FrozenBlock(Wrapper):
     """A read-only view of ``block``: the same function on the same parameters and
     statistics, by the same names, with no gradient into them and no state written. Made by
     ``frozen``."""
 
     block: Any
-
-    @property
-    def name(self) -> str:
-        return self.block.name
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -224,22 +220,11 @@ class FrozenBlock:
     def reads(self) -> tuple[str, ...]:
         return self.block.param_names
 
-    @property
-    def state_names(self) -> tuple[str, ...]:
-        return self.block.state_names
-
-    @property
-    def after_steps(self) -> tuple[AfterStep, ...]:
-        return ()
-
     def children(self) -> tuple:
         return (self.block,)
 
     def with_children(self, children: tuple) -> "FrozenBlock":
         return FrozenBlock(children[0])
-
-    def meta_forward(self, x: Tensor) -> Tensor:
-        return self.block.meta_forward(x)
 
     def apply(self, params: Params, state: State, x: Tensor, *, train: bool) -> tuple[Tensor, State]:
         missing = [k for k in self.block.param_names if k not in params]

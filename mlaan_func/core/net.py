@@ -152,8 +152,43 @@ def _meta_template(module: nn.Module, train: bool) -> nn.Module:
     return template.train(train)
 
 
+class BlockDefaults:
+    """What a block has unless it says otherwise: no after-steps, no read-only views, no
+    children."""
+
+    @property
+    def after_steps(self) -> tuple[AfterStep, ...]:
+        return ()
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Parameters it reads without training them (a read-only view's source)."""
+        return ()
+
+    def children(self) -> tuple:
+        return ()
+
+    def with_children(self, children: tuple) -> Any:
+        return self
+
+
+class Wrapper(BlockDefaults):
+    """A block that runs another one, ``self.block``, under its name and state."""
+
+    @property
+    def name(self) -> str:
+        return self.block.name
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return self.block.state_names
+
+    def meta_forward(self, x: Tensor) -> Tensor:
+        return self.block.meta_forward(x)
+
+
 @attrs.frozen(eq=False)
-class Block:
+class Block(BlockDefaults):
     """One named block: ``module`` run with the tensors stored under ``prefix``.
 
     ``root`` is the name of the block it was first made from; copies keep it, so a copy
@@ -193,21 +228,6 @@ class Block:
     @property
     def state_names(self) -> tuple[str, ...]:
         return tuple(_join(self.prefix, n) for n in self.local_state)
-
-    @property
-    def after_steps(self) -> tuple[AfterStep, ...]:
-        return ()
-
-    @property
-    def reads(self) -> tuple[str, ...]:
-        """Parameters it reads without training them (a read-only view's source): none."""
-        return ()
-
-    def children(self) -> tuple:
-        return ()
-
-    def with_children(self, children: tuple) -> "Block":
-        return self
 
     def meta_forward(self, x: Tensor) -> Tensor:
         try:

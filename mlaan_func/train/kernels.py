@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..core.identity import fingerprint, module_blocks
-from ..core.net import AfterStep, Block, Net, Params, State, _join, call_explained
+from ..core.net import Block, Net, Params, State, Wrapper, _join, call_explained
 from ..core.randomness import seed_block
 
 Kernel = Callable[[Params, State, Tensor], tuple[Tensor, State]]
@@ -98,7 +98,7 @@ def retainable():
 
 
 @attrs.frozen(eq=False)
-class KernelBlock:
+class KernelBlock(Wrapper):
     """``block`` whose training forward runs through a shared compiled kernel (evaluation
     runs the block itself)."""
 
@@ -106,33 +106,8 @@ class KernelBlock:
     kernel: Kernel
 
     @property
-    def name(self) -> str:
-        return self.block.name
-
-    @property
     def param_names(self) -> tuple[str, ...]:
         return self.block.param_names
-
-    @property
-    def state_names(self) -> tuple[str, ...]:
-        return self.block.state_names
-
-    @property
-    def after_steps(self) -> tuple[AfterStep, ...]:
-        return ()
-
-    @property
-    def reads(self) -> tuple[str, ...]:
-        return ()
-
-    def children(self) -> tuple:
-        return ()
-
-    def with_children(self, children: tuple) -> "KernelBlock":
-        return self
-
-    def meta_forward(self, x: Tensor) -> Tensor:
-        return self.block.meta_forward(x)
 
     def apply(self, params: Params, state: State, x: Tensor, *, train: bool) -> tuple[Tensor, State]:
         if not train:
