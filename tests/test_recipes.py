@@ -265,7 +265,7 @@ def test_ensemble_metric_is_the_mean_softmax_of_the_group_heads():
     ts, _ = mf.step(scheme, opt)(ts, batch(seed=1))
     last = [o for o in scheme if o.name.startswith("m1.")]
     xy = batch(n=8, seed=4)
-    got = mf.evaluate(scheme, ts, [xy], metrics={"ensemble": mf.schemes.ensemble_metric(last, ts)}, select=None)
+    got = mf.evaluate(scheme, ts, [xy], metrics={"ensemble": mf.schemes.ensemble_metric(last)}, select=None)
     model = mf.to_module(mf.from_module(group_net(2)), ts.params, ts.state).eval()
     with torch.no_grad():
         h = xy[0]

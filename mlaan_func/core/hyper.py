@@ -161,14 +161,23 @@ def set_held(ts: Any, values: dict[str, float | Tensor]) -> Any:
     return ts._replace(state=state)
 
 
-def takes_step(fn: Callable) -> bool:
-    """Whether ``fn`` accepts a ``step`` keyword (losses and after-step updates that want it)."""
+def takes_keyword(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` accepts the keyword ``name`` (or any keyword).
+
+    >>> takes_keyword(lambda outputs, batch, *, ts: None, "ts"), takes_keyword(len, "ts")
+    (True, False)
+    """
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.name == "step" or p.kind is p.VAR_KEYWORD for p in params)
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def takes_step(fn: Callable) -> bool:
+    """Whether ``fn`` accepts a ``step`` keyword (losses and after-step updates that want it)."""
+    return takes_keyword(fn, "step")
 
 
 __all__ = ["Held", "Schedule", "decay_key", "finite_number", "held", "is_schedule", "resolve", "set_held",
-           "takes_step", "value_tensor", "weight_key"]
+           "takes_keyword", "takes_step", "value_tensor", "weight_key"]

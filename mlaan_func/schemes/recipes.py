@@ -126,18 +126,21 @@ def neuron_groups(backbone: Net, at: Sequence[str], groups: int, *, input_shape:
     return objectives + [local_loss(modules[-1], None, cross_entropy, name="final")]
 
 
-def ensemble_metric(objectives: Sequence[Objective], ts) -> Callable:
-    """A metric for ``mf.evaluate(..., metrics={"ensemble": ensemble_metric(heads, ts)})``: the
+def ensemble_metric(objectives: Sequence[Objective], ts=None) -> Callable:
+    """A metric for ``mf.evaluate(..., metrics={"ensemble": ensemble_metric(heads)})``: the
     accuracy of the mean softmax of ``objectives``' heads (e.g. one module's group heads) on
-    their nets' outputs, in eval mode. It reads ``ts`` (pass the state ``evaluate`` gets):
-    metric functions do not receive the train state.
+    their nets' outputs, in eval mode, with the train state ``evaluate`` passes it (``ts``,
+    when given, is used instead).
     """
     objectives = [o for o in objectives if o.head is not None]
     if not objectives:
         raise ValueError("ensemble_metric needs objectives with heads (the final objective scores the "
                          "backbone's classifier and has none)")
 
-    def ensemble(outputs, batch):
+    fixed = ts
+
+    def ensemble(outputs, batch, *, ts=None):
+        ts = fixed if fixed is not None else ts
         probs = [o.head(ts.params, ts.state, outputs[o.output_name], train=False)[0].softmax(dim=1)
                  for o in objectives]
         y = losses.target_of(batch)

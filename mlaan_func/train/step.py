@@ -279,7 +279,8 @@ def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[
     ``{name: {metric: value}}`` for every objective and every function in ``metrics``. A
     metric function ``fn(outputs, batch) -> {metric: 0-d tensor}`` gets ``outputs``, the
     output of every boundary the scheme produced (``"input"``, then each objective's net
-    output and tapped blocks, by block name), e.g. for a linear probe on a module's output.
+    output and tapped blocks, by block name), e.g. for a linear probe on a module's output;
+    one that takes a ``ts`` keyword also gets the train state (``schemes.ensemble_metric``).
     Each block application runs once per batch: evaluation runs the step's plan forward
     (``mlaan_func.execute.forward_values``), so an objective whose window overlaps blocks
     already run (the same block, by identity, on the same value) starts from them.
@@ -325,7 +326,7 @@ def evaluate(objectives: Sequence[Objective], ts: TrainState, batches: Iterable[
         for o, (_, m) in zip(objectives, scores):
             add(o.name, m, n)
         for name, fn in metrics.items():
-            add(name, fn(produced, batch), n)
+            add(name, fn(produced, batch, ts=ts) if hyper.takes_keyword(fn, "ts") else fn(produced, batch), n)
         seen += n
     if seen == 0:
         raise ValueError("evaluate got no batches")
