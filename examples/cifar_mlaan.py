@@ -50,7 +50,10 @@ IDENTITY = ("method", "arch", "modules", "dataset", "batch_size", "lr", "seed", 
             "warmup_epochs", "weight_decay", "parallel", "micro_batches")
 BASE_LR, BASE_BATCH = 0.8, 1024  # the papers' recipe; the default lr follows the linear rule
 WARMUP_EPOCHS, WARMUP_SHARE = 10, 0.05  # the recipe's warm-up, at most this share of a short run
-IDENTITY += ("image_size",)
+IDENTITY += ("image_size", "share", "channels_last", "compile")
+# The flags that leave the numbers as they are, or move a run to other hardware; --help lists them.
+NOT_COMPARED = ("out", "data_dir", "workers", "no_progress", "checkpoint_minutes", "dist_timeout", "json",
+                "threads", "device")
 
 
 class ProgramError(Exception):
@@ -83,6 +86,10 @@ class OutputError(ProgramError):
 
 class Busy(ProgramError):
     code = 7
+
+
+class InterruptedAfterTraining(ProgramError):
+    code = 130
 
 
 INTERRUPTED = 130
@@ -120,7 +127,10 @@ def _finite(name: str, value: float, low: float, *, strict: bool = False) -> Non
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    epilog = "exit codes:\n" + "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items())
+    epilog = ("--resume refuses a checkpoint written with other flags, except these, which change no number "
+              "(--threads and --device change float rounding only): "
+              + ", ".join(f"--{k.replace('_', '-')}" for k in NOT_COMPARED)
+              + "\n\nexit codes:\n" + "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items()))
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=epilog)
     p.add_argument("--method", default="dgl_mlaan", help=f"scheme: {', '.join(METHODS)} (- or _)")
     p.add_argument("--arch", default="resnet32", help=f"backbone: {', '.join(ARCHS)}")
@@ -165,6 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="use only the first N train (N/5 test) images; default all")
     p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--interrupt-evaluation", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--interrupt-summary", choices=("INT", "TERM"), help=argparse.SUPPRESS)
     p.add_argument("--parallel", default=None, choices=("data", "modules"),
                    help="under torchrun: split each batch over ranks (data, the default) or give each "
                         "rank a run of modules (modules)")
@@ -279,7 +290,15 @@ def split_points(arch: str, backbone: mf.Net, modules: int, shape) -> list[str]:
     try:
         return mf.splits.default_split(arch, backbone, modules, shape)
     except ValueError as err:
-        raise UsageError(str(err)) from None
+        message = str(err)
+    from mlaan_func.published import tables
+
+    published = sorted(int(k) for k in tables()["splits"].get(arch, {}))
+    units = sum(1 for n in backbone.block_names if n not in ("stem", "classifier"))
+    beyond = [k for k in published if k > units]
+    if beyond:  # the published splits that also cut after the stem reach further than the range said
+        message += f", or {' or '.join(map(str, beyond))} (the published split{'s' * (len(beyond) > 1)})"
+    raise UsageError(message)
 
 
 def check_patches(arch: str, image_size: int) -> None:
@@ -684,7 +703,10 @@ def start_distributed(args):
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(torch.device(args.device))
     rank, world = mfd.init_from_env(timeout_s=args.dist_timeout)
-    mfd.check_same_config({k: getattr(args, k) for k in IDENTITY})
+    try:
+        mfd.check_same_config({k: getattr(args, k) for k in IDENTITY})
+    except mfd.DistributedError as err:
+        raise UsageError(str(err)) from None
     if args.parallel == "data" and args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
     if args.parallel == "modules" and world > args.modules:
@@ -892,6 +914,7 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
     def checkpoint(epoch, batch):
         if not writer:
             return
+
         def write():
             mf.save(out / CHECKPOINT, ts, extra={
                 "epoch": epoch, "batch": batch, "best": best, "images": images, "seconds": train_seconds,
@@ -1017,52 +1040,61 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
                 print(f"\nstopped by signal {stop['signal']} after epoch {epoch + 1}: checkpoint saved; "
                       "continue with --resume", file=sys.stderr)
                 return INTERRUPTED
+        if not writer:
+            return 0
+
+        def after_training(signum, _frame):
+            raise InterruptedAfterTraining(f"interrupted after training; the final checkpoint is kept "
+                                           f"({out / CHECKPOINT}): signal {signum} arrived while the summary was "
+                                           "written, --resume writes it")
+
+        for s in previous:
+            signal.signal(s, after_training)
+        if args.interrupt_summary:
+            os.kill(os.getpid(), getattr(signal, f"SIG{args.interrupt_summary}"))
+        rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
+        labels = head_labels(scheme)
+        summary = {
+            "method": args.method, "arch": args.arch, "modules": len(scheme) if args.method == "e2e" else args.modules,
+            "dataset": args.dataset, "epochs": args.epochs, "steps": int(ts.step),
+            "test_accuracy": rows[-1]["test_accuracy"]["final"],
+            "best_test_accuracy": best,
+            "best_test_accuracy_note": "best epoch chosen on the test set, as the released code reports",
+            "head_test_accuracy": rows[-1]["test_accuracy"],
+            "head_labels": {k: labels.get(k, "") for k in rows[-1]["test_accuracy"]},
+            "images_per_second": images / max(train_seconds, 1e-9),
+            "images_per_second_note": "training images per second of step time over the whole run (data loading "
+                                      "and evaluation excluded, like metrics.jsonl's step_images_per_second; its "
+                                      "wall_images_per_second includes the data wait)",
+            "peak_step_bytes": peak_step,
+            "peak_step_bytes_note": "most tensor bytes allocated at once by one step, measured eagerly by "
+                                    "mlaan_func.memory.track_memory (with --compile too)",
+            "persistent_bytes": persistent_bytes(ts),
+            "parameters": sum(v.numel() for k, v in ts.params.items()),
+            "backbone_parameters": sum(ts.params[k].numel() for k in backbone.param_names),
+            "seconds": train_seconds, "device": str(device), "precision": args.precision, "threads": args.threads,
+            "compile": args.compile, "compiled_graphs": compiled_graphs(),
+            "processes": world, "parallel": args.parallel or "none",
+            "lr": args.lr, "data_files": [str(Path(args.data_dir).resolve())] if folder else list(dataset.files),
+            "torch": torch.__version__,
+        }
+        if "val_accuracy" in rows[-1]:
+            summary["val_accuracy"] = rows[-1]["val_accuracy"]["final"]
+        if device.type == "cuda":
+            summary["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+        text = json.dumps(summary, indent=1)
+        output(out / SUMMARY, lambda: (out / SUMMARY).write_text(text))
+        if args.json:
+            output(Path(args.json), lambda: Path(args.json).write_text(text))
+        output(out / "curves.png", lambda: plot_curves(out, labels))
+        print("test accuracy per head:\n" + "\n".join(
+            f"  {name:<24} {acc:.4f}  ({summary['head_labels'][name]})" for name, acc in rows[-1]["test_accuracy"].items()),
+            file=sys.stderr)
+        print(json.dumps({k: summary[k] for k in ("method", "modules", "test_accuracy", "images_per_second")}))
+        return 0
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-    if not writer:
-        return 0
-    rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
-    labels = head_labels(scheme)
-    summary = {
-        "method": args.method, "arch": args.arch, "modules": len(scheme) if args.method == "e2e" else args.modules,
-        "dataset": args.dataset, "epochs": args.epochs, "steps": int(ts.step),
-        "test_accuracy": rows[-1]["test_accuracy"]["final"],
-        "best_test_accuracy": best,
-        "best_test_accuracy_note": "best epoch chosen on the test set, as the released code reports",
-        "head_test_accuracy": rows[-1]["test_accuracy"],
-        "head_labels": {k: labels.get(k, "") for k in rows[-1]["test_accuracy"]},
-        "images_per_second": images / max(train_seconds, 1e-9),
-        "images_per_second_note": "training images per second of step time over the whole run (data loading "
-                                  "and evaluation excluded, like metrics.jsonl's step_images_per_second; its "
-                                  "wall_images_per_second includes the data wait)",
-        "peak_step_bytes": peak_step,
-        "peak_step_bytes_note": "most tensor bytes allocated at once by one step, measured eagerly by "
-                                "mlaan_func.memory.track_memory (with --compile too)",
-        "persistent_bytes": persistent_bytes(ts),
-        "parameters": sum(v.numel() for k, v in ts.params.items()),
-        "backbone_parameters": sum(ts.params[k].numel() for k in backbone.param_names),
-        "seconds": train_seconds, "device": str(device), "precision": args.precision, "threads": args.threads,
-        "compile": args.compile, "compiled_graphs": compiled_graphs(),
-        "processes": world, "parallel": args.parallel or "none",
-        "lr": args.lr, "data_files": [str(Path(args.data_dir).resolve())] if folder else list(dataset.files),
-        "torch": torch.__version__,
-    }
-    if "val_accuracy" in rows[-1]:
-        summary["val_accuracy"] = rows[-1]["val_accuracy"]["final"]
-    if device.type == "cuda":
-        summary["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
-    text = json.dumps(summary, indent=1)
-    output(out / SUMMARY, lambda: (out / SUMMARY).write_text(text))
-    if args.json:
-        output(Path(args.json), lambda: Path(args.json).write_text(text))
-    output(out / "curves.png", lambda: plot_curves(out, labels))
-    print("test accuracy per head:\n" + "\n".join(
-        f"  {name:<24} {acc:.4f}  ({summary['head_labels'][name]})" for name, acc in rows[-1]["test_accuracy"].items()),
-        file=sys.stderr)
-    print(json.dumps({k: summary[k] for k in ("method", "modules", "test_accuracy", "images_per_second")}))
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,15 @@ from test_program import PROGRAM, QUICK, one_line_error, program, run
 TINY = [*QUICK, "--method", "dgl", "--modules", "2", "--epochs", "1", "--max-steps", "1"]
 
 
+def last_line_error(r, code, *needles):
+    """Exit ``code``, no traceback, and the one error line last (after whatever the run printed)."""
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in r.stderr and [x for x in lines if x.startswith("error:")] == lines[-1:], r.stderr
+    for needle in needles:
+        assert needle in lines[-1], (needle, lines[-1])
+
+
 # ----------------------------------------------------------------- issue 27: --compile, threads, logs
 
 def test_a_step_first_called_under_track_memory_still_compiles():
@@ -86,3 +95,132 @@ def test_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
     assert prog.parse_args(["--dataset", "synthetic", "--threads", "2"]).threads == 2
     with pytest.raises(prog.UsageError, match="--threads"):
         prog.parse_args(["--dataset", "synthetic", "--threads", "0"])
+
+
+# ----------------------------------------------------------------- issue 25: refused before the first step
+
+@pytest.fixture
+def folder(tmp_path):
+    from mlaan_func import imagefolder
+
+    return imagefolder.write_example_folder(tmp_path / "images", classes=("a", "b"), per_class=4, size=12)
+
+
+def folder_run(data_dir, out, *more):
+    return ["--dataset", "folder", "--data-dir", str(data_dir), "--arch", "resnet18", "--image-size", "16",
+            "--batch-size", "4", "--epochs", "1", "--max-steps", "2", "--lr", "0.05", "--warmup-epochs", "0",
+            "--workers", "0", "--method", "dgl", "--modules", "2", "--no-progress", "--out", str(out), *more]
+
+
+@pytest.mark.parametrize("split, workers", [("val", "0"), ("val", "2"), ("train", "2")])
+def test_item3_a_split_without_a_readable_image_exits_3_before_the_first_step(folder, tmp_path, split, workers):
+    files = sorted((folder / split).rglob("*.jpg"))
+    for f in files:
+        f.write_bytes(b"not an image")
+    out = tmp_path / "run"
+    r = run(folder_run(folder, out, "--workers", workers))
+    one_line_error(r, 3, f"none of the {len(files)} {split} images")
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_item4_a_folder_with_one_class_is_refused(tmp_path):
+    from mlaan_func import imagefolder
+
+    data = imagefolder.write_example_folder(tmp_path / "one", classes=("only",), per_class=4, size=12)
+    one_line_error(run(folder_run(data, tmp_path / "run")), 3, "at least two classes")
+
+
+def test_item5_resume_on_changed_data_is_refused_naming_what_changed(folder, tmp_path):
+    out = tmp_path / "run"
+    r = run(folder_run(folder, out, "--stop-after-steps", "1"))
+    assert r.returncode == 130, r.stderr[-3000:]
+    (folder / "train" / "b" / "3.jpg").unlink()
+    last_line_error(run(folder_run(folder, out, "--resume")), 3, "data changed", "train/b: 3 files now, 4 files at the checkpoint")
+
+
+@pytest.mark.parametrize("flag", [["--share", "sum"], ["--channels-last"], ["--compile"]])
+def test_item6_resume_compares_every_flag_that_changes_the_numbers(tmp_path, flag):
+    out = tmp_path / "run"
+    from test_program import program_checkpoint
+
+    program_checkpoint(out)
+    name = flag[0]
+    one_line_error(run([*QUICK, "--method", "dgl", "--out", str(out), "--resume", *flag]), 2,
+                   "different configuration", name)
+
+
+def test_item6_help_lists_the_flags_resume_does_not_compare():
+    text = " ".join(run(["--help"]).stdout.split())
+    assert "--resume refuses a checkpoint written with other flags, except these" in text
+    for name in ("--workers", "--no-progress", "--threads", "--checkpoint-minutes"):
+        assert name in text.split("except these")[1].split("exit codes")[0], name
+
+
+def test_item10_ranks_started_with_different_flags_exit_2_in_one_line_each(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, lr in ((0, "0.05"), (1, "0.1")):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen([sys.executable, PROGRAM, *QUICK, "--lr", lr, "--out", str(tmp_path / "run")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), 2,
+                       "another configuration", "lr")
+
+
+def test_item11_micro_batches_that_do_not_divide_the_batch_are_refused_at_start(tmp_path):
+    one_line_error(run([*QUICK, "--parallel", "modules", "--micro-batches", "3", "--out", str(tmp_path / "x")]), 2,
+                   "--micro-batches 3", "--batch-size 16")
+
+
+@pytest.mark.parametrize("sig", ["INT", "TERM"])
+def test_item13_a_signal_while_the_summary_is_written_exits_130_and_keeps_the_checkpoint(tmp_path, sig):
+    out = tmp_path / "run"
+    args = [*QUICK, "--method", "dgl", "--modules", "2", "--epochs", "1", "--max-steps", "2", "--out", str(out)]
+    r = run([*args, "--interrupt-summary", sig])
+    last_line_error(r, 130, "interrupted after training; the final checkpoint is kept")
+    assert int(mf.load(out / "checkpoint.pt").step) == 2 and not (out / "summary.json").exists()
+    r = run([*args, "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_item14_eval_only_after_a_killed_overwrite_says_where_the_previous_run_is(tmp_path):
+    out = tmp_path / "run"
+    (out / ".replaced-run").mkdir(parents=True)
+    (out / ".replaced-run" / "checkpoint.pt").write_bytes(b"the previous run")
+    one_line_error(run([*QUICK, "--out", str(out), "--eval-only"]), 2, str(out / ".replaced-run"), "--resume")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--image-size", "4"], "--image-size"), (["--image-size", "0"], "--image-size"),
+    (["--method", "dgl", "--window", "3"], "--window"),
+])
+def test_item15_bad_sizes_and_windows_exit_2_naming_the_flag(tmp_path, flags, needle):
+    one_line_error(run([*QUICK, *flags, "--out", str(tmp_path / "x")]), 2, needle)
+
+
+def test_item15_a_vit_image_size_its_patches_do_not_tile_is_refused(folder, tmp_path):
+    r = run(folder_run(folder, tmp_path / "run", "--arch", "vit_micro", "--image-size", "31"))
+    last_line_error(r, 2, "--arch vit_micro", "31x31", "--image-size")
+
+
+def test_item15_a_lock_that_is_a_directory_is_named(tmp_path):
+    out = tmp_path / "run"
+    (out / ".lock").mkdir(parents=True)
+    one_line_error(run([*QUICK, "--out", str(out)]), 2, f"{out / '.lock'} is a directory")
+
+
+def test_item15_the_checkpoint_follows_the_umask_like_every_other_output(tmp_path):
+    out = tmp_path / "run"
+    r = run([*QUICK, "--method", "dgl", "--modules", "2", "--epochs", "1", "--max-steps", "1", "--out", str(out)],
+            preexec_fn=lambda: os.umask(0o027))
+    assert r.returncode == 0, r.stderr[-3000:]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    assert set(modes.values()) == {0o640}, modes
