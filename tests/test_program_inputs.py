@@ -224,3 +224,36 @@ def test_item15_the_checkpoint_follows_the_umask_like_every_other_output(tmp_pat
     assert r.returncode == 0, r.stderr[-3000:]
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file() and p.name != ".lock"}
     assert set(modes.values()) == {0o640}, modes
+
+
+def test_item7_channels_last_is_the_same_math_rounded_by_another_kernel():
+    """In float64 the NHWC step equals the contiguous one to the last bits, so --channels-last's
+    float32 drift is its convolutions' rounding: it lies as close to float64 as contiguous float32."""
+    from torch.utils import _pytree as pytree
+
+    prog = program()
+    args = prog.parse_args([*QUICK, "--method", "dgl", "--modules", "2"])
+    data = prog.load_data(args)
+    _, scheme = prog.build_scheme(args, data)
+    opt = mf.optim.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    train_step = mf.step(scheme, opt)
+    x, y = prog.datasets.normalize(data.train_x[:16], data.mean, data.std), data.train_y[:16]
+
+    def tree(t, dtype, nhwc):
+        def leaf(v):
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                return v
+            v = v.to(dtype)
+            return v.contiguous(memory_format=torch.channels_last) if nhwc and v.ndim == 4 else v
+        return pytree.tree_map(leaf, t)
+
+    ts = mf.init(scheme, opt, seed=0)
+    params = {(dtype, nhwc): train_step(tree(ts, dtype, nhwc), (tree(x, dtype, nhwc), y))[0].params
+              for dtype in (torch.float32, torch.float64) for nhwc in (False, True)}
+
+    def distance(a, b):
+        return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+    assert distance(params[torch.float64, False], params[torch.float64, True]) < 1e-12
+    for nhwc in (False, True):
+        assert distance(params[torch.float32, nhwc], params[torch.float64, False]) < 1e-3
