@@ -50,10 +50,10 @@ IDENTITY = ("method", "arch", "modules", "dataset", "batch_size", "lr", "seed", 
             "warmup_epochs", "weight_decay", "parallel", "micro_batches")
 BASE_LR, BASE_BATCH = 0.8, 1024  # the papers' recipe; the default lr follows the linear rule
 WARMUP_EPOCHS, WARMUP_SHARE = 10, 0.05  # the recipe's warm-up, at most this share of a short run
-IDENTITY += ("image_size", "share", "channels_last", "compile")
+IDENTITY += ("image_size", "share", "channels_last", "compile", "threads")  # threads: CPU float rounding
 # The flags that leave the numbers as they are, or move a run to other hardware; --help lists them.
 NOT_COMPARED = ("out", "data_dir", "workers", "no_progress", "checkpoint_minutes", "dist_timeout", "json",
-                "threads", "device")
+                "device")
 
 
 class ProgramError(Exception):
@@ -128,7 +128,7 @@ def _finite(name: str, value: float, low: float, *, strict: bool = False) -> Non
 
 def parse_args(argv=None) -> argparse.Namespace:
     epilog = ("--resume refuses a checkpoint written with other flags, except these, which change no number "
-              "(--threads and --device change float rounding only): "
+              "(--device moves a run to other hardware, where float rounding differs): "
               + ", ".join(f"--{k.replace('_', '-')}" for k in NOT_COMPARED)
               + "\n\nexit codes:\n" + "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items()))
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=epilog)

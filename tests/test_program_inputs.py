@@ -138,7 +138,7 @@ def test_item5_resume_on_changed_data_is_refused_naming_what_changed(folder, tmp
     last_line_error(run(folder_run(folder, out, "--resume")), 3, "data changed", "train/b: 3 files now, 4 files at the checkpoint")
 
 
-@pytest.mark.parametrize("flag", [["--share", "sum"], ["--channels-last"], ["--compile"]])
+@pytest.mark.parametrize("flag", [["--share", "sum"], ["--channels-last"], ["--compile"], ["--threads", "2"]])
 def test_item6_resume_compares_every_flag_that_changes_the_numbers(tmp_path, flag):
     out = tmp_path / "run"
     from test_program import program_checkpoint
@@ -152,7 +152,7 @@ def test_item6_resume_compares_every_flag_that_changes_the_numbers(tmp_path, fla
 def test_item6_help_lists_the_flags_resume_does_not_compare():
     text = " ".join(run(["--help"]).stdout.split())
     assert "--resume refuses a checkpoint written with other flags, except these" in text
-    for name in ("--workers", "--no-progress", "--threads", "--checkpoint-minutes"):
+    for name in ("--workers", "--no-progress", "--checkpoint-minutes", "--device"):
         assert name in text.split("except these")[1].split("exit codes")[0], name
 
 
