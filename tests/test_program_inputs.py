@@ -3,9 +3,9 @@ and wrong data or flags are refused before the first step, in one line."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,3 +257,19 @@ def test_item7_channels_last_is_the_same_math_rounded_by_another_kernel():
     assert distance(params[torch.float64, False], params[torch.float64, True]) < 1e-12
     for nhwc in (False, True):
         assert distance(params[torch.float32, nhwc], params[torch.float64, False]) < 1e-3
+
+
+@pytest.mark.slow
+def test_the_vit_example_refuses_to_overwrite_silently_and_resumes(tmp_path):
+    example = str(Path(PROGRAM).with_name("vit_mlaan.py"))
+    args = [sys.executable, example, "--dataset", "synthetic", "--arch", "vit_micro", "--steps", "2",
+            "--batch-size", "16", "--method", "dgl", "--out", str(tmp_path / "vit")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    line = [x for x in first.stdout.splitlines() if "test accuracy" in x][-1].split("(")[0]
+    assert line == [x for x in resumed.stdout.splitlines() if "test accuracy" in x][-1].split("(")[0]
