@@ -80,7 +80,8 @@ def test_a_fresh_start_after_a_kill_before_the_first_checkpoint_logs_each_step_o
     steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["threads"] == 1 and "1 CPU threads ($OMP_NUM_THREADS)" in r.stderr
+    assert summary["threads"] == 1 and "1 CPU threads ($OMP_NUM_THREADS, OMP_WAIT_POLICY=PASSIVE)" in r.stderr
+    assert summary["omp_wait_policy"] == "PASSIVE"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"step_images_per_second", "wall_images_per_second"} <= set(rows[0])
     assert "images_per_second_note" in summary
@@ -273,3 +274,21 @@ def test_the_vit_example_refuses_to_overwrite_silently_and_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     line = [x for x in first.stdout.splitlines() if "test accuracy" in x][-1].split("(")[0]
     assert line == [x for x in resumed.stdout.splitlines() if "test accuracy" in x][-1].split("(")[0]
+
+
+def test_every_readme_python_block_runs_alone_and_prints_the_same_twice(tmp_path):
+    import re
+
+    readme = Path(PROGRAM).parents[1] / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    for i, block in enumerate(blocks):
+        script = tmp_path / f"block{i}.py"
+        script.write_text(block)
+        outputs = []
+        for _ in range(2 if "print(" in block else 1):
+            r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert r.returncode == 0, (i, r.stderr[-2000:])
+            outputs.append(r.stdout)
+        assert len(set(outputs)) == 1, (i, outputs)
