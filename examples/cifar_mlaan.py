@@ -537,14 +537,14 @@ def follow_umask(path: Path) -> None:
 
 
 def data_fingerprint(args, dataset) -> dict[str, list]:
-    """What the run reads, as ``{group: [count, digest]}``: per split/class folder its number of
-    files and a digest of their names (folder datasets), per dataset file its size in bytes and
-    a digest of its name (the others; synthetic data is defined by its flags)."""
+    """What the run reads, as ``{group: [count, ...]}``: per split/class folder its number of
+    files and a digest of their names (folder datasets), per dataset file its size in bytes
+    (the others, whose files are checksummed when read; synthetic data is defined by its flags)."""
     def digest(names) -> str:
         return hashlib.sha256("\0".join(sorted(names)).encode()).hexdigest()[:16]
 
     if args.dataset not in FOLDER_DATASETS:
-        return {Path(f).name: [os.path.getsize(f), digest([Path(f).name])] for f in dataset.files}
+        return {Path(f).name: [os.path.getsize(f)] for f in dataset.files}
     groups: dict[str, list[str]] = {}
     for split in ("train", "val"):
         part = getattr(dataset, split)
