@@ -292,3 +292,21 @@ def test_every_readme_python_block_runs_alone_and_prints_the_same_twice(tmp_path
             assert r.returncode == 0, (i, r.stderr[-2000:])
             outputs.append(r.stdout)
         assert len(set(outputs)) == 1, (i, outputs)
+
+
+def test_modules_out_of_range_names_every_k_that_works(tmp_path):
+    one_line_error(run([*QUICK, "--modules", "99", "--out", str(tmp_path / "x")]), 2,
+                   "choose K between 1 and 15, or 16 (the published split)")
+
+
+@pytest.mark.parametrize("epochs, width", [(1, 660), (2, 1320)])
+def test_curves_show_accuracy_by_epoch_only_once_there_are_two_epochs(tmp_path, epochs, width):
+    import matplotlib.image
+
+    prog = program()
+    rows = [{"epoch": e, "step": 3 * e, "test_accuracy": {"m0": 0.3, "final": 0.2}} for e in range(1, epochs + 1)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "train_log.jsonl").write_text("".join(
+        json.dumps({"step": s, "epoch": 1, "loss": {"m0": 2.0 / s, "final": 2.3 / s}}) + "\n" for s in (1, 2, 3)))
+    prog.plot_curves(tmp_path, {"m0": "aux, weight 1", "final": "final classifier"})
+    assert matplotlib.image.imread(tmp_path / "curves.png").shape[1] == width
