@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -132,9 +133,10 @@ def _finite(name: str, value: float, low: float, *, strict: bool = False) -> Non
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    epilog = ("--resume refuses a checkpoint written with other flags, except these, which change no number "
-              "(--device moves a run to other hardware, where float rounding differs): "
-              + ", ".join(f"--{k.replace('_', '-')}" for k in NOT_COMPARED)
+    epilog = (textwrap.fill("--resume refuses a checkpoint written with other flags, except these, which change "
+                            "no number (--device moves a run to other hardware, where float rounding differs "
+                            "and --data-dir is checked by the data's fingerprint): "
+                            + ", ".join(f"--{k.replace('_', '-')}" for k in NOT_COMPARED), 88, break_on_hyphens=False)
               + "\n\nexit codes:\n" + "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items()))
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=epilog)
     p.add_argument("--method", default="dgl_mlaan", help=f"scheme: {', '.join(METHODS)} (- or _)")
