@@ -310,3 +310,15 @@ def test_curves_show_accuracy_by_epoch_only_once_there_are_two_epochs(tmp_path, 
         json.dumps({"step": s, "epoch": 1, "loss": {"m0": 2.0 / s, "final": 2.3 / s}}) + "\n" for s in (1, 2, 3)))
     prog.plot_curves(tmp_path, {"m0": "aux, weight 1", "final": "final classifier"})
     assert matplotlib.image.imread(tmp_path / "curves.png").shape[1] == width
+
+
+def test_item3_a_loader_worker_giving_up_mid_evaluation_is_one_line_and_keeps_the_epoch(folder, tmp_path):
+    from mlaan_func.imagefolder import MAX_SKIPS
+
+    for i in range(MAX_SKIPS + 8):  # a readable first image, then more broken ones in a row than a loader skips
+        (folder / "val" / "b" / f"x{i:03d}.jpg").write_bytes(b"not an image")
+    out = tmp_path / "run"
+    r = run(folder_run(folder, out, "--workers", "2"))
+    last_line_error(r, 3, "unreadable images in a row", "--resume")
+    assert "Original Traceback" not in r.stderr
+    assert int(mf.load(out / "checkpoint.pt").step) == 2
