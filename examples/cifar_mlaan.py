@@ -14,25 +14,33 @@ from __future__ import annotations
 import argparse
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
 import shutil
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
+# OpenMP threads that spin while they wait take the cores that other jobs need: on a shared
+# 2-core machine a step with 2 spinning threads took 8.8 s, with 2 sleeping ones 1.1 s. Read
+# when torch loads OpenMP, so set before the import; a policy of the caller's own wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import mlaan_func as mf
-from mlaan_func import data as datasets
-from mlaan_func import imagefolder
-from mlaan_func.checkpoint import TEMP_PREFIX, CheckpointError
-from mlaan_func.memory import persistent_bytes, track_memory
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import mlaan_func as mf  # noqa: E402
+from mlaan_func import data as datasets  # noqa: E402
+from mlaan_func import imagefolder  # noqa: E402
+from mlaan_func.checkpoint import TEMP_PREFIX, CheckpointError  # noqa: E402
+from mlaan_func.memory import persistent_bytes, track_memory  # noqa: E402
 
 METHODS = ("e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan")
+WINDOWED = ("mlaan", "dgl_mlaan", "infopro_mlaan")  # the schemes with an MLAAN window (--window)
 ARCHS = tuple(mf.models.arch_names())  # every backbone factory in mf.models
 IMAGENET_ARCHS = tuple(mf.models.imagenet_resnet.LAYOUTS)
 DATASETS = ("cifar10", "svhn", "stl10", "fashion-mnist", "synthetic")
@@ -48,7 +56,10 @@ IDENTITY = ("method", "arch", "modules", "dataset", "batch_size", "lr", "seed", 
             "warmup_epochs", "weight_decay", "parallel", "micro_batches")
 BASE_LR, BASE_BATCH = 0.8, 1024  # the papers' recipe; the default lr follows the linear rule
 WARMUP_EPOCHS, WARMUP_SHARE = 10, 0.05  # the recipe's warm-up, at most this share of a short run
-IDENTITY += ("image_size",)
+IDENTITY += ("image_size", "share", "channels_last", "compile", "threads")  # threads: CPU float rounding
+# The flags that leave the numbers as they are, or move a run to other hardware; --help lists them.
+NOT_COMPARED = ("out", "data_dir", "workers", "no_progress", "checkpoint_minutes", "dist_timeout", "json",
+                "device")
 
 
 class ProgramError(Exception):
@@ -81,6 +92,10 @@ class OutputError(ProgramError):
 
 class Busy(ProgramError):
     code = 7
+
+
+class InterruptedAfterTraining(ProgramError):
+    code = 130
 
 
 INTERRUPTED = 130
@@ -118,7 +133,11 @@ def _finite(name: str, value: float, low: float, *, strict: bool = False) -> Non
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    epilog = "exit codes:\n" + "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items())
+    epilog = (textwrap.fill("--resume refuses a checkpoint written with other flags, except these, which change "
+                            "no number (--device moves a run to other hardware, where float rounding differs "
+                            "and --data-dir is checked by the data's fingerprint): "
+                            + ", ".join(f"--{k.replace('_', '-')}" for k in NOT_COMPARED), 88, break_on_hyphens=False)
+              + "\n\nexit codes:\n" + "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items()))
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=epilog)
     p.add_argument("--method", default="dgl_mlaan", help=f"scheme: {', '.join(METHODS)} (- or _)")
     p.add_argument("--arch", default="resnet32", help=f"backbone: {', '.join(ARCHS)}")
@@ -140,7 +159,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ema-update", default="all", choices=("all", "last"), help="which EMA twins follow their source")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and augmentation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--compile", action="store_true", help="torch.compile the step: one kernel per kind of block")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the step: one kernel per kind of block (summary.json counts the graphs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch; default $OMP_NUM_THREADS when set, else the CPUs this process "
+                        "may run on (os.sched_getaffinity). Waiting threads sleep (OMP_WAIT_POLICY=PASSIVE "
+                        "unless set) so that other jobs on the machine keep their cores; compared at --resume")
     p.add_argument("--share", default="auto", choices=("auto", "off", "sum"),
                    help="run each block once per step for all objectives that share it: auto (bit-identical "
                         "gradients), sum (also sum their cotangents: fewer FLOPs, float32-rounding equal), "
@@ -159,6 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="use only the first N train (N/5 test) images; default all")
     p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--interrupt-evaluation", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--interrupt-summary", choices=("INT", "TERM"), help=argparse.SUPPRESS)
     p.add_argument("--parallel", default=None, choices=("data", "modules"),
                    help="under torchrun: split each batch over ranks (data, the default) or give each "
                         "rank a run of modules (modules)")
@@ -169,7 +194,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224, help="crop size of --dataset folder/imagenet")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="loader processes of --dataset folder/imagenet (0: load in the main process)")
-    p.add_argument("--channels-last", action="store_true", help="NHWC images and conv weights (faster on GPUs)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC images and conv weights (faster on GPUs). The same math: equal to contiguous in "
+                        "float64, but other convolution kernels round float32 differently, so parameters "
+                        "drift ~1e-4 apart in a few steps (as far as either lies from float64); compared at "
+                        "--resume")
     args = p.parse_args(argv)
     args.method = args.method.replace("-", "_").lower()
     args.dataset = args.dataset.replace("_", "-").lower()
@@ -214,7 +243,32 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "its val/ folder is the held-out set; make a smaller folder instead")
     if args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    if args.image_size < 8:
+        raise UsageError(f"--image-size must be at least 8 pixels, got {args.image_size}")
+    if args.window is not None and args.method not in WINDOWED:
+        raise UsageError(f"--window is the MLAAN window width: --method {args.method} has no windows; "
+                         f"drop --window or choose one of {', '.join(WINDOWED)}")
+    if args.parallel == "modules" and args.batch_size % args.micro_batches:
+        raise UsageError(f"--micro-batches {args.micro_batches} does not divide --batch-size {args.batch_size}; "
+                         "choose a batch size that is a multiple of the micro-batches")
+    if args.compile and args.parallel == "modules":
+        raise UsageError("--compile is not supported with --parallel modules (its step runs eagerly); "
+                         "drop one of them")
+    args.threads, args.threads_why = default_threads(args.threads)
     return args
+
+
+def default_threads(threads: int | None) -> tuple[int, str]:
+    """The CPU thread count and why: --threads, else $OMP_NUM_THREADS, else the CPUs this process
+    may run on (all of a machine's cores oversubscribe it when other jobs run beside this one)."""
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {threads}")
+        return threads, "--threads"
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) >= 1:
+        return int(env), "$OMP_NUM_THREADS"
+    return len(os.sched_getaffinity(0)), "the CPUs available to this process; --threads overrides"
 
 
 def check_device(name: str) -> None:
@@ -248,16 +302,38 @@ def split_points(arch: str, backbone: mf.Net, modules: int, shape) -> list[str]:
     try:
         return mf.splits.default_split(arch, backbone, modules, shape)
     except ValueError as err:
-        raise UsageError(str(err)) from None
+        message = str(err)
+    from mlaan_func.published import tables
+
+    published = sorted(int(k) for k in tables()["splits"].get(arch, {}))
+    units = sum(1 for n in backbone.block_names if n not in ("stem", "classifier"))
+    beyond = [k for k in published if k > units]
+    if beyond:  # the published splits that also cut after the stem reach further than the range said
+        message += f", or {' or '.join(map(str, beyond))} (the published split{'s' * (len(beyond) > 1)})"
+    raise UsageError(message)
+
+
+def check_patches(arch: str, image_size: int) -> None:
+    """A ViT cuts its images into patches of ``default_patch_size``: refuse sizes it cannot cut
+    into several whole patches (a prime size would be one patch of the whole image)."""
+    from mlaan_func.models.vit import default_patch_size
+
+    patch = default_patch_size(image_size)
+    if image_size % patch or image_size // patch < 2:
+        raise UsageError(f"--arch {arch} cuts images into {patch}x{patch} patches, which do not tile "
+                         f"{image_size}x{image_size} images into at least 2x2 patches; choose another --image-size "
+                         "(from 128 on a multiple of 16; below 128 one with a small divisor, e.g. 32 or 64)")
 
 
 def build_scheme(args, dataset) -> tuple[mf.Net, list]:
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
+    if args.arch.startswith("vit"):
+        check_patches(args.arch, dataset.image_size)
     backbone = mf.from_module(mf.models.create(args.arch, num_classes=dataset.num_classes,
                                                in_channels=dataset.channels, image_size=dataset.image_size))
     at = [] if args.method == "e2e" else split_points(args.arch, backbone, args.modules, shape)
     options = {}
-    if args.method in ("mlaan", "dgl_mlaan", "infopro_mlaan"):
+    if args.method in WINDOWED:
         options = {"width": args.window, "ema_update": args.ema_update}
         if args.arch == "resnet32" and args.modules in (8, 15) or args.arch == "resnet110" and args.modules in (32, 54):
             options["trunks"] = mf.leap_trunk_table(args.arch, args.modules)
@@ -319,8 +395,33 @@ def load_data(args):
         else:
             dataset = datasets.load(args.dataset, args.data_dir)
     except datasets.DatasetError as err:
-        raise DataError(str(err)) from None
+        raise data_error(err) from None
+    if args.dataset in FOLDER_DATASETS:
+        check_folder(dataset)
     return dataset
+
+
+def data_error(err: datasets.DatasetError) -> DataError:
+    """One line for a ``DatasetError``, also one re-raised from a loader worker (whose message
+    is the worker's traceback, ending in the original error)."""
+    last = str(err).strip().splitlines()[-1]
+    prefix = f"{type(err).__module__}.{type(err).__name__}: "
+    return DataError(last[len(prefix):] if last.startswith(prefix) else last)
+
+
+def check_folder(dataset) -> None:
+    """Before the first step: at least two classes, and a readable image in each split (one
+    decode when the first file reads; a split of unreadable files is read through once)."""
+    if dataset.num_classes < 2:
+        raise DataError(f"{dataset.train.root} has {dataset.num_classes} class folder "
+                        f"({', '.join(dataset.classes)}): a classifier needs at least two classes; add "
+                        "class folders")
+    for split in ("train", "val"):
+        part = getattr(dataset, split)
+        if not any(imagefolder.decode(Path(part.root) / f, dataset.image_size, None) is not None
+                   for f in part.files):
+            raise DataError(f"none of the {len(part.files)} {split} images in {part.root} can be read (first: "
+                            f"{part.files[0]}); replace the broken files")
 
 
 def lock_out(out: Path):
@@ -329,6 +430,9 @@ def lock_out(out: Path):
     try:
         out.mkdir(parents=True, exist_ok=True)
         handle = open(out / LOCK, "a+")
+    except IsADirectoryError:
+        raise UsageError(f"{out / LOCK} is a directory, where this program keeps its lock file; remove it "
+                         f"(rmdir {out / LOCK}) or choose another --out") from None
     except OSError as err:
         raise UsageError(f"cannot write to --out {out}: {err.strerror}; choose a writable directory") from None
     try:
@@ -384,6 +488,11 @@ def prepare_out(args) -> object:
     """Check OUT for this run, under its lock (returned; None for --eval-only, which writes nothing)."""
     out = Path(args.out)
     if args.eval_only:
+        if not (out / CHECKPOINT).exists() and (out / REPLACED / CHECKPOINT).exists():
+            raise UsageError(f"no checkpoint in {out}: an --overwrite run stopped before its first checkpoint, and "
+                             f"the previous run is set aside in {out / REPLACED}; any run into {out} without "
+                             f"--eval-only puts it back first (e.g. --resume, which continues it), then "
+                             "--eval-only evaluates it")
         if not (out / CHECKPOINT).exists():
             raise UsageError(f"no checkpoint in {out}: run without --eval-only first, or point --out at the "
                              "run's directory")
@@ -409,8 +518,8 @@ def prepare_out(args) -> object:
 
 def check_config(out: Path, args, saved_args: dict | None) -> None:
     """A checkpoint resumes or evaluates only under the flags it was written with: those saved
-    inside it, and config.json when it is there."""
-    mine = {k: getattr(args, k) for k in IDENTITY}
+    inside it, and config.json when it is there (--eval-only on any number of threads)."""
+    mine = {k: getattr(args, k) for k in IDENTITY if not (args.eval_only and k in ("threads", "compile"))}
     saved = dict(saved_args or {})
     if (out / CONFIG).exists():
         saved = {**json.loads((out / CONFIG).read_text()), **saved}
@@ -419,6 +528,50 @@ def check_config(out: Path, args, saved_args: dict | None) -> None:
         first = ", ".join(f"--{k.replace('_', '-')} {a} (checkpoint) vs {b}" for k, (a, b) in diff.items())
         raise UsageError(f"the checkpoint in {out} is from a different configuration: {first}; "
                          "resume with the same flags or start a new --out")
+
+
+def follow_umask(path: Path) -> None:
+    """Give ``path`` the mode every other output gets from the umask (``mf.save`` writes through
+    a private temporary file, mode 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def data_fingerprint(args, dataset) -> dict[str, list]:
+    """What the run reads, as ``{group: [count, ...]}``: per split/class folder its number of
+    files and a digest of their names (folder datasets), per dataset file its size in bytes
+    (the others, whose files are checksummed when read; synthetic data is defined by its flags)."""
+    def digest(names) -> str:
+        return hashlib.sha256("\0".join(sorted(names)).encode()).hexdigest()[:16]
+
+    if args.dataset not in FOLDER_DATASETS:
+        return {Path(f).name: [os.path.getsize(f)] for f in dataset.files}
+    groups: dict[str, list[str]] = {}
+    for split in ("train", "val"):
+        part = getattr(dataset, split)
+        for file, label in zip(part.files, part.labels):
+            groups.setdefault(f"{split}/{part.classes[label]}", []).append(file)
+    return {group: [len(files), digest(files)] for group, files in groups.items()}
+
+
+def check_data(out: Path, saved: dict | None, now: dict) -> None:
+    """--resume reads the data the checkpoint was trained on (a checkpoint from before
+    fingerprints were recorded is not checked)."""
+    if saved is None or saved == now:
+        return
+    unit = "files" if any("/" in k for k in now) else "bytes"
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+    def count(entry) -> str:
+        return "absent" if entry is None else f"{entry[0]} {unit}"
+
+    shown = "; ".join(f"{k}: {count(now.get(k))} now, {count(saved.get(k))} at the checkpoint"
+                      + (" (other names)" if k in now and k in saved and now[k][0] == saved[k][0] else "")
+                      for k in changed[:5])
+    more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
+    raise DataError(f"the data changed since the checkpoint in {out} was written ({shown}{more}); resume on "
+                    "the same data, or start a new --out")
 
 
 def trim_log(path: Path, keep) -> None:
@@ -497,7 +650,16 @@ def head_labels(scheme) -> dict[str, str]:
             for o in scheme}
 
 
-def plot_curves(out: Path) -> None:
+def compiled_graphs() -> int:
+    """The graphs torch.compile has compiled in this process, as dynamo counts them."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def plot_curves(out: Path, labels: dict[str, str]) -> None:
+    """Train loss per objective by step; test accuracy per head by epoch once there are two
+    epochs (one epoch would be a dot per head). Legends name each head's weight."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -510,19 +672,29 @@ def plot_curves(out: Path) -> None:
         if (out / TRAIN_LOG).exists() else []
     if not rows:
         return
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    epochs = [r["epoch"] for r in rows]
+    panels = 2 if len(rows) > 1 else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    ax_loss = axes[0][0]
+
+    def label(name: str) -> str:
+        return f"{name} ({labels[name]})" if labels.get(name) else name
+
     steps = [r["step"] for r in log]
     for name in (log[-1]["loss"] if log else {}):
-        ax_loss.plot(steps, [r["loss"].get(name, math.nan) for r in log], label=name, lw=1)
-    for name in rows[-1]["test_accuracy"]:
-        ax_acc.plot(epochs, [r["test_accuracy"].get(name, math.nan) for r in rows], "o-", label=name)
+        ax_loss.plot(steps, [r["loss"].get(name, math.nan) for r in log], label=label(name), lw=1)
     ax_loss.set(xlabel="step", ylabel="train loss (per objective)", yscale="log")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (per head)", ylim=(0, 1))
-    for ax in (ax_loss, ax_acc):
+    if panels == 2:
+        ax_acc = axes[0][1]
+        epochs = [r["epoch"] for r in rows]
+        for name in rows[-1]["test_accuracy"]:
+            ax_acc.plot(epochs, [r["test_accuracy"].get(name, math.nan) for r in rows], "o-", label=label(name))
+        ax_acc.set(xlabel="epoch", ylabel="test accuracy (per head)", ylim=(0, 1))
+    else:
+        ax_loss.set_title(f"test accuracy after epoch 1: {rows[0]['test_accuracy'].get('final', math.nan):.3f} "
+                          "(final classifier; summary.json has every head)", fontsize=8)
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize=6, ncol=2)
-    ax_loss.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
@@ -543,7 +715,10 @@ def start_distributed(args):
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(torch.device(args.device))
     rank, world = mfd.init_from_env(timeout_s=args.dist_timeout)
-    mfd.check_same_config({k: getattr(args, k) for k in IDENTITY})
+    try:
+        mfd.check_same_config({k: getattr(args, k) for k in IDENTITY})
+    except mfd.DistributedError as err:
+        raise UsageError(str(err)) from None
     if args.parallel == "data" and args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
     if args.parallel == "modules" and world > args.modules:
@@ -574,6 +749,7 @@ def on_rank0(rank: int, world: int, fn):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     rank, world = start_distributed(args)
     device = torch.device(args.device)
     out = Path(args.out)
@@ -608,6 +784,7 @@ def main(argv=None) -> int:
         train_x, train_y = train_x.to(device), train_y.to(device)
         n_train = len(train_y)
     mean, std = dataset.mean, dataset.std
+    fingerprint = data_fingerprint(args, dataset)
     backbone, scheme = build_scheme(args, dataset)
 
     steps_per_epoch = n_train // args.batch_size
@@ -661,6 +838,8 @@ def main(argv=None) -> int:
             raise CheckpointUnusable(f"{out / CHECKPOINT} was not written by this program (it records no epoch "
                                      "and batch); --resume and --eval-only take this program's checkpoints")
         check_config(out, args, extra.get("args"))
+        if args.resume:
+            check_data(out, extra.get("data"), fingerprint)
         start_epoch, start_batch, best = extra["epoch"], extra["batch"], extra.get("best", 0.0)
     else:
         ts = mf.init(scheme, optimizer, seed=args.seed, device=device)
@@ -686,18 +865,21 @@ def main(argv=None) -> int:
               f"{', read from ' + os.path.dirname(files[0]) if files else ''}), "
               f"{args.modules} modules: {args.epochs} epoch(s) of {steps_per_epoch} steps, batch {args.batch_size}\n"
               f"learning rate {args.lr:g} ({lr_why}); warm-up {warmup} steps ({warmup_why}), then cosine to 0 "
-              f"at step {total}", file=sys.stderr)
+              f"at step {total}; {args.threads} CPU threads ({args.threads_why}, "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})", file=sys.stderr)
 
     # Everything is validated: only now does this run take the place of a previous one.
     replaced = writer and args.overwrite and set_aside(out)
     if writer and not args.resume:
+        for name in (TRAIN_LOG, "curves.png"):  # what a run killed before its first checkpoint left
+            (out / name).unlink(missing_ok=True)
         (out / CONFIG).write_text(json.dumps({k: getattr(args, k) for k in IDENTITY}, indent=1))
     if writer and args.resume:
         trim_log(out / TRAIN_LOG, lambda row: row["step"] <= int(ts.step))
         trim_log(out / METRICS, lambda row: row["epoch"] <= start_epoch)
     try:
         return train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_batches, skipped, sets,
-                     device, steps_per_epoch, start_epoch, start_batch, best, rank, world, progress)
+                     device, steps_per_epoch, start_epoch, start_batch, best, rank, world, progress, fingerprint)
     except BaseException:
         if replaced and (out / REPLACED).is_dir():
             restore_replaced(out)
@@ -707,7 +889,7 @@ def main(argv=None) -> int:
 
 
 def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_batches, skipped, sets, device,
-          steps_per_epoch, start_epoch, start_batch, best, rank, world, progress) -> int:
+          steps_per_epoch, start_epoch, start_batch, best, rank, world, progress, fingerprint) -> int:
     """The epochs: train, evaluate, log, checkpoint; then the summary. Returns the exit code."""
     writer, folder = rank == 0, args.dataset in FOLDER_DATASETS
     mean, std = dataset.mean, dataset.std
@@ -745,9 +927,14 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
     def checkpoint(epoch, batch):
         if not writer:
             return
-        output(out / CHECKPOINT, lambda: mf.save(out / CHECKPOINT, ts, extra={
-            "epoch": epoch, "batch": batch, "best": best, "images": images, "seconds": train_seconds,
-            "peak_step_bytes": peak_step, "sums": sums, "counted": counted, "args": vars(args)}))
+
+        def write():
+            mf.save(out / CHECKPOINT, ts, extra={
+                "epoch": epoch, "batch": batch, "best": best, "images": images, "seconds": train_seconds,
+                "peak_step_bytes": peak_step, "sums": sums, "counted": counted, "args": vars(args),
+                "data": fingerprint})
+            follow_umask(out / CHECKPOINT)
+        output(out / CHECKPOINT, write)
         saved["step"] = int(ts.step)
         if (out / REPLACED).is_dir():
             shutil.rmtree(out / REPLACED)
@@ -768,14 +955,21 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
             try:
                 for b in range(start_batch, steps_per_epoch):
                     tic = time.time()
-                    x, y = next(batches)
+                    try:
+                        x, y = next(batches)
+                    except datasets.DatasetError as err:
+                        raise data_error(err) from None
                     if args.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     data_wait += time.time() - tic
                     tic = time.time()
                     try:
                         with autocast:
-                            if b == start_batch and epoch == start_epoch and peak_step == 0:
+                            if peak_step == 0 and args.compile:  # measured eagerly, the result dropped
+                                with track_memory() as meter:
+                                    train_step(ts, (x, y))
+                                peak_step = meter.peak_bytes
+                            if peak_step == 0:
                                 with track_memory() as meter:
                                     ts, metrics = train_step(ts, (x, y))
                                 peak_step = meter.peak_bytes
@@ -783,6 +977,13 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
                                 ts, metrics = train_step(ts, (x, y))
                     except mf.NonFiniteLossError as err:
                         raise Diverged(f"training diverged: {err} {kept()[0].upper() + kept()[1:]}.") from None
+                    except torch._dynamo.exc.BackendCompilerFailed as err:
+                        reason = str(err).strip().splitlines()[0]
+                        raise UsageError(f"--compile: torch.compile cannot compile the step here ({reason}); "
+                                         "fix that or run without --compile") from None
+                    if args.compile and compiled_graphs() == 0:
+                        raise UsageError("--compile: torch.compile compiled no graph of the step, so it would "
+                                         "run eagerly; run without --compile")
                     if device.type == "cuda":  # the step's own time, not the next batch's wait
                         torch.cuda.synchronize(device)
                     train_seconds += time.time() - tic
@@ -822,10 +1023,16 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
                                         stop=stop if world == 1 else None)
             except EvaluationInterrupted:
                 return stopped(epoch, steps_per_epoch)
+            except datasets.DatasetError as err:
+                checkpoint(epoch, steps_per_epoch)  # the epoch's training is kept; --resume evaluates it
+                raise DataError(f"{data_error(err)}; the epoch's training is saved in {out / CHECKPOINT}: "
+                                "continue with --resume once the files are fixed") from None
             best = max(best, results["test"]["final"])
             row = {"epoch": epoch + 1, "step": int(ts.step),
                    "train_loss": {k: v / max(counted, 1) for k, v in sums.items()},
-                   "test_accuracy": results["test"], "images_per_second": epoch_images / max(time.time() - t0, 1e-9),
+                   "test_accuracy": results["test"],
+                   "step_images_per_second": epoch_images / max(step_time, 1e-9),
+                   "wall_images_per_second": epoch_images / max(time.time() - t0, 1e-9),
                    "data_wait_seconds": data_wait, "step_seconds": step_time}
             if folder:
                 row["skipped_images"] = {"train": train_skipped, "test": sum(skipped) - train_skipped}
@@ -846,46 +1053,62 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
                 print(f"\nstopped by signal {stop['signal']} after epoch {epoch + 1}: checkpoint saved; "
                       "continue with --resume", file=sys.stderr)
                 return INTERRUPTED
+        if not writer:
+            return 0
+
+        def after_training(signum, _frame):
+            raise InterruptedAfterTraining(f"interrupted after training; the final checkpoint is kept "
+                                           f"({out / CHECKPOINT}): signal {signum} arrived while the summary was "
+                                           "written, --resume writes it")
+
+        for s in previous:
+            signal.signal(s, after_training)
+        if args.interrupt_summary:
+            os.kill(os.getpid(), getattr(signal, f"SIG{args.interrupt_summary}"))
+        rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
+        labels = head_labels(scheme)
+        summary = {
+            "method": args.method, "arch": args.arch, "modules": len(scheme) if args.method == "e2e" else args.modules,
+            "dataset": args.dataset, "epochs": args.epochs, "steps": int(ts.step),
+            "test_accuracy": rows[-1]["test_accuracy"]["final"],
+            "best_test_accuracy": best,
+            "best_test_accuracy_note": "best epoch chosen on the test set, as the released code reports",
+            "head_test_accuracy": rows[-1]["test_accuracy"],
+            "head_labels": {k: labels.get(k, "") for k in rows[-1]["test_accuracy"]},
+            "images_per_second": images / max(train_seconds, 1e-9),
+            "images_per_second_note": "training images per second of step time over the whole run (data loading "
+                                      "and evaluation excluded, like metrics.jsonl's step_images_per_second; its "
+                                      "wall_images_per_second includes the data wait)",
+            "peak_step_bytes": peak_step,
+            "peak_step_bytes_note": "most tensor bytes allocated at once by one step, measured eagerly by "
+                                    "mlaan_func.memory.track_memory (with --compile too)",
+            "persistent_bytes": persistent_bytes(ts),
+            "parameters": sum(v.numel() for k, v in ts.params.items()),
+            "backbone_parameters": sum(ts.params[k].numel() for k in backbone.param_names),
+            "seconds": train_seconds, "device": str(device), "precision": args.precision, "threads": args.threads,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "compile": args.compile, "compiled_graphs": compiled_graphs(),
+            "processes": world, "parallel": args.parallel or "none",
+            "lr": args.lr, "data_files": [str(Path(args.data_dir).resolve())] if folder else list(dataset.files),
+            "torch": torch.__version__,
+        }
+        if "val_accuracy" in rows[-1]:
+            summary["val_accuracy"] = rows[-1]["val_accuracy"]["final"]
+        if device.type == "cuda":
+            summary["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+        text = json.dumps(summary, indent=1)
+        output(out / SUMMARY, lambda: (out / SUMMARY).write_text(text))
+        if args.json:
+            output(Path(args.json), lambda: Path(args.json).write_text(text))
+        output(out / "curves.png", lambda: plot_curves(out, labels))
+        print("test accuracy per head:\n" + "\n".join(
+            f"  {name:<24} {acc:.4f}  ({summary['head_labels'][name]})" for name, acc in rows[-1]["test_accuracy"].items()),
+            file=sys.stderr)
+        print(json.dumps({k: summary[k] for k in ("method", "modules", "test_accuracy", "images_per_second")}))
+        return 0
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-    if not writer:
-        return 0
-    rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
-    labels = head_labels(scheme)
-    summary = {
-        "method": args.method, "arch": args.arch, "modules": len(scheme) if args.method == "e2e" else args.modules,
-        "dataset": args.dataset, "epochs": args.epochs, "steps": int(ts.step),
-        "test_accuracy": rows[-1]["test_accuracy"]["final"],
-        "best_test_accuracy": best,
-        "best_test_accuracy_note": "best epoch chosen on the test set, as the released code reports",
-        "head_test_accuracy": rows[-1]["test_accuracy"],
-        "head_labels": {k: labels.get(k, "") for k in rows[-1]["test_accuracy"]},
-        "images_per_second": images / max(train_seconds, 1e-9),
-        "peak_step_bytes": peak_step,
-        "persistent_bytes": persistent_bytes(ts),
-        "parameters": sum(v.numel() for k, v in ts.params.items()),
-        "backbone_parameters": sum(ts.params[k].numel() for k in backbone.param_names),
-        "seconds": train_seconds, "device": str(device), "precision": args.precision,
-        "processes": world, "parallel": args.parallel or "none",
-        "lr": args.lr, "data_files": [str(Path(args.data_dir).resolve())] if folder else list(dataset.files),
-        "torch": torch.__version__,
-    }
-    if "val_accuracy" in rows[-1]:
-        summary["val_accuracy"] = rows[-1]["val_accuracy"]["final"]
-    if device.type == "cuda":
-        summary["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
-    text = json.dumps(summary, indent=1)
-    output(out / SUMMARY, lambda: (out / SUMMARY).write_text(text))
-    if args.json:
-        output(Path(args.json), lambda: Path(args.json).write_text(text))
-    output(out / "curves.png", lambda: plot_curves(out))
-    print("test accuracy per head:\n" + "\n".join(
-        f"  {name:<24} {acc:.4f}  ({summary['head_labels'][name]})" for name, acc in rows[-1]["test_accuracy"].items()),
-        file=sys.stderr)
-    print(json.dumps({k: summary[k] for k in ("method", "modules", "test_accuracy", "images_per_second")}))
-    return 0
 
 
 if __name__ == "__main__":

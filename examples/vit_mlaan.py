@@ -8,6 +8,11 @@ program's outputs under OUT/<method>/ (metrics.jsonl, summary.json, curves.png, 
 the same data, steps, batch size, learning rate and seed for all three. Fashion-MNIST is read
 offline from /usr/share/datasets/fashion-mnist (``apt-get install dataset-fashion-mnist``).
 Prints the test accuracy of each and writes OUT/summary.json.
+
+Run time: about 12 minutes on a shared 2-core CPU (150 s, 147 s and 388 s of training for
+e2e, dgl and mlaan, see docs/benchmarks.md), plus loading and evaluation. A stopped run
+(Ctrl-C saves a checkpoint) continues with ``--resume``: finished schemes are re-read, the
+stopped one continues from its checkpoint. ``--overwrite`` replaces an earlier run in OUT.
 """
 
 from __future__ import annotations
@@ -37,7 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", action="append", choices=METHODS, help="default: all three")
     p.add_argument("--out", default="runs/vit")
     p.add_argument("--json", default=None, help="also write the summary to this path")
-    return p.parse_args(argv)
+    p.add_argument("--resume", action="store_true", help="continue a stopped run in OUT, scheme by scheme")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
+    args = p.parse_args(argv)
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    return args
 
 
 def main(argv=None) -> int:
@@ -46,12 +56,21 @@ def main(argv=None) -> int:
     results = {}
     for method in args.method or METHODS:
         run = out / method
-        code = cifar_mlaan.main([
+        if args.resume and (run / cifar_mlaan.CHECKPOINT).exists():
+            again = ["--resume"]  # a finished scheme only rewrites its summary
+        else:
+            again = ["--overwrite"] if args.overwrite else []
+        flags = [
             "--dataset", args.dataset, "--arch", args.arch, "--method", method,
             "--modules", str(args.modules), "--epochs", "1", "--max-steps", str(args.steps),
             "--subset", str(args.steps * args.batch_size), "--batch-size", str(args.batch_size),
             "--lr", str(args.lr), "--warmup-epochs", "0.2", "--seed", str(args.seed),
-            "--out", str(run), "--overwrite", "--no-progress"])
+            "--out", str(run), "--no-progress", *again]
+        try:
+            code = cifar_mlaan.main(flags)
+        except cifar_mlaan.ProgramError as err:
+            print(f"error: {method}: {err}", file=sys.stderr)
+            return err.code
         if code != 0:
             return code
         summary = json.loads((run / cifar_mlaan.SUMMARY).read_text())

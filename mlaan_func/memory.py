@@ -22,9 +22,11 @@ plain ops they execute; ``torch.utils.checkpoint`` and ``.backward()`` are seen 
 
 The figure is taken between ops: memory a kernel allocates and frees internally (its
 scratch space), memory not owned by a tensor storage (allocator or library caches) and
-tensors without a storage (sparse, nested) are not seen. ``torch.compile`` does not compile
-while a dispatch mode is active, so a compiled function runs eagerly inside the block and the
-figure is the eager step's; measure compiled steps with ``cuda_peak`` on a GPU. On CUDA the
+tensors without a storage (sparse, nested) are not seen. ``torch.compile`` cannot trace
+while a dispatch mode is active, and a compiled function first called under one would be
+marked never to compile; so the block runs under ``torch.compiler.set_stance("force_eager")``:
+a compiled function runs eagerly inside it (the figure is the eager step's) and compiles on
+its first call after it. Measure compiled steps with ``cuda_peak`` on a GPU. On CUDA the
 caching allocator rounds each block up (to 512 bytes at least), so ``cuda_peak`` reads a
 little higher than ``track_memory`` for the same step.
 """
@@ -211,7 +213,7 @@ def track_memory(device: str | torch.device | None = None) -> Iterator[MemoryMet
     MemoryReport(peak_bytes=4000, live_bytes=2000, allocated_bytes=6000, allocations=2)
     """
     meter = MemoryMeter(device)
-    with meter:
+    with torch.compiler.set_stance("force_eager"), meter:
         yield meter
 
 
