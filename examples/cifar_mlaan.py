@@ -39,7 +39,7 @@ from mlaan_func import imagefolder  # noqa: E402
 from mlaan_func.checkpoint import TEMP_PREFIX, CheckpointError  # noqa: E402
 from mlaan_func.memory import persistent_bytes, track_memory  # noqa: E402
 
-METHODS = ("e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan")
+METHODS = mf.schemes.SCHEMES + mf.schemes.RECIPES  # the published schemes, then the field's recipes
 WINDOWED = ("mlaan", "dgl_mlaan", "infopro_mlaan")  # the schemes with an MLAAN window (--window)
 ARCHS = tuple(mf.models.arch_names())  # every backbone factory in mf.models
 IMAGENET_ARCHS = tuple(mf.models.imagenet_resnet.LAYOUTS)
@@ -339,6 +339,10 @@ def build_scheme(args, dataset) -> tuple[mf.Net, list]:
             options["trunks"] = mf.leap_trunk_table(args.arch, args.modules)
         if args.arch in IMAGENET_ARCHS:
             options.update(imagenet_mlaan_options(args))
+    if args.method == "neuron_groups":
+        options["groups"] = 2
+    if args.method == "man":  # its default head is InfoPro's, which restores the image
+        options.update(mean=dataset.mean, std=dataset.std)
     if args.method in ("infopro", "infopro_mlaan"):
         options.update(mean=dataset.mean, std=dataset.std,
                        lambdas=mf.infopro_lambda_table(args.method, args.arch, args.modules))
