@@ -97,7 +97,10 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row))
     if args.json:
-        Path(args.json).write_text(json.dumps({"base": str(base), "rows": rows}, indent=1))
+        label = lambda path: subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path,  # noqa: E731
+                                            capture_output=True, text=True).stdout.strip() or str(path)
+        Path(args.json).write_text(json.dumps({"base": str(base), "base_label": label(base), "this_label": label(this),
+                                               "load_before": os.getloadavg()[0], "rows": rows}, indent=1))
     return 0
 
 
