@@ -50,6 +50,9 @@ def split(net: Net, at: Sequence[str]) -> tuple[Net, ...]:
     _require_net(net, "split")
     if isinstance(at, str):
         raise TypeError(f"split's cut points are a list of block names, e.g. [{at!r}], not a string")
+    if at is None:
+        raise TypeError("split's cut points are a list of block names (e.g. ['1.0', '2.0']); [] keeps one "
+                        "module, got None")
     names = net.block_names
     index = {n: i for i, n in enumerate(names)}
     cuts: list[int] = []

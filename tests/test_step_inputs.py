@@ -233,3 +233,62 @@ def test_evaluate_averages_every_reported_metric_and_user_metrics_over_samples()
     out = mf.from_module(nn.Linear(6, 3), name="head")(ts.params, ts.state, h, train=False)[0]
     assert every["aux"]["loss"] == pytest.approx(float(F.cross_entropy(out, y)), rel=1e-5)
     assert mf.evaluate(scheme, ts, batches) == {k: every[k]["accuracy"] for k in ("aux", "final")}
+
+
+# ---------------------------------------------------------------- library API errors (#25 item 16)
+def _tiny():
+    net = mf.from_module(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)))
+    scheme = [mf.local_loss(net, None, mf.losses.cross_entropy, name="final")]
+    opt = mf.optim.sgd(0.1)
+    return scheme, opt, mf.init(scheme, opt)
+
+
+def test_an_empty_batch_says_so():
+    scheme, opt, ts = _tiny()
+    with pytest.raises(mf.errors.BatchError, match="the batch is empty"):
+        mf.step(scheme, opt)(ts, (torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)))
+
+
+def test_a_uint8_batch_says_to_convert_it():
+    scheme, opt, ts = _tiny()
+    with pytest.raises(mf.errors.BatchError, match="uint8"):
+        mf.step(scheme, opt)(ts, (torch.zeros(2, 3, dtype=torch.uint8), torch.tensor([0, 1])))
+
+
+def test_labels_on_another_device_say_so():
+    scheme, opt, ts = _tiny()
+    with pytest.raises(mf.errors.DeviceMismatchError, match="labels are on meta"):
+        mf.step(scheme, opt)(ts, (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long, device="meta")))
+
+
+def test_split_with_none_says_what_cut_points_are():
+    net = mf.from_module(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)))
+    with pytest.raises(TypeError, match="list of block names"):
+        mf.split(net, None)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda out, batch: (torch.nn.functional.cross_entropy(out, batch.y, reduction="none"), {}), "shape \\(4,\\)"),
+    (lambda out, batch: (1.5, {}), "a float"),
+    (lambda out, batch: (torch.tensor(1), {}), "torch.int64"),
+    (lambda out, batch: torch.nn.functional.cross_entropy(out, batch.y), "returns \\(loss, metrics\\)"),
+])
+def test_a_loss_of_the_wrong_kind_is_named(bad, message):
+    net = mf.from_module(torch.nn.Linear(3, 2), name="fc")
+    scheme = [mf.local_loss(net, None, bad, name="final")]
+    opt = mf.optim.sgd(0.1)
+    with pytest.raises(ValueError, match="objective 'final''s loss.*" + message):
+        mf.step(scheme, opt)(mf.init(scheme, opt), (torch.randn(4, 3), torch.tensor([0, 1, 0, 1])))
+
+
+def test_no_optimizer_state_says_how_to_build_one():
+    scheme, opt, ts = _tiny()
+    with pytest.raises(ValueError, match="opt_state=None"):
+        mf.step(scheme, opt)(ts._replace(opt_state=None), (torch.zeros(2, 3), torch.tensor([0, 1])))
+
+
+def test_a_parameter_of_the_wrong_shape_is_named():
+    scheme, opt, ts = _tiny()
+    params = {**ts.params, "2.weight": torch.zeros(3, 4)}
+    with pytest.raises(mf.ShapeError, match="parameter '2.weight' has shape \\(3, 4\\) but its block holds \\(2, 4\\)"):
+        mf.step(scheme, opt)(ts._replace(params=params), (torch.zeros(2, 3), torch.tensor([0, 1])))

@@ -16,6 +16,7 @@ import attrs
 from torch import Tensor
 
 from . import hyper
+from ..errors import SchemeError
 from .net import AfterStep, Net, Params, State
 from .randomness import seed_block
 
@@ -126,9 +127,24 @@ class Objective:
     def score(self, z: Any, batch: Any, state: State, step: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """``(weight · loss(z, batch), metrics)`` at ``step``: the loss gets ``step=`` when it
         takes one; the weight is a number, a schedule of the step or held in ``state``."""
-        loss, metrics = self.loss(z, batch, step=step) if self.loss_takes_step else self.loss(z, batch)
+        out = self.loss(z, batch, step=step) if self.loss_takes_step else self.loss(z, batch)
+        loss, metrics = self._checked(out)
         weight = hyper.resolve(self.weight, state, step, f"objective {self.name!r}'s weight")
         return weight * loss, metrics
+
+    def _checked(self, out: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """What the loss returned, checked by its metadata only (no value is read)."""
+        what = f"objective {self.name!r}'s loss"
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+            raise SchemeError(f"{what} returned {type(out).__name__}; a loss returns (loss, metrics), a 0-d "
+                              "tensor and a dict of 0-d tensors, e.g. (loss, {}) when it reports nothing")
+        loss, metrics = out
+        if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+            shown = f"a {loss.dtype} tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else \
+                f"a {type(loss).__name__}"
+            raise SchemeError(f"{what} is {shown}; it must be a 0-d floating tensor the step can differentiate "
+                              "(average a per-sample loss over the batch, e.g. .mean())")
+        return loss, metrics
 
     def forward(self, params: Params, state: State, x: Tensor, batch: Any, *, train: bool = True,
                 taps: tuple[str, ...] = (), step: Tensor | None = None,

@@ -30,10 +30,10 @@ from torch import Tensor
 from ..combinators import Objective
 from ..core import hyper
 from ..core.batch import as_batch, check_device, check_structure, input_of
-from ..core.identity import check_identity
+from ..core.identity import check_identity, module_blocks
 from ..core.net import AfterStep, Params, State, check_keys, init_params
 from ..core.randomness import key_from_seed, seeded
-from ..errors import NonFiniteLossError, SchemeError
+from ..errors import NonFiniteLossError, SchemeError, ShapeError
 from ..optim import Optimizer, apply_updates, keep_entries, state_metrics
 from . import checkpoint
 from .execute import executor, forward_values, gradient_fns, objective_fn  # noqa: F401  (re-exported)
@@ -90,12 +90,19 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     check_reads(objectives)
     run_step = executor(objectives, share=share, compile=compile, backend=backend)
     param_keys, state_keys = scheme_names(objectives)
+    shapes = param_shapes(objectives)
     first_structure = None
 
     def run(ts: TrainState, batch: Any) -> Gradients:
         nonlocal first_structure
         check_keys("the train state's params", ts.params, param_keys)
         check_keys("the train state's state", ts.state, state_keys)
+        wrong = [k for k, shape in shapes.items() if tuple(ts.params[k].shape) != shape]
+        if wrong:
+            k = wrong[0]
+            raise ShapeError(f"the train state's parameter {k!r} has shape {tuple(ts.params[k].shape)} but its block "
+                             f"holds {shapes[k]} ({len(wrong)} such); build the train state with mlaan_func.init for "
+                             "this scheme, or load a checkpoint written by it")
         batch = as_batch(batch)
         first_structure = check_structure(batch, first_structure)
         x = input_of(batch)
@@ -227,6 +234,17 @@ def forward_only(objective: Objective, taps: tuple[str, ...]) -> Callable:
     return fn
 
 
+def param_shapes(objectives: Sequence[Objective]) -> dict[str, tuple[int, ...]]:
+    """Every trained parameter's shape, as its block holds it."""
+    shapes = {}
+    for o in objectives:
+        for top in (b for net in o.nets for b in net.blocks):
+            for block in module_blocks(top):
+                local = dict(block.module.named_parameters())
+                shapes.update({k: tuple(local[n].shape) for k, n in zip(block.param_names, block.local_params)})
+    return {k: shapes[k] for k in scheme_names(objectives)[0] if k in shapes}
+
+
 def check_reads(objectives: Sequence[Objective]) -> None:
     """Every parameter a read-only view reads is trained by an objective of the scheme."""
     trained = {k for o in objectives for k in o.param_names}
@@ -250,6 +268,9 @@ def finish_step(ts: TrainState, g: Gradients, optimizer: Optimizer, post: Sequen
     state, as ``mf.schemes.pgl``'s end-to-end steps): they and their per-parameter optimizer
     state (momentum, moments) stay as they were, as ``torch.optim`` skips a parameter whose
     gradient is ``None``; shared counts (schedules, bias correction) advance."""
+    if ts.opt_state is None:
+        raise SchemeError("the train state has no optimizer state (opt_state=None); build it with "
+                          "mlaan_func.init(scheme, optimizer), or set opt_state=optimizer.init(ts.params)")
     if check_finite and not bool(g.finite):
         bad = [n for n, v in g.losses.items() if not bool(torch.isfinite(v))]
         where = f"in objective(s) {bad}" if bad else "on another rank"
