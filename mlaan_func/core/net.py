@@ -432,7 +432,11 @@ def from_module(module: nn.Module, *, name: str | None = None, blocks: Any = Non
     Blocks are, in this order of preference: the submodules named in ``blocks`` (dotted
     paths in execution order, or a predicate ``(name, module) -> bool``), cut out of the
     module's real ``forward`` with ``torch.fx`` (see ``mlaan_func.trace``; parameters keep
-    the module's own keys); ``module.named_blocks()`` when the module offers it (its traced
+    the module's own keys), each block ending at the first point after its named call where
+    ``forward`` holds one live value, so a residual that ``forward`` adds after the call
+    (``h = h + f(self.b(h))``) stays in the block of ``b`` (where no such point comes before
+    the next named block, ``TraceError`` names the values that stay live and the fix);
+    ``module.named_blocks()`` when the module offers it (its traced
     ``forward`` must run exactly those blocks in order, or this refuses it); the children of
     an ``nn.Sequential``; or else the whole module as one block called ``name`` (default
     ``"net"``). Parameters are keyed ``"<block>.<parameter path>"``.
