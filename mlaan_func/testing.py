@@ -22,6 +22,7 @@ from .combinators import LeapBlock, Objective, cascade, split
 from .core.batch import as_batch
 from .core.net import INPUT, Block, Net, Params, State, to_module
 from .core.randomness import seed_block, seeded
+from .host_reads import count_host_reads  # noqa: F401  (re-exported for the tests)
 from .schemes.heads import ChannelGroup
 from .schemes.losses import input_of
 from .train.plan import plan_routes
