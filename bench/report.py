@@ -414,13 +414,15 @@ def checkouts_section(payload: dict) -> list[str]:
              "checkout, rounds interleaved; time is the ratio of medians (per-round ratios beside it), memory the "
              "exact peak of live step bytes. Gradients of both are compared bitwise.", "",
              "| scheme | K | batch | step s (this) | step s (base) | time ratio | per round | peak MiB (this) | "
-             "peak MiB (base) | peak ratio | gradients |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak MiB (base) | peak ratio | host reads (this / base) | gradients |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         rounds = ", ".join(f"{x:.2f}" for x in r["time_ratios_per_round"])
         lines.append(f"| {r['method']} | {r['modules']} | {r['batch_size']} | {r['this_median_s']:.3f} | "
                      f"{r['base_median_s']:.3f} | {r['time_ratio']:.3f} | {rounds} | "
                      f"{r['this_peak_step_bytes'] / 2**20:.1f} | {r['base_peak_step_bytes'] / 2**20:.1f} | "
-                     f"{r['peak_ratio']:.3f} | {'bitwise equal' if r['gradients_bitwise_equal'] else 'DIFFER'} |")
+                     f"{r['peak_ratio']:.3f} | {r.get('this_host_reads', '—')} / {r.get('base_host_reads', '—')} | "
+                     f"{'bitwise equal' if r['gradients_bitwise_equal'] else 'DIFFER'} |")
     return lines + [""]
 
 

@@ -22,6 +22,7 @@ from .combinators import LeapBlock, Objective, cascade, split
 from .core.batch import as_batch
 from .core.net import INPUT, Block, Net, Params, State, to_module
 from .core.randomness import seed_block, seeded
+from .host_reads import count_host_reads  # noqa: F401  (re-exported for the tests)
 from .schemes.heads import ChannelGroup
 from .schemes.losses import input_of
 from .train.plan import plan_routes
@@ -94,12 +95,20 @@ def check_purity(fn: Callable, *args: Any, **kwargs: Any) -> Any:
 
 
 def check_split_identity(net: Net, at: Sequence[str], params: Params, state: State, x: Tensor,
-                         *, train: bool = True, rtol: float = RTOL) -> None:
-    """``cascade(*split(net, at))`` equals ``net``: outputs and new state."""
+                         *, train: bool = True, rtol: float = RTOL, exact: bool = False) -> None:
+    """``cascade(*split(net, at))`` equals ``net``: outputs and new state (bit for bit with
+    ``exact=True``: the same operations run in the same order)."""
     y, s = net(params, state, x, train=train)
     y2, s2 = cascade(*split(net, at))(params, state, x, train=train)
-    assert_close(y2, y, rtol, "output")
-    assert_close(s2, s, rtol, "new state")
+    _same(y2, y, rtol, exact, "output")
+    _same(s2, s, rtol, exact, "new state")
+
+
+def _same(a: Any, b: Any, rtol: float, exact: bool, what: str) -> None:
+    if exact:
+        assert_identical(a, b, f"{what} (bit for bit)")
+    else:
+        assert_close(a, b, rtol, what)
 
 
 def reference_losses(objectives: Sequence[Objective], ts: TrainState, batch: Any,
@@ -479,10 +488,16 @@ def _model_keys(model: "torch.nn.Module", net: Net) -> dict[str, str]:
 
 
 def check_equivalent(model: "torch.nn.Module", net: Net, inputs: Tensor | Sequence[Tensor], *,
-                     rtol: float = RTOL, seed: int = 0) -> None:
+                     rtol: float = RTOL, seed: int = 0, gradients: bool = True, exact: bool = False) -> None:
     """``net`` (and ``cascade(*net.blocks)``) computes what ``model`` does: on each input,
-    in eval and in training mode, the outputs agree and, in training, the new state equals
-    the model's buffers after its forward. The net runs on the model's own tensors.
+    in eval and in training mode, the outputs agree, the gradients of a fixed random
+    projection of the output agree for every parameter and for a floating-point input
+    (``gradients=False`` skips them), and, in training, the new state equals the model's
+    buffers after its forward (BatchNorm statistics). The net runs on the model's own
+    tensors. With ``exact=True`` every comparison is bit for bit instead of within ``rtol``:
+    a net cut out of ``forward`` runs the model's own operations in its order, so it is on
+    the CPU (on a GPU, under ``torch.use_deterministic_algorithms(True)``: some kernels,
+    convolution backward among them, may otherwise sum in a different order run to run).
 
     Use it on a net from ``from_module(model, blocks=[...])`` or from ``named_blocks()``
     (which ``from_module`` already checks structurally), with inputs drawn by hypothesis.
@@ -490,7 +505,7 @@ def check_equivalent(model: "torch.nn.Module", net: Net, inputs: Tensor | Sequen
     >>> from torch import nn
     >>> import mlaan_func as mf
     >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU())
-    >>> check_equivalent(model, mf.from_module(model, blocks=["1", "2"]), torch.randn(5, 3))
+    >>> check_equivalent(model, mf.from_module(model, blocks=["1", "2"]), torch.randn(5, 3), exact=True)
     >>> other = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sigmoid())
     >>> check_equivalent(model, mf.from_module(other), torch.randn(5, 3))
     Traceback (most recent call last):
@@ -504,17 +519,38 @@ def check_equivalent(model: "torch.nn.Module", net: Net, inputs: Tensor | Sequen
     params = {k: own[keys[k]].detach() for k in net.param_names}
     state = {k: own[keys[k]].detach().clone() for k in net.state_names}
     chained = cascade(*(Net((b,)) for b in net.blocks))
-    for x in ([inputs] if isinstance(inputs, Tensor) else list(inputs)):
+    for n, x in enumerate([inputs] if isinstance(inputs, Tensor) else list(inputs)):
         for train in (False, True):
+            mode = "train" if train else "eval"
             reference = copy.deepcopy(model).train(train)
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
+            tensors = reference.state_dict(keep_vars=True)
+            ref_params = [tensors[keys[k]] for k in net.param_names]
+            net_params = {k: v.requires_grad_(gradients) for k, v in
+                          ((k, params[k].detach()) for k in net.param_names)}
+            ref_x, net_x = (x.detach().clone().requires_grad_(gradients and x.is_floating_point())
+                            for _ in range(2))
+            with torch.random.fork_rng(devices=[]), torch.set_grad_enabled(gradients):
                 torch.manual_seed(seed)
-                want = reference(x)
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                want = reference(ref_x)
+            with torch.random.fork_rng(devices=[]), torch.set_grad_enabled(gradients):
                 torch.manual_seed(seed)
-                got, new_state = chained(params, state, x, train=train)
-            assert_close(got, want, rtol, f"output ({'train' if train else 'eval'})")
+                got, new_state = chained(net_params, state, net_x, train=train)
+            _same(got.detach(), want.detach(), rtol, exact, f"output ({mode})")
             if train:
                 after = reference.state_dict()
-                assert_close({k: new_state[k] for k in net.state_names},
-                             {k: after[keys[k]] for k in net.state_names}, rtol, "buffers after forward")
+                _same({k: new_state[k] for k in net.state_names},
+                      {k: after[keys[k]] for k in net.state_names}, rtol, exact, "buffers after forward")
+            if gradients and want.is_floating_point() and want.requires_grad:
+                projection = torch.randn(want.shape, dtype=want.dtype, generator=torch.Generator()
+                                         .manual_seed(seed + n)).to(want.device)
+                inputs_too = [ref_x] if ref_x.requires_grad else []
+                expected = _grads(want, projection, [*ref_params, *inputs_too])
+                found = _grads(got, projection, [*net_params.values(), *([net_x] if inputs_too else [])])
+                names = [*net.param_names, *(["input"] if inputs_too else [])]
+                _same(dict(zip(names, found)), dict(zip(names, expected)), rtol, exact,
+                      f"gradient ({mode})")
+
+
+def _grads(out: Tensor, projection: Tensor, wrt: list[Tensor]) -> list[Tensor]:
+    found = torch.autograd.grad((out * projection).sum(), wrt, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, found)]

@@ -201,9 +201,20 @@ def test_cuts_out_of_execution_order_are_refused_with_the_order():
         mf.from_module(TorchvisionResNet(), blocks=["layer2", "layer1"])
 
 
-def test_a_boundary_carrying_two_values_names_them():
-    with pytest.raises(TraceError, match=r"carries 2 values: 'relu' \(output of relu\), 'layer1_0_bn1'.*Move the cut"):
-        mf.from_module(TorchvisionResNet(), blocks=["layer1.0.bn1", "fc"])
+def test_a_cut_inside_a_residual_block_ends_after_its_skip():
+    # issue #23: the block of layer1.0.bn1 runs on to the end of layer1.0 (out += identity; relu)
+    model = TorchvisionResNet()
+    net = mf.from_module(model, blocks=["layer1.0.bn1", "fc"])
+    assert {k.rsplit(".", 1)[0] for k in net.blocks[0].param_names} >= {"layer1.0.conv2", "layer1.0.bn2"}
+    assert not any(k.startswith("layer1.1") for k in net.blocks[0].param_names)
+    mt.check_equivalent(model, net, images(0), exact=True)
+
+
+def test_a_cut_with_no_single_value_before_the_next_block_names_the_skip():
+    with pytest.raises(TraceError, match=r"'layer1.0.bn1' cannot end at one value.*next block 'layer1.0.conv2'.*"
+                                         r"'relu' \(output of relu, from `x = self.relu\(self.bn1\(self.conv1\(x\)\)\)`"
+                                         r".*stays live.*Name a different block"):
+        mf.from_module(TorchvisionResNet(), blocks=["layer1.0.bn1", "layer1.0.conv2", "fc"])
 
 
 def test_nested_and_repeated_cuts_are_refused():
@@ -226,6 +237,12 @@ class DataDependent(nn.Module):
 def test_an_untraceable_model_says_how_to_fix_it():
     with pytest.raises(TraceError, match="cannot be traced.*named_blocks"):
         mf.from_module(DataDependent(), blocks=["a", "b"])
+
+
+def test_a_cut_inside_code_that_needs_real_tensors_is_a_trace_error():
+    # the ViT's attention reshapes with einops, which a torch.fx proxy cannot go through
+    with pytest.raises(TraceError, match=r"needs real tensors.*einops.*\['blocks.1.attn'\].*around that code"):
+        mf.from_module(vit(), blocks=["blocks.1.attn.qkv", "classifier"])
 
 
 def test_a_head_given_the_wrong_rank_names_the_head_to_use():

@@ -30,6 +30,7 @@ from torch.func import functional_call
 from ..errors import DeviceMismatchError, KeysError, ShapeError
 from .identity import check_identity
 from .randomness import seed_block
+from .swap import swapped_call
 from .trace import check_chain, split_module
 
 Params = dict[str, Tensor]
@@ -210,6 +211,11 @@ class Block(BlockDefaults):
     eval_template: nn.Module = attrs.field(repr=False)
     local_params: tuple[str, ...]
     local_state: tuple[str, ...]
+    _calls: tuple[swapped_call, swapped_call] = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        # built again by attrs.evolve, so they always call the current templates
+        object.__setattr__(self, "_calls", (swapped_call(self.train_template), swapped_call(self.eval_template)))
 
     @classmethod
     def of(cls, name: str, module: nn.Module) -> "Block":
@@ -263,10 +269,14 @@ class Block(BlockDefaults):
 
     def apply(self, params: Params, state: State, x: Tensor, *, train: bool) -> tuple[Tensor, State]:
         p, s = self.gather(params, state, train)
-        template = self.train_template if train else self.eval_template
         if train:
             seed_block(self.name)
-        y = call_explained(self, x, p, lambda: functional_call(template, (p, s), (x,), strict=True))
+        if torch.compiler.is_compiling():  # dynamo traces functional_call, not our swap
+            template = self.train_template if train else self.eval_template
+            y = functional_call(template, (p, s), (x,), strict=True)
+        else:
+            call = self._calls[0] if train else self._calls[1]
+            y = call_explained(self, x, p, lambda: call(p, s, x))
         new_state = {_join(self.prefix, n): v for n, v in s.items()} if train else {}
         return y, new_state
 
@@ -432,7 +442,11 @@ def from_module(module: nn.Module, *, name: str | None = None, blocks: Any = Non
     Blocks are, in this order of preference: the submodules named in ``blocks`` (dotted
     paths in execution order, or a predicate ``(name, module) -> bool``), cut out of the
     module's real ``forward`` with ``torch.fx`` (see ``mlaan_func.trace``; parameters keep
-    the module's own keys); ``module.named_blocks()`` when the module offers it (its traced
+    the module's own keys), each block ending at the first point after its named call where
+    ``forward`` holds one live value, so a residual that ``forward`` adds after the call
+    (``h = h + f(self.b(h))``) stays in the block of ``b`` (where no such point comes before
+    the next named block, ``TraceError`` names the values that stay live and the fix);
+    ``module.named_blocks()`` when the module offers it (its traced
     ``forward`` must run exactly those blocks in order, or this refuses it); the children of
     an ``nn.Sequential``; or else the whole module as one block called ``name`` (default
     ``"net"``). Parameters are keyed ``"<block>.<parameter path>"``.

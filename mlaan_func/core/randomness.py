@@ -35,12 +35,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import zlib
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from torch import Tensor
 
 _MASK = 2**63 - 1
+T = TypeVar("T")
 _STEP_SEED: contextvars.ContextVar[tuple[int, torch.device] | None] = contextvars.ContextVar(
     "mlaan_func_step_seed", default=None)
 
@@ -114,6 +115,37 @@ def seeded(key: Tensor | int, step: Tensor | int, device: torch.device | str | N
         _STEP_SEED.reset(token)
         for g, s in zip(gens, saved):
             g.set_state(s)
+
+
+def keyed(fn: Callable[[], T], key: Tensor, step: Tensor, device: torch.device | str | None,
+          memo: dict[str, bool]) -> T:
+    """``fn()`` with its random draws derived from ``(key, step)``, as under ``seeded``,
+    reading ``key`` and ``step`` (two host reads) only for a computation that draws.
+
+    ``fn`` first runs unseeded while the generators' states are compared before and after
+    (host memory, no device read); if it drew, the states are restored and it runs again
+    under ``seeded``, and ``memo["draws"]`` makes every later call seeded at once. For a
+    pure ``fn`` the result is the seeded one either way.
+
+    >>> from torch.nn import functional as F
+    >>> memo = {}
+    >>> a = keyed(lambda: F.dropout(torch.ones(8), 0.5), key_from_seed(0), torch.tensor(3), None, memo)
+    >>> with seeded(key_from_seed(0), torch.tensor(3)):
+    ...     b = F.dropout(torch.ones(8), 0.5)
+    >>> torch.equal(a, b), memo
+    (True, {'draws': True})
+    """
+    if not memo.get("draws"):
+        gens = _generators(torch.device(device) if device is not None else torch.device("cpu"))
+        before = [g.get_state() for g in gens]
+        out = fn()
+        if all(torch.equal(b, g.get_state()) for b, g in zip(before, gens)):
+            return out
+        for g, b in zip(gens, before):
+            g.set_state(b)
+        memo["draws"] = True
+    with seeded(key, step, device):
+        return fn()
 
 
 def seed_block(name: str) -> None:

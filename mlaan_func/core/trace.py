@@ -1,12 +1,17 @@
 """Blocks from a module's own ``forward``: ``torch.fx`` partitions at named submodules.
 
 ``split_module(model, blocks)`` traces ``model.forward`` symbolically, treating each named
-submodule as one call, and cuts the graph right after each of those calls. Everything
-``forward`` does between two named submodules (skips, reshapes, a cls token, a positional
+submodule as one call, and cuts the graph after each of those calls, at the first point
+where ``forward`` holds exactly one live value: right after the call when nothing else is
+read later, or after the residual add when ``forward`` writes the skip itself
+(``h = h + f(self.b(h))`` cut at ``b`` ends after the add). Whatever ``forward`` does from
+there up to the next named submodule (skips, reshapes, a cls token, a positional
 embedding) belongs to the block that ends at the later one; anything after the last named
-submodule belongs to the last block. Each block is a ``torch.fx.GraphModule`` whose parameter
-names are the model's own (``"layer1.0.conv1.weight"``, ``"cls_token"``), so a net made from
-it uses the keys of ``model.state_dict()``.
+submodule belongs to the last block. Where no such point comes before the next named
+submodule's call, ``TraceError`` names the block, the values that stay live and the fix.
+Each block is a ``torch.fx.GraphModule`` whose parameter names are the model's own
+(``"layer1.0.conv1.weight"``, ``"cls_token"``), so a net made from it uses the keys of
+``model.state_dict()`` (docs/design.md §7, "Any backbone").
 
 >>> import torch
 >>> from torch import nn
@@ -16,9 +21,13 @@ it uses the keys of ``model.state_dict()``.
 ...         self.a, self.b, self.fc = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
 ...     def forward(self, x):
 ...         h = self.a(x)
-...         return self.fc(torch.relu(self.b(h) + h))
->>> [(name, sorted(dict(piece.named_parameters()))[:1]) for name, piece in split_module(Skip(), ["a", "fc"])]
-[('a', ['a.bias']), ('fc', ['b.bias'])]
+...         h = h + torch.tanh(self.b(h))       # the residual, written in forward
+...         return self.fc(torch.relu(h))
+>>> pieces = split_module(Skip(), ["a", "b", "fc"])
+>>> [(name, sorted(dict(piece.named_parameters()))) for name, piece in pieces]
+[('a', ['a.bias', 'a.weight']), ('b', ['b.bias', 'b.weight']), ('fc', ['fc.bias', 'fc.weight'])]
+>>> [node.name for node in pieces[1][1].graph.nodes]           # block b ends after the add
+['x', 'b', 'tanh', 'add', 'output']
 
 ``check_chain(model, named)`` is the cheap structural check ``from_module`` runs on a module
 that offers ``named_blocks()``: its traced ``forward`` must be exactly those blocks in order.
@@ -26,6 +35,8 @@ that offers ``named_blocks()``: its traced ``forward`` must be exactly those blo
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Callable, Sequence
 
 import torch  # noqa: F401  (the doctests use it)
@@ -51,17 +62,29 @@ class _CutTracer(fx.Tracer):
         return qualname not in self.enclosing
 
 
-def _trace(model: nn.Module, cuts: Sequence[str], train: bool) -> fx.Graph:
+def _trace(model: nn.Module, cuts: Sequence[str], train: bool, stacks: bool = False) -> fx.Graph:
     was_training = model.training
     model.train(train)
     try:
-        return _CutTracer(cuts).trace(model)
+        tracer = _CutTracer(cuts)
+        tracer.record_stack_traces = stacks
+        return tracer.trace(model)
     except fx.proxy.TraceError as err:
         raise TraceError(
             f"{type(model).__name__}.forward cannot be traced with torch.fx ({err}). Make the "
             "control flow in forward independent of tensor values, or give the module a "
             "named_blocks() method that lists its blocks in order (its forward must then run "
             "exactly those blocks one after another)") from err
+    except (RuntimeError, TypeError) as err:
+        if "Proxy" not in str(err):
+            raise
+        inside = sorted({c.rsplit(".", 1)[0] for c in cuts if "." in c})
+        raise TraceError(
+            f"{type(model).__name__}.forward cannot be traced with torch.fx: code that needs real "
+            f"tensors (einops, NumPy, a C extension) met a traced value ({type(err).__name__}: {err}). "
+            "The tracer steps into every module that contains a cut"
+            f"{f' (here {inside[:4]})' if inside else ''}: cut at submodules around that code instead, "
+            "or give the module a named_blocks() method") from err
     finally:
         model.train(was_training)
 
@@ -124,16 +147,36 @@ def _cut_nodes(graph: fx.Graph, names: list[str], predicate_order: bool) -> list
     return nodes
 
 
-def _describe(node: fx.Node) -> str:
+def _describe(node: fx.Node, where: dict[str, str] | None = None) -> str:
+    line = f", from {where[node.name]}" if where and where.get(node.name) else ""
     if node.op == "placeholder":
         return f"{node.name!r} (the model's input)"
     if node.op == "call_module":
-        return f"{node.name!r} (output of {node.target})"
+        return f"{node.name!r} (output of {node.target}{line})"
     target = getattr(node.target, "__name__", str(node.target))
-    return f"{node.name!r} ({target})"
+    return f"{node.name!r} ({target}{line})"
 
 
-def _segments(graph: fx.Graph, cuts: list[fx.Node]) -> tuple[dict[fx.Node, int], fx.Node, fx.Node]:
+_FRAME = re.compile(r'File "(?P<path>[^"]*)", line (?P<line>\d+), in [^\n]*\n\s*(?P<code>[^\n]*)')
+
+
+def _source_lines(model: nn.Module, cuts: Sequence[str], train: bool) -> dict[str, str]:
+    """Node name -> the line of ``forward`` that computed it (``"`h = h + r` at model.py:52"``),
+    from a second trace that records stack traces (slower, so only to explain an error)."""
+    try:
+        graph = _trace(model, cuts, train, stacks=True)
+    except TraceError:
+        return {}
+    out = {}
+    for node in graph.nodes:
+        frame = _FRAME.search(node.stack_trace or "")
+        if frame:
+            code = re.sub(r"\s+#.*$", "", frame["code"].strip())   # the line, its comment left off
+            out[node.name] = f"`{code}` at {os.path.basename(frame['path'])}:{frame['line']}"
+    return out
+
+
+def _ends(graph: fx.Graph) -> tuple[fx.Node, fx.Node]:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise TraceError(f"forward takes {len(placeholders)} inputs {[n.name for n in placeholders]}; "
@@ -142,16 +185,86 @@ def _segments(graph: fx.Graph, cuts: list[fx.Node]) -> tuple[dict[fx.Node, int],
     if not isinstance(output.args[0], fx.Node):
         raise TraceError("forward returns a tuple or dict; a net returns one tensor: wrap the model "
                          "so forward returns only the tensor the loss scores")
+    return placeholders[0], output
+
+
+def _live_after(graph: fx.Graph, placeholder: fx.Node) -> tuple[list[fx.Node], list[list[fx.Node]]]:
+    """The graph's computing nodes in order, and for each the values live right after it:
+    computed there or before (the input included) and read by a later node or returned.
+    ``get_attr`` nodes are not values here: each moves to the block that reads it."""
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    at = {n: i for i, n in enumerate(nodes)}
+    end = len(nodes)
+    last_use = {}
+    for node in (placeholder, *nodes):
+        if node.op != "get_attr":
+            last_use[node] = max((end if u.op == "output" else at[u] for u in node.users), default=-1)
+    live = {placeholder: None} if last_use[placeholder] >= 0 else {}
+    after = []
+    for i, node in enumerate(nodes):
+        if last_use.get(node, -1) > i:
+            live[node] = None
+        for value in [v for v in live if last_use[v] == i]:
+            del live[value]
+        after.append(list(live))
+    return nodes, after
+
+
+def _boundaries(graph: fx.Graph, cuts: list[fx.Node], placeholder: fx.Node, names: list[str],
+                source: Callable[[], dict[str, str]] = dict) -> list[tuple[fx.Node, fx.Node]]:
+    """Where each block but the last ends: ``(last node of the block, the value it passes
+    on)``, at the first node from the block's named call, before the next block's call,
+    after which exactly one value is live (so a residual written in ``forward`` right after
+    the call, ``h = h + f(self.b(h))``, ends up in the block of ``b``). ``source()`` gives
+    the lines of ``forward`` that an error names."""
+    nodes, after = _live_after(graph, placeholder)
+    at = {n: i for i, n in enumerate(nodes)}
+
+    def first_single(start: int, stop: int) -> int | None:
+        return next((p for p in range(start, stop) if len(after[p]) == 1), None)
+
+    ends: list[tuple[fx.Node, fx.Node]] = []
+    for i, cut in enumerate(cuts[:-1]):
+        stop = at[cuts[i + 1]]
+        single = first_single(at[cut], stop)
+        if single is None:
+            begin = at[ends[-1][0]] + 1 if ends else 0
+            calls = [n.target for n in graph.nodes if n.op == "call_module"]
+            others = [n.target for n in nodes[begin:stop] if n.op == "call_module" and n is not cut
+                      and calls.count(n.target) == 1 and first_single(at[n], stop) is not None]
+            raise _no_single_value(names[i], names[i + 1], cut, [after[p] for p in range(at[cut], stop)],
+                                   others, source())
+        ends.append((nodes[single], after[single][0]))
+    return ends
+
+
+def _no_single_value(name: str, following: str, cut: fx.Node, lives: list[list[fx.Node]],
+                     others: list[str], where: dict[str, str]) -> TraceError:
+    fewest = min(lives, key=len)
+    kept = [v for v in lives[0] if v is not cut and all(v in live for live in lives)]
+    stays = (f" {', '.join(_describe(v, where) for v in kept)} {'stays' if len(kept) == 1 else 'stay'} live "
+             f"all the way (a residual, or another value that forward still reads at or after "
+             f"{following!r}), beside the block's own output." if kept else "")
+    instead = f" ({', '.join(map(repr, others[-4:]))} would end at one value here)" if others else ""
+    return TraceError(
+        f"block {name!r} cannot end at one value: from its call up to the call of the next block "
+        f"{following!r}, forward always holds at least {len(fewest)} live values (fewest: "
+        f"{', '.join(_describe(v) for v in fewest)}).{stays} A boundary between blocks carries one "
+        f"tensor. Name a different block{instead}, or give blocks that own their residual (a submodule "
+        "whose own forward adds the skip back), or give the model a named_blocks() method")
+
+
+def _segments(graph: fx.Graph, ends: list[tuple[fx.Node, fx.Node]]) -> dict[fx.Node, int]:
     segment: dict[fx.Node, int] = {}
-    current, cut_set = 0, {c: i for i, c in enumerate(cuts)}
+    current, last_of = 0, {last: i for i, (last, _) in enumerate(ends)}
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
         segment[node] = current
-        if node in cut_set:
-            current = min(cut_set[node] + 1, len(cuts) - 1)
+        if node in last_of:
+            current = last_of[node] + 1
     # what follows the last named block belongs to it
-    return segment, placeholders[0], output
+    return segment
 
 
 def _owner_of_attrs(graph: fx.Graph, segment: dict[fx.Node, int], model: nn.Module,
@@ -180,24 +293,6 @@ def _owner_of_attrs(graph: fx.Graph, segment: dict[fx.Node, int], model: nn.Modu
                              "parameters must stay in one block: move the cuts around its calls")
 
 
-def _check_boundaries(graph: fx.Graph, segment: dict[fx.Node, int], cuts: list[fx.Node],
-                      placeholder: fx.Node, names: list[str]) -> None:
-    for i, cut in enumerate(cuts[:-1]):
-        live = []
-        for node in [placeholder, *segment]:
-            if node.op == "get_attr":
-                continue
-            at = -1 if node is placeholder else segment[node]
-            if at <= i and any(u.op == "output" or segment.get(u, -1) > i for u in node.users):
-                live.append(node)
-        if live != [cut]:
-            crossing = ", ".join(_describe(n) for n in live)
-            raise TraceError(
-                f"the boundary after block {names[i]!r} carries {len(live)} values: {crossing}; a "
-                "boundary must carry one tensor. Move the cut so that the skip (or other reuse) lies "
-                "inside one block, or give the model a named_blocks() method")
-
-
 def _piece(model: nn.Module, graph: fx.Graph, nodes: list[fx.Node], first_input: fx.Node,
            result: fx.Node, name: str) -> fx.GraphModule:
     new = fx.Graph()
@@ -211,12 +306,14 @@ def _piece(model: nn.Module, graph: fx.Graph, nodes: list[fx.Node], first_input:
 
 def split_module(model: nn.Module, blocks: BlockSelector, *, train: bool = True
                  ) -> list[tuple[str, fx.GraphModule]]:
-    """``[(block name, piece)]``: ``model.forward`` cut after each named submodule's call.
+    """``[(block name, piece)]``: ``model.forward`` cut after each named submodule's call,
+    at the first point from there where one value is live (after a residual add that
+    ``forward`` writes itself).
 
     ``blocks`` are submodule names in the order forward calls them (or a predicate over
     ``model.named_modules()``, outermost matches only, taken in execution order). Raises
-    ``TraceError`` naming the fix when a name is not a submodule, the order is wrong, a
-    boundary carries more than one tensor, or forward cannot be traced.
+    ``TraceError`` naming the fix when a name is not a submodule, the order is wrong, no
+    point before the next named block carries a single value, or forward cannot be traced.
 
     >>> from torch import nn
     >>> pieces = split_module(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), ["0", "2"])
@@ -227,17 +324,18 @@ def split_module(model: nn.Module, blocks: BlockSelector, *, train: bool = True
     graph = _trace(model, names, train)
     cuts = _cut_nodes(graph, names, predicate_order=callable(blocks))
     names = [c.target for c in cuts]
-    segment, placeholder, output = _segments(graph, cuts)
+    placeholder, output = _ends(graph)
+    ends = _boundaries(graph, cuts, placeholder, names, lambda: _source_lines(model, names, train))
+    segment = _segments(graph, ends)
     _owner_of_attrs(graph, segment, model, names)
-    _check_boundaries(graph, segment, cuts, placeholder, names)
     pieces, reads = [], placeholder
     for i, name in enumerate(names):
         nodes = [n for n in graph.nodes if segment.get(n) == i]
-        result = output.args[0] if i == len(names) - 1 else cuts[i]
-        if result is placeholder:
+        result = output.args[0] if i == len(names) - 1 else ends[i][1]
+        if i == len(names) - 1 and result is placeholder:
             raise TraceError("forward returns its input unchanged; there is nothing to split")
         pieces.append((name, _piece(model, graph, nodes, reads, result, name)))
-        reads = cuts[i]
+        reads = result
     return pieces
 
 

@@ -24,6 +24,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..core.batch import Batch, input_of
+from ..core.deferred import checks_deferred, poison
 
 Metrics = dict[str, Tensor]
 LossFn = Callable[[object, "Batch"], tuple[Tensor, Metrics]]
@@ -47,8 +48,11 @@ def target_of(batch: Any) -> Tensor:
     raise TypeError(f"this loss reads labels from batch.y, batch['y'] or batch[1]; got a {type(batch).__name__}")
 
 
-def _check_labels(y: Tensor, num_logits: int | None, what: str) -> Tensor:
-    """``y`` as int64 class indices, or a ``ValueError`` that says how to fix them."""
+def _check_labels(y: Tensor, num_logits: int | None, what: str) -> tuple[Tensor, Tensor | None]:
+    """``y`` as int64 class indices (or a ``ValueError`` that says how to fix them) and, where
+    the range check is deferred (``core.deferred``: inside a step, or compiling), the 0-d
+    flag "some label is out of range" (the labels are then clamped into range, so no kernel
+    indexes out of bounds); ``None`` when checked eagerly."""
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise ValueError(f"{what} takes integer class indices as labels, got {y.dtype} labels of shape "
                          f"{tuple(y.shape)}; for one-hot labels pass y.argmax(dim=1), for soft labels "
@@ -58,14 +62,20 @@ def _check_labels(y: Tensor, num_logits: int | None, what: str) -> Tensor:
                          "become class indices with y.argmax(dim=1)")
     if y.dtype != torch.int64:
         y = y.long()
-    if num_logits is not None and y.numel() and not torch.compiler.is_compiling():
-        low, high = torch.aminmax(y)
-        low, high = int(low), int(high)
-        if low < 0 or high >= num_logits:
-            raise ValueError(f"{what}: labels must lie in [0, {num_logits}) for {num_logits} logits, got "
-                             f"labels from {low} to {high}; build the classifier and heads with "
-                             f"num_classes={max(high + 1, num_logits)} or remap the labels")
-    return y
+    if num_logits is None or not y.numel():
+        return y, None
+    if checks_deferred():
+        return y.clamp(0, num_logits - 1), (y < 0) | (y >= num_logits)
+    low, high = (int(v) for v in torch.aminmax(y))
+    if low < 0 or high >= num_logits:
+        raise ValueError(f"{what}: labels must lie in [0, {num_logits}) for {num_logits} logits, got "
+                         f"labels from {low} to {high}; build the classifier and heads with "
+                         f"num_classes={max(high + 1, num_logits)} or remap the labels")
+    return y, None
+
+
+def _poisoned(loss: Tensor, bad: Tensor | None) -> Tensor:
+    return loss if bad is None else loss * poison(bad, loss.dtype)
 
 
 def _check_rows(output: Tensor, y: Tensor, what: str) -> None:
@@ -84,8 +94,8 @@ def cross_entropy(output: Tensor, batch: Batch) -> tuple[Tensor, Metrics]:
     """
     y = target_of(batch)
     _check_rows(output, y, "cross_entropy")
-    y = _check_labels(y, output.shape[1], "cross_entropy")
-    loss = F.cross_entropy(output, y)
+    y, bad = _check_labels(y, output.shape[1], "cross_entropy")
+    loss = _poisoned(F.cross_entropy(output, y), bad)
     accuracy = (output.detach().argmax(dim=1) == y).to(output.dtype).mean()
     return loss, {"loss": loss.detach(), "accuracy": accuracy}
 
@@ -167,7 +177,7 @@ def supervised_contrastive(temperature: float = 0.07, anchors: str = "all") -> L
     def supervised_contrastive(output: Tensor, batch: Batch) -> tuple[Tensor, Metrics]:
         y = target_of(batch)
         _check_rows(output, y, "supervised_contrastive")
-        y = _check_labels(y, None, "supervised_contrastive")
+        y, _ = _check_labels(y, None, "supervised_contrastive")
         f = F.normalize(output, dim=1)
         n = f.shape[0]
         self_mask = torch.eye(n, dtype=torch.bool, device=f.device)
@@ -256,8 +266,8 @@ def sequence_cross_entropy(output: Tensor, batch: Any) -> tuple[Tensor, Metrics]
     if tuple(y.shape) != tuple(output.shape[:2]):
         raise ValueError(f"sequence_cross_entropy: logits of shape {tuple(output.shape)} need targets of shape "
                          f"{tuple(output.shape[:2])}, got {tuple(y.shape)}")
-    y = _check_labels(y.reshape(-1), output.shape[2], "sequence_cross_entropy")
+    y, bad = _check_labels(y.reshape(-1), output.shape[2], "sequence_cross_entropy")
     logits = rearrange(output, "n t v -> (n t) v")
-    loss = F.cross_entropy(logits, y)
+    loss = _poisoned(F.cross_entropy(logits, y), bad)
     accuracy = (logits.detach().argmax(dim=1) == y).to(output.dtype).mean()
     return loss, {"loss": loss.detach(), "accuracy": accuracy}

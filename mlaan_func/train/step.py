@@ -32,7 +32,8 @@ from ..core import hyper
 from ..core.batch import as_batch, check_device, check_structure, input_of
 from ..core.identity import check_identity, module_blocks
 from ..core.net import AfterStep, Params, State, check_keys, init_params
-from ..core.randomness import key_from_seed, seeded
+from ..core.deferred import deferred_checks
+from ..core.randomness import key_from_seed, keyed, seeded
 from ..errors import NonFiniteLossError, SchemeError, ShapeError
 from ..optim import Optimizer, apply_updates, keep_entries, state_metrics
 from . import checkpoint
@@ -92,6 +93,7 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     param_keys, state_keys = scheme_names(objectives)
     shapes = param_shapes(objectives)
     first_structure = None
+    draws: dict[str, bool] = {}  # whether this scheme draws random numbers (randomness.keyed)
 
     def run(ts: TrainState, batch: Any) -> Gradients:
         nonlocal first_structure
@@ -107,8 +109,9 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
         first_structure = check_structure(batch, first_structure)
         x = input_of(batch)
         check_device(x, ts.params)
-        with _step_randomness(ts, x):
+        if ts.key is None:
             return run_step(ts, batch, {})[0]
+        return keyed(lambda: run_step(ts, batch, {})[0], ts.key, ts.step, x.device, draws)
 
     return run
 
@@ -181,7 +184,10 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
         grad_step = gradients(objectives, compile=compile, backend=backend, share=share)
 
         def train_step(ts: TrainState, batch: Any):
-            return finish_step(ts, grad_step(ts, batch), optimizer, post, check_finite=check_finite)
+            with deferred_checks():
+                g = grad_step(ts, batch)
+            return finish_step(ts, g, optimizer, post, check_finite=check_finite,
+                               diagnose=lambda: grad_step(ts, batch))
 
         return train_step
     check_identity(objectives)
@@ -209,13 +215,15 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
         if on not in by_active:
             by_active[on] = build(on)
         grad_step, params, state, fed, feeders = by_active[on]
-        g = grad_step(ts._replace(params={k: ts.params[k] for k in params}, state={k: ts.state[k] for k in state}),
-                      batch)
+        part = ts._replace(params={k: ts.params[k] for k in params}, state={k: ts.state[k] for k in state})
+        with deferred_checks():
+            g = grad_step(part, batch)
         g = g._replace(grads=dense(g.grads, ts.params), state={**ts.state, **g.state},
                        losses={n: v for n, v in g.losses.items() if n not in feeders},
                        metrics={n: v for n, v in g.metrics.items() if n not in feeders})
         untouched = (set(ts.params) - set(params)) | fed
-        return finish_step(ts, g, optimizer, post, check_finite=check_finite, untouched=untouched)
+        return finish_step(ts, g, optimizer, post, check_finite=check_finite, untouched=untouched,
+                           diagnose=lambda: grad_step(part, batch))
 
     return switched_step
 
@@ -257,8 +265,8 @@ def check_reads(objectives: Sequence[Objective]) -> None:
 
 
 def finish_step(ts: TrainState, g: Gradients, optimizer: Optimizer, post: Sequence[AfterStep], *,
-                check_finite: bool = True, untouched: Iterable[str] = ()
-                ) -> tuple[TrainState, dict[str, dict[str, Tensor]]]:
+                check_finite: bool = True, untouched: Iterable[str] = (),
+                diagnose: Callable[[], Any] | None = None) -> tuple[TrainState, dict[str, dict[str, Tensor]]]:
     """The end of every step, single-process or distributed: the non-finite check (nothing
     is updated past a non-finite loss), the optimizer update and after-steps
     (``apply_gradients``), and the metrics: each objective's, with its ``weighted_loss``,
@@ -267,11 +275,18 @@ def finish_step(ts: TrainState, g: Gradients, optimizer: Optimizer, post: Sequen
     ``untouched`` names parameters this step does not train (a scheme over part of a train
     state, as ``mf.schemes.pgl``'s end-to-end steps): they and their per-parameter optimizer
     state (momentum, moments) stay as they were, as ``torch.optim`` skips a parameter whose
-    gradient is ``None``; shared counts (schedules, bias correction) advance."""
+    gradient is ``None``; shared counts (schedules, bias correction) advance.
+
+    The finite flag is the step's one host read. A step computed under
+    ``core.deferred.deferred_checks()`` passes ``diagnose``: on a non-finite loss it is
+    called first (the same gradients with eager value checks), so a deferred check that
+    failed raises its own error rather than ``NonFiniteLossError``."""
     if ts.opt_state is None:
         raise SchemeError("the train state has no optimizer state (opt_state=None); build it with "
                           "mlaan_func.init(scheme, optimizer), or set opt_state=optimizer.init(ts.params)")
     if check_finite and not bool(g.finite):
+        if diagnose is not None:
+            diagnose()  # the gradients again with eager value checks: a bad label raises its own error
         bad = [n for n, v in g.losses.items() if not bool(torch.isfinite(v))]
         where = f"in objective(s) {bad}" if bad else "on another rank"
         raise NonFiniteLossError(

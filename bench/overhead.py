@@ -1,0 +1,92 @@
+"""The library's per-step overhead: an E2E step of ``mf.step`` against the same step in plain
+PyTorch (``nn.Module`` forward, ``loss.backward()``, ``torch.optim.SGD``), ResNet-32, one
+thread, CPU time per step (``time.process_time``), rounds interleaved in one process.
+
+    python bench/overhead.py                        # batch 8 and 128, 7 rounds
+    python bench/overhead.py --batch-size 8 --rounds 11 --json bench/results/overhead.json
+
+Both start from the same parameters and do the same update (SGD, momentum 0.9, Nesterov,
+weight decay 1e-4); after the timed steps their parameters are compared (float32 rounding:
+the two order the weight-decay sum differently). The ratio ``library / plain`` is the median
+of per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import mlaan_func as mf  # noqa: E402
+from mlaan_func.host_reads import count_host_reads  # noqa: E402
+
+
+def cpu_seconds(fn, steps: int) -> float:
+    start = time.process_time()
+    for _ in range(steps):
+        fn()
+    return (time.process_time() - start) / steps
+
+
+def measure(batch_size: int, rounds: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    model = mf.models.resnet32(num_classes=10)
+    scheme = mf.schemes.e2e(mf.from_module(model))
+    opt = mf.optim.sgd(common.LR, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    ts = mf.init(scheme, opt, seed=0)
+    plain = mf.to_module(scheme[0].net, ts.params, ts.state)
+    plain.train()
+    torch_opt = torch.optim.SGD(plain.parameters(), lr=common.LR, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch_size, 3, 32, 32, generator=g), torch.randint(0, 10, (batch_size,), generator=g)
+    step = mf.step(scheme, opt)
+    state = {"ts": ts}
+
+    def library():
+        state["ts"], _ = step(state["ts"], (x, y))
+
+    def reference():
+        torch_opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(plain(x), y).backward()
+        torch_opt.step()
+
+    library(), reference()  # warm-up
+    ratios, lib_s, ref_s = [], [], []
+    for _ in range(rounds):
+        a, b = cpu_seconds(library, steps), cpu_seconds(reference, steps)
+        lib_s.append(a), ref_s.append(b), ratios.append(a / b)
+    with count_host_reads() as reads:
+        library()
+    return {"batch_size": batch_size, "rounds": rounds, "steps_per_round": steps,
+            "library_ms": 1e3 * statistics.median(lib_s), "plain_ms": 1e3 * statistics.median(ref_s),
+            "ratio": statistics.median(ratios), "ratios": ratios, "library_host_reads": reads.count}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-size", type=int, action="append", help="repeatable; default 8 and 128")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=10, help="steps per round at batch 8 (fewer at larger batches)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for b in args.batch_size or [8, 128]:
+        rows.append(measure(b, args.rounds, max(2, args.steps * 8 // b)))
+        print(json.dumps(rows[-1]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({**common.environment(sys.argv), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
