@@ -4,6 +4,7 @@ thread, CPU time per step (``time.process_time``), rounds interleaved in one pro
 
     python bench/overhead.py                        # batch 8 and 128, 7 rounds
     python bench/overhead.py --batch-size 8 --rounds 11 --json bench/results/overhead.json
+    PYTHONPATH=../old python bench/overhead.py --json /tmp/old.json   # an earlier checkout's library
 
 Both start from the same parameters and do the same update (SGD, momentum 0.9, Nesterov,
 weight decay 1e-4); after the timed steps their parameters are compared (float32 rounding:
@@ -27,7 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import mlaan_func as mf  # noqa: E402
-from mlaan_func.host_reads import count_host_reads  # noqa: E402
+try:
+    from mlaan_func.host_reads import count_host_reads  # noqa: E402
+except ImportError:  # an earlier checkout (PYTHONPATH=../old python bench/overhead.py): its ratio only
+    count_host_reads = None
 
 
 def cpu_seconds(fn, steps: int) -> float:
@@ -64,11 +68,14 @@ def measure(batch_size: int, rounds: int, steps: int) -> dict:
     for _ in range(rounds):
         a, b = cpu_seconds(library, steps), cpu_seconds(reference, steps)
         lib_s.append(a), ref_s.append(b), ratios.append(a / b)
-    with count_host_reads() as reads:
-        library()
+    reads = None
+    if count_host_reads is not None:
+        with count_host_reads() as counter:
+            library()
+        reads = counter.count
     return {"batch_size": batch_size, "rounds": rounds, "steps_per_round": steps,
             "library_ms": 1e3 * statistics.median(lib_s), "plain_ms": 1e3 * statistics.median(ref_s),
-            "ratio": statistics.median(ratios), "ratios": ratios, "library_host_reads": reads.count}
+            "ratio": statistics.median(ratios), "ratios": ratios, "library_host_reads": reads}
 
 
 def main(argv=None) -> int:
