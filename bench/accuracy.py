@@ -5,6 +5,8 @@ files in /usr/share/datasets/fashion-mnist), per scheme, K and seed, with the sp
     python bench/accuracy.py --quick --json /tmp/a.json    # CI smoke run (< 60 s on 2 cores)
     python bench/accuracy.py --method dgl-mlaan --modules 4 --seeds 0 1 2 --epochs 5
     python bench/accuracy.py --full                 # 60k train images, 10 epochs, K = 2 4 8, 3 seeds (hours)
+    python bench/accuracy.py --method e2e dgl hpff man man++ auglocal neuron-groups pgl --modules 4 \
+        --json bench/results/accuracy_recipes.json  # the field's recipes (mlaan_func.schemes.RECIPES)
     python bench/accuracy.py --papers               # the papers' configuration (below; hours on 2 cores)
 
 ``--papers``: ResNet-32 on 3-channel 32×32 Fashion-MNIST (zero-padded by 2, grey copied to
@@ -17,6 +19,9 @@ both SupCon averagings (``--supcon-anchors``); first 10 000 training images, 2 e
 Recipe (docs/design.md §2, Fashion-MNIST): SGD, Nesterov momentum 0.9, weight decay 1e-4, lr 0.1
 with linear warm-up over a tenth of the steps then cosine to 0; pad 2 + crop 28 + flip;
 normalised with the dataset's mean/std; the order of each epoch is drawn from (seed, epoch).
+Every scheme is built by ``mf.schemes.build`` (the program's builder, with its defaults:
+``neuron_groups`` with 2 groups, the data's mean/std for the heads that restore the image);
+the recipes (``mf.schemes.RECIPES``) run at their defaults, outside the default preset.
 A run reports the final test accuracy of the backbone's own classifier (objective "final"),
 its training seconds and training images/s. Writes JSON (``--json``) and a Markdown table
 next to it (same path, ``.md``), rewritten after every run.
@@ -44,7 +49,8 @@ import mlaan_func as mf  # noqa: E402
 from mlaan_func import data  # noqa: E402
 
 DATASET = "fashion-mnist"
-METHODS = common.METHODS
+METHODS = common.METHODS + mf.schemes.RECIPES
+"""The published schemes (the presets' rows), then the field's recipes (by --method)."""
 ARCHS = {
     "resnet20-narrow": lambda n, c: mf.models.CifarResNet(20, num_classes=n, in_channels=c, widths=(8, 16, 32)),
     "resnet20": lambda n, c: mf.models.CifarResNet(20, num_classes=n, in_channels=c),
@@ -53,11 +59,11 @@ ARCHS = {
 }
 
 # Budgets: explicit flags override the preset.
-DEFAULT = {"method": list(METHODS), "arch": ["resnet20-narrow"], "modules": [2, 4], "seeds": [0, 1],
+DEFAULT = {"method": list(common.METHODS), "arch": ["resnet20-narrow"], "modules": [2, 4], "seeds": [0, 1],
            "epochs": 2, "train_size": 5000, "test_size": 10000}
 QUICK = {"method": ["e2e", "mlaan"], "arch": ["resnet20-narrow"], "modules": [2], "seeds": [0],
          "epochs": 1, "train_size": 512, "test_size": 1000}
-FULL = {"method": list(METHODS), "arch": ["resnet20-narrow"], "modules": [2, 4, 8], "seeds": [0, 1, 2],
+FULL = {"method": list(common.METHODS), "arch": ["resnet20-narrow"], "modules": [2, 4, 8], "seeds": [0, 1, 2],
         "epochs": 10, "train_size": 60000, "test_size": 10000}
 PAPERS = {"method": ["e2e", "dgl", "mlaan", "infopro", "dgl_mlaan", "infopro_mlaan"], "arch": ["resnet32"],
           "modules": [], "seeds": [0], "epochs": 2, "train_size": 10000, "test_size": 10000,
@@ -73,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", nargs="+", action="extend",
-                   help=f"schemes ({', '.join(METHODS)}; - or _); default: all six")
+                   help=f"schemes ({', '.join(METHODS)}; - or _, man++); default: the six published ones")
     p.add_argument("--arch", nargs="+", action="extend", choices=list(ARCHS), help="default resnet20-narrow")
     p.add_argument("--modules", nargs="+", type=int, action="extend",
                    help="K values (e2e is always 1); default 2 4")
@@ -108,6 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [m for m in args.method if m not in METHODS]
     if bad:
         p.error(f"unknown --method {bad}; choose from {', '.join(METHODS)}")
+    unpublished = [m for m in args.method if m != "e2e" and m not in PAPERS_K]
+    if not args.modules and unpublished:
+        p.error(f"{unpublished} have no K of the papers' tables; give --modules")
     if min(args.modules, default=1) < 1 or args.epochs < 1 or args.batch_size < 1:
         p.error("--modules, --epochs and --batch-size must be positive")
     if args.train_size < args.batch_size:
@@ -124,10 +133,10 @@ def build(method: str, arch: str, k: int, dataset: data.Dataset, remat: bool, va
           args=None):
     backbone = mf.from_module(ARCHS[arch](dataset.num_classes, dataset.channels))
     at = [] if method == "e2e" else split_points(arch, backbone, k)
-    options = dict(variant or {})
+    options = {**(variant or {}), "mean": dataset.mean, "std": dataset.std}   # build routes them (RESTORES_IMAGE)
     if method in ("infopro", "infopro_mlaan"):
         published = mf.infopro_lambda_table(method, arch, k) if arch in ("resnet32", "resnet110") else None
-        options.update(mean=dataset.mean, std=dataset.std, lambdas=published or mf.schemes.DEFAULT_LAMBDAS)
+        options.update(lambdas=published or mf.schemes.DEFAULT_LAMBDAS)
     if args is not None and method == "dgl":
         options["head"] = args.dgl_head
     if args is not None and method == "infopro_mlaan":

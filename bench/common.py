@@ -75,7 +75,7 @@ def quick_defaults(args: argparse.Namespace) -> None:
 
 
 def method_name(m: str) -> str:
-    return m.replace("-", "_").lower()
+    return mf.schemes.method_name(m)
 
 
 def split_for(arch: str, backbone: mf.Net, k: int) -> list[str]:

@@ -222,6 +222,60 @@ PAPERS_TITLES = {
 }
 
 
+RECIPES_TITLE = "## The field's methods as recipes (`bench/accuracy.py --method …`, issue #23)"
+RECIPE_NOTES = {
+    "hpff": "the released code patches only the decoder (four quadrant decoders, BCE summed: λ1·4 here); it "
+            "has no DGL variant (`head=\"dgl\"`, this row, is the library's patch fusion for a classifier); the last "
+            "module's two released terms are two objectives",
+    "man": "the released twin follows the source before the optimizer step (here after it); released copy and "
+           "twin start from independent draws (here equal to the source); λ at stage / (K-2) as released, held at "
+           "1 where the released point passes it (negative λ diverged at step 50). At K = 4 (cuts 1.1, 2.0, 3.0) "
+           "that schedule gives modules 1 and 2 λ = (ixx_2, ixy_2) = (0, 0): only module 0's head and the last "
+           "module train, hence the row below DGL",
+    "man_pp": "MAN's differences, and `s·LB + (2 − s)·EMA` as every released file (the paper's equation was not "
+              "read); copy = twin at initialisation here, so `s` has no gradient on the first step. With modules 1 "
+              "and 2 untrained (above) only module 0's `s` learns: 1 → 0.95 over the 80 steps (seed 0, measured "
+              "apart from this run), so the row is MAN's within noise",
+    "auglocal": "the released code builds fresh blocks of the sampled layers' widths (stride 2 per width "
+                "doubling), not copies of the layers; weight 1 instead of the released interpolated `ixy`",
+    "neuron_groups": "the released ResNet groups its convolutions inside each module; `mf.models.CifarResNet` "
+                     "does not, so in this row the groups share neurons; the diversity term has the released "
+                     "gradient, as per-group objectives",
+    "pgl": "the paper's schedule and released code were not checked; `every` = 4 here",
+}
+"""One line per recipe for the closing note: where its paper and released code differ from it
+(the full lists: docs/schemes.md)."""
+
+
+def recipe_lines(name: str) -> int | None:
+    """Source lines of ``mlaan_func.schemes.recipes.<name>`` without its docstring."""
+    import ast
+
+    path = ROOT / "mlaan_func" / "schemes" / "recipes.py"
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+            return body[-1].end_lineno - body[0].lineno + 1
+    return None
+
+
+def recipes_section() -> list[str]:
+    """The recipes' rows (``accuracy_recipes.json``) beside DGL and E2E, and the closing note."""
+    payload = load("accuracy_recipes")
+    if not payload:
+        return []
+    lines = [RECIPES_TITLE] + accuracy_section(payload)[1:]
+    lines += ["Each recipe's composition (`mlaan_func/schemes/recipes.py`, lines of the function without its "
+              "docstring; the user-code versions in docs/schemes.md) and where its paper and released code "
+              "differ from it (the full lists: docs/schemes.md):", ""]
+    for name, note in RECIPE_NOTES.items():
+        count = recipe_lines(name)
+        plural = "" if count == 1 else "s"
+        lines.append(f"- `{name}` ({count} line{plural}{', over `man`' if name == 'man_pp' else ''}): {note}.")
+    return lines + [""]
+
+
 def papers_sections() -> list[str]:
     """The ``--papers`` runs (``accuracy_papers.json``, ``accuracy_supcon.json``), when present."""
     lines = []
@@ -458,6 +512,7 @@ def main() -> int:
         out += section(payload) if payload else [f"## {name}", "", f"Not run yet: `python bench/{name}.py`.", ""]
         if name == "accuracy":
             out += papers_sections()
+            out += recipes_section()
         if name == "memory":
             out += imagenet_memory_section()
     timings = [load(p.stem) for p in sorted(RESULTS.glob("shared_time*.json"))]

@@ -139,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                             + ", ".join(f"--{k.replace('_', '-')}" for k in NOT_COMPARED), 88, break_on_hyphens=False)
               + "\n\nexit codes:\n" + "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items()))
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=epilog)
-    p.add_argument("--method", default="dgl_mlaan", help=f"scheme: {', '.join(METHODS)} (- or _)")
+    p.add_argument("--method", default="dgl_mlaan", help=f"scheme: {', '.join(METHODS)} (- or _; man++ for man_pp)")
     p.add_argument("--arch", default="resnet32", help=f"backbone: {', '.join(ARCHS)}")
     p.add_argument("--modules", type=int, default=15, help="K, the real number of modules")
     p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
@@ -200,7 +200,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "drift ~1e-4 apart in a few steps (as far as either lies from float64); compared at "
                         "--resume")
     args = p.parse_args(argv)
-    args.method = args.method.replace("-", "_").lower()
+    args.method = mf.schemes.method_name(args.method)
     args.dataset = args.dataset.replace("_", "-").lower()
     if args.method not in METHODS:
         raise UsageError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
@@ -339,13 +339,9 @@ def build_scheme(args, dataset) -> tuple[mf.Net, list]:
             options["trunks"] = mf.leap_trunk_table(args.arch, args.modules)
         if args.arch in IMAGENET_ARCHS:
             options.update(imagenet_mlaan_options(args))
-    if args.method == "neuron_groups":
-        options["groups"] = 2
-    if args.method == "man":  # its default head is InfoPro's, which restores the image
-        options.update(mean=dataset.mean, std=dataset.std)
+    options.update(mean=dataset.mean, std=dataset.std)  # build passes them to the schemes that restore the image
     if args.method in ("infopro", "infopro_mlaan"):
-        options.update(mean=dataset.mean, std=dataset.std,
-                       lambdas=mf.infopro_lambda_table(args.method, args.arch, args.modules))
+        options.update(lambdas=mf.infopro_lambda_table(args.method, args.arch, args.modules))
         if args.method == "infopro" and args.arch in IMAGENET_ARCHS:  # the released ImageNet heads, CE task
             options.update(head="imagenet", contrastive=False)
     try:

@@ -1,4 +1,5 @@
-"""The four combinators every scheme is composed from: split, cascade, leap_ema, local_loss.
+"""The four combinators every scheme is composed from: split, cascade, leap_ema, local_loss
+(and ``frozen`` views and ``stack``, which runs several nets side by side).
 
 Each takes and returns the core types (``Net``; ``local_loss`` makes an ``Objective``), so
 they nest:
@@ -112,7 +113,8 @@ def _decay_tensor(decay: float | Tensor) -> Tensor:
 
 @attrs.frozen(eq=False)
 class LeapBlock:
-    """``z ↦ copy(z) + twin(z)``, where the twin is an EMA of ``source`` kept in state.
+    """``z ↦ copy(z) + twin(z)``, where the twin is an EMA of ``source`` kept in state; with
+    ``scale`` (the key of a learnable scalar ``s``), ``z ↦ s·copy(z) + (2 − s)·twin(z)``.
 
     Made by ``leap_ema``; the single block of the net it returns.
 
@@ -128,6 +130,7 @@ class LeapBlock:
     twin: Net
     source: Net
     decay: Tensor
+    scale: str | None = None
 
     @property
     def name(self) -> str:
@@ -135,7 +138,7 @@ class LeapBlock:
 
     @property
     def param_names(self) -> tuple[str, ...]:
-        return self.copy.param_names
+        return self.copy.param_names + ((self.scale,) if self.scale is not None else ())
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -176,7 +179,7 @@ class LeapBlock:
         """What besides its children makes the block: the source its twin follows, the decay."""
         decay = self.decay.key if isinstance(self.decay, hyper.Held) else (
             ("tensor", float(self.decay)) if isinstance(self.decay, Tensor) else ("schedule", id(self.decay)))
-        return (self.source.param_names, decay)
+        return (self.source.param_names, decay) + ((("scale", self.scale),) if self.scale is not None else ())
 
     def meta_forward(self, x: Tensor) -> Tensor:
         for block in self.copy.blocks:
@@ -186,7 +189,10 @@ class LeapBlock:
     def apply(self, params: Params, state: State, x: Tensor, *, train: bool) -> tuple[Tensor, State]:
         y, updates = self.copy.run(params, state, x, train=train)
         y_twin, twin_updates = self.twin.run(state, state, x, train=train)
-        return y + y_twin, {**updates, **twin_updates}
+        if self.scale is None:
+            return y + y_twin, {**updates, **twin_updates}
+        s = params[self.scale]
+        return s * y + (2 - s) * y_twin, {**updates, **twin_updates}
 
     def init(self, seed: int) -> tuple[Params, State]:
         params: Params = {}
@@ -201,10 +207,13 @@ class LeapBlock:
             state.update(s)
         if isinstance(self.decay, hyper.Held):
             state[self.decay.key] = self.decay.value.clone()
+        if self.scale is not None:
+            params[self.scale] = torch.ones(())
         return params, state
 
     def renamed(self, prefix: str) -> "LeapBlock":
-        return attrs.evolve(self, copy=copy(self.copy, prefix))
+        scale = None if self.scale is None else f"{prefix}.{self.scale}"
+        return attrs.evolve(self, copy=copy(self.copy, prefix), scale=scale)
 
 
 @attrs.frozen(eq=False)
@@ -264,7 +273,101 @@ def frozen(net: Net) -> Net:
     return Net(tuple(FrozenBlock(b) for b in net.blocks), input_name=net.input_name)
 
 
-def leap_ema(copy_net: Net, source: Net, decay: float | Tensor = 0.995, *, twin: str = "twin") -> Net:
+@attrs.frozen(eq=False)
+class StackBlock:
+    """``z ↦ torch.stack([net(z) for net in nets], dim=1)``: several nets on one input, their
+    outputs side by side. Made by ``stack``; the single block of the net it returns."""
+
+    nets: tuple[Net, ...]
+    name: str
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(k for n in self.nets for k in n.param_names))
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(k for n in self.nets for k in n.state_names))
+
+    @property
+    def after_steps(self) -> tuple[AfterStep, ...]:
+        return tuple(a for n in self.nets for a in n.after_steps)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(k for n in self.nets for k in n.reads))
+
+    def children(self) -> tuple:
+        return tuple(b for n in self.nets for b in n.blocks)
+
+    def with_children(self, children: tuple) -> "StackBlock":
+        nets, at = [], 0
+        for n in self.nets:
+            nets.append(Net(tuple(children[at:at + len(n.blocks)]), input_name=n.input_name))
+            at += len(n.blocks)
+        return attrs.evolve(self, nets=tuple(nets))
+
+    def configuration(self) -> tuple:
+        """What besides its children makes the block: how many blocks each net has."""
+        return ("stack", tuple(len(n.blocks) for n in self.nets))
+
+    def meta_forward(self, x: Tensor) -> Tensor:
+        outs = []
+        for n in self.nets:
+            y = x
+            for block in n.blocks:
+                y = block.meta_forward(y)
+            outs.append(y)
+        return torch.stack(outs, dim=1)
+
+    def apply(self, params: Params, state: State, x: Tensor, *, train: bool) -> tuple[Tensor, State]:
+        outs, updates = [], {}
+        for n in self.nets:
+            y, new = n.run(params, state, x, train=train)
+            outs.append(y)
+            updates.update(new)
+        return torch.stack(outs, dim=1), updates
+
+    def init(self, seed: int) -> tuple[Params, State]:
+        params: Params = {}
+        state: State = {}
+        for block in self.children():
+            p, s = block.init(seed)
+            params.update(p)
+            state.update(s)
+        return params, state
+
+    def renamed(self, prefix: str) -> "StackBlock":
+        return attrs.evolve(self, nets=tuple(copy(n, prefix) for n in self.nets), name=f"{prefix}.{self.name}")
+
+
+def stack(*nets: Net, name: str) -> Net:
+    """A net ``z ↦ torch.stack([net(z) for net in nets], dim=1)``: each net reads the same
+    input (outputs of one shape), and the result holds their outputs side by side, ``(N,
+    len(nets), …)``. It trains what its nets train and reads what they read, so a read-only
+    view among them (``frozen``) lets a loss compare its own prediction with another
+    objective's without training it (``schemes.neuron_groups``' diversity term). ``name``
+    names the block (the boundary it writes).
+
+    >>> from torch import nn
+    >>> from mlaan_func.core import from_module, init_params
+    >>> a, b = from_module(nn.Linear(4, 3), name="a"), from_module(nn.Linear(4, 3), name="b")
+    >>> both = stack(a, frozen(b), name="ab")
+    >>> params, state = init_params(a, b)
+    >>> both(params, state, torch.randn(2, 4))[0].shape, both.param_names, both.reads
+    (torch.Size([2, 2, 3]), ('a.weight', 'a.bias'), ('b.weight', 'b.bias'))
+    """
+    if not nets:
+        raise ValueError("stack needs at least one net")
+    for n in nets:
+        _require_net(n, "stack")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"stack needs a block name (the boundary it writes), got {name!r}")
+    return Net((StackBlock(tuple(nets), name),), input_name=nets[0].input_name)
+
+
+def leap_ema(copy_net: Net, source: Net, decay: float | Tensor = 0.995, *, twin: str = "twin",
+             scale: str | None = None) -> Net:
     """A net ``z ↦ copy(z) + twin(z)``; the twin starts equal to ``source`` and lives in state.
 
     After each optimizer update the engine runs the net's ``after_steps``:
@@ -279,6 +382,15 @@ def leap_ema(copy_net: Net, source: Net, decay: float | Tensor = 0.995, *, twin:
     >>> leap = leap_ema(copy(block, "trunk"), source=block, decay=0.99)
     >>> leap.param_names, leap.state_names
     (('trunk.b.weight', 'trunk.b.bias'), ('twin.b.weight', 'twin.b.bias'))
+
+    ``scale="<key>"`` blends the two by a learnable scalar ``s`` stored under that key (a
+    parameter of the net, initialised to 1, so the net starts as the plain sum):
+    ``z ↦ s·copy(z) + (2 − s)·twin(z)`` (MAN++'s learnable scaling, ``schemes.man_pp``).
+    ``s`` is trained with the copy by the loss that reads the net.
+
+    >>> blended = leap_ema(copy(block, "lb"), source=block, scale="lb.s")
+    >>> blended.param_names, float(blended.blocks[0].init(0)[0]["lb.s"])
+    (('lb.b.weight', 'lb.b.bias', 'lb.s'), 1.0)
     """
     roots_copy = [getattr(b, "root", None) for b in copy_net.blocks]
     roots_source = [getattr(b, "root", None) for b in source.blocks]
@@ -294,10 +406,16 @@ def leap_ema(copy_net: Net, source: Net, decay: float | Tensor = 0.995, *, twin:
             "the source block itself. Pass a renamed copy: leap_ema(mlaan_func.copy(source, "
             "'trunk3'), source=source)")
     twin_net = copy(source, twin)
+    if scale is not None:
+        taken = set(copy_net.param_names + copy_net.state_names + source.param_names + source.state_names
+                    + twin_net.param_names + twin_net.state_names)
+        if not isinstance(scale, str) or not scale or scale in taken:
+            raise ValueError(f"leap_ema's scale names its learnable scalar: a non-empty key no tensor of the "
+                             f"copy, source or twin uses, got {scale!r}")
     decay = _decay_tensor(decay)
     if isinstance(decay, hyper.Held):
         decay = attrs.evolve(decay, key=hyper.decay_key(twin_net.block_names))
-    block = LeapBlock(copy=copy_net, twin=twin_net, source=source, decay=decay)
+    block = LeapBlock(copy=copy_net, twin=twin_net, source=source, decay=decay, scale=scale)
     return Net((block,), input_name=copy_net.input_name)
 
 

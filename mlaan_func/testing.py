@@ -18,12 +18,12 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from .combinators import LeapBlock, Objective, cascade, split
+from .combinators import LeapBlock, Objective, StackBlock, cascade, split
 from .core.batch import as_batch
 from .core.net import INPUT, Block, Net, Params, State, to_module
 from .core.randomness import seed_block, seeded
 from .host_reads import count_host_reads  # noqa: F401  (re-exported for the tests)
-from .schemes.heads import ChannelGroup
+from .schemes.heads import ChannelGroup, Detached
 from .schemes.losses import input_of
 from .train.plan import plan_routes
 from .train.routing import fold
@@ -162,8 +162,16 @@ first dimension (output channels / features) the loss may reach."""
 
 def channel_group_of(objective: Objective) -> tuple[int, int] | None:
     """``(group, groups)`` when the objective's head starts with a channel-group view
-    (``heads.channel_group``): its loss supervises that group of its module's output."""
+    (``heads.channel_group``): its loss supervises that group of its module's output. A
+    head that starts with ``stack`` qualifies when one of its nets starts with such a view
+    and every other starts by detaching the map (``heads.detached``: the other groups' heads,
+    as in ``schemes.neuron_groups``' diversity term)."""
     first = objective.head.blocks[0] if objective.head is not None else None
+    if isinstance(first, StackBlock):
+        starts = [getattr(n.blocks[0], "module", None) for n in first.nets]
+        views = [(m.group, m.groups) for m in starts if isinstance(m, ChannelGroup)]
+        rest = [m for m in starts if not isinstance(m, ChannelGroup)]
+        return views[0] if len(views) == 1 and all(isinstance(m, Detached) for m in rest) else None
     module = getattr(first, "module", None)
     return (module.group, module.groups) if isinstance(module, ChannelGroup) else None
 
@@ -306,14 +314,17 @@ def _check_own_gradients(o: Objective, own: Params, reference: dict[str, Tensor 
 
 
 class _Leap(nn.Module):
-    """``z ↦ copy(z) + twin(z)`` as plain modules; the twin's tensors are frozen."""
+    """``z ↦ copy(z) + twin(z)`` as plain modules (``s·copy(z) + (2 − s)·twin(z)`` with a
+    learnable ``scale``); the twin's tensors are frozen."""
 
-    def __init__(self, copy: nn.Module, twin: nn.Module):
+    def __init__(self, copy: nn.Module, twin: nn.Module, scale: nn.Parameter | None = None):
         super().__init__()
-        self.copy, self.twin = copy, twin
+        self.copy, self.twin, self.scale = copy, twin, scale
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.copy(z) + self.twin(z)
+        if self.scale is None:
+            return self.copy(z) + self.twin(z)
+        return self.scale * self.copy(z) + (2 - self.scale) * self.twin(z)
 
 
 class _Exported(NamedTuple):
@@ -335,8 +346,10 @@ def _export(block: Any, params: Params, state: State) -> _Exported:
         twins = [_export(b, {**state}, state) for b in block.twin.blocks]
         for t in twins:
             t.module.requires_grad_(False)
-        module = _Leap(nn.Sequential(*(c.module for c in copies)), nn.Sequential(*(t.module for t in twins)))
-        return _Exported(module, {k: v for c in copies for k, v in c.params.items()},
+        scale = None if block.scale is None else nn.Parameter(params[block.scale].detach().clone())
+        module = _Leap(nn.Sequential(*(c.module for c in copies)), nn.Sequential(*(t.module for t in twins)), scale)
+        own = {k: v for c in copies for k, v in c.params.items()}
+        return _Exported(module, own if scale is None else {**own, block.scale: scale},
                          {k: v for part in copies + twins for k, v in part.buffers.items()})
     raise TypeError(f"reference_gradients exports plain and leap blocks; {block.name!r} is a "
                     f"{type(block).__name__}: pass your own reference to check_oracle")

@@ -34,3 +34,24 @@ def test_quick_accuracy_run(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "| method | K | seeds | mean acc | std | min | max | images/s |" in table
     assert all(f"| {s['method']} |" in table for s in summary)
+
+
+def test_the_recipes_by_method_through_the_programs_builder(monkeypatch):
+    """--method takes every recipe (man++ spelt as the program does), built by mf.schemes.build
+    with its defaults; the presets keep the six published schemes."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import accuracy
+    import mlaan_func as mf
+    from mlaan_func import data
+
+    args = accuracy.parse_args(["--method", "man++", "neuron-groups", "pgl", "--modules", "4"])
+    assert args.method == ["man_pp", "neuron_groups", "pgl"]
+    assert accuracy.parse_args([]).method == list(accuracy.common.METHODS)
+    assert set(mf.schemes.RECIPES) <= set(accuracy.METHODS)
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--papers", "--method", "hpff"])   # no K of the papers' tables
+    dataset = data.load("synthetic", "data", train_size=8, seed=0)
+    scheme, _ = accuracy.build("neuron_groups", "resnet20-narrow", 4, dataset, False, None, args)
+    assert [o.name for o in scheme][:2] == ["m0.g0", "m0.g1"]
+    scheme, _ = accuracy.build("man_pp", "resnet20-narrow", 4, dataset, False, None, args)
+    assert sum(k.endswith(".scale") for o in scheme for k in o.param_names) == 3

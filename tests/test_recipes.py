@@ -1,4 +1,4 @@
-"""Recipes of issue #23 (HPFF, neuron groups, AugLocal, MAN, PGL): plain-PyTorch oracles
+"""Recipes of issue #23 (HPFF, neuron groups, AugLocal, MAN, MAN++, PGL): plain-PyTorch oracles
 written here from the papers and released code, and the laws through the checkers."""
 
 import copy
@@ -41,7 +41,9 @@ def modules_of(model, at):
 
 
 def head_templates(scheme):
-    return {b.prefix: b.module for o in scheme if o.head is not None for b in o.head.blocks if hasattr(b, "module")}
+    """Every module block of the heads (inside leap and stack blocks too), by prefix."""
+    return {b.prefix: b.module for o in scheme if o.head is not None for top in o.head.blocks
+            for b in mf.identity.module_blocks(top)}
 
 
 def quadrants(t):
@@ -188,14 +190,31 @@ def group_net(groups, grouped=True):
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES))
 
 
-def build_groups(groups, grouped=True, head="dgl"):
+def build_groups(groups, grouped=True, head="dgl", **options):
     return mf.schemes.neuron_groups(mf.from_module(group_net(groups, grouped)), GROUP_AT, groups,
-                                    input_shape=SHAPE, head=head)
+                                    input_shape=SHAPE, head=head, **options)
 
 
-def groups_reference(scheme, groups, grouped):
-    """Neuron groups in plain PyTorch: each module runs on the detached boundary; group ``g``'s
-    head reads the module output with the channels of the other groups detached."""
+def released_div_loss(group_logits, labels, temperature):
+    """The released GN-DGL ``div_loss_calc``: tempered softmax of each group head, the true
+    class removed, renormalised, L2-normalised; the mean over ordered pairs of distinct heads
+    and samples of their inner product."""
+    probs = torch.softmax(torch.stack(group_logits) / temperature, dim=2)
+    heads_, n, classes = probs.shape
+    keep = torch.ones(n, classes)
+    keep[range(n), labels] = 0
+    probs = probs * keep.unsqueeze(0)
+    probs = probs / (probs.sum(dim=2, keepdim=True) + 1e-8)
+    probs = probs / torch.sqrt((probs ** 2).sum(dim=2, keepdim=True) + 1e-8)
+    cov = torch.einsum("kij,lij->ikl", probs, probs)
+    return (cov * (1 - torch.eye(heads_))).sum() / (n * (heads_ - 1) * heads_)
+
+
+def groups_reference(scheme, groups, grouped, diversity=0.0, temperature=3.0):
+    """Neuron groups in plain PyTorch, after the released ``InfoProResNet.forward``: each
+    module runs on the detached boundary; group ``g``'s head reads the module output with the
+    channels of the other groups detached; the module's loss is the sum of the group CEs plus
+    ``diversity · div_loss`` over its group heads' logits, one backward."""
     model = group_net(groups, grouped)
     layers = dict(model.named_children())
     per_module = [[str(j) for j in range(6)], [str(j) for j in range(6, 12)], [str(j) for j in range(12, 15)]]
@@ -212,11 +231,14 @@ def groups_reference(scheme, groups, grouped):
             if i == len(per_module) - 1:
                 total = total + F.cross_entropy(h, y)
                 break
-            width = h.shape[1] // groups
+            width, logits = h.shape[1] // groups, []
             for g in range(groups):
-                parts = [h[:, j * width:(j + 1) * width] for j in range(groups)]
-                mixed = torch.cat([p if j == g else p.detach() for j, p in enumerate(parts)], dim=1)
-                total = total + F.cross_entropy(ref.run(f"head{i}.{g}", templates[f"head{i}.{g}"], mixed), y)
+                x_detached = h.clone().detach()
+                x_detached[:, g * width:(g + 1) * width] = h[:, g * width:(g + 1) * width].clone()
+                logits.append(ref.run(f"head{i}.{g}", templates[f"head{i}.{g}"], x_detached))
+                total = total + F.cross_entropy(logits[-1], y)
+            if diversity:
+                total = total + diversity * released_div_loss(logits, y, temperature)
         total.backward()
         return ref.grads(), {**state, **ref.new_state}
 
@@ -225,26 +247,42 @@ def groups_reference(scheme, groups, grouped):
 
 @pytest.mark.parametrize("groups", [2, 4])
 @pytest.mark.parametrize("grouped", [True, False])
-def test_neuron_groups_one_step_equals_plain_backward(groups, grouped):
-    scheme = build_groups(groups, grouped)
+@pytest.mark.parametrize("diversity", [0.0, 0.5])
+def test_neuron_groups_one_step_equals_plain_backward(groups, grouped, diversity):
+    scheme = build_groups(groups, grouped, diversity=diversity)
     assert [o.name for o in scheme][:groups] == [f"m0.g{g}" for g in range(groups)]
     ts = mf.init(scheme, mf.optim.sgd(0.1), seed=2)
-    mt.check_oracle(scheme, ts, batch(seed=3), groups_reference(scheme, groups, grouped), rtol=1e-4)
+    mt.check_oracle(scheme, ts, batch(seed=3), groups_reference(scheme, groups, grouped, diversity), rtol=1e-4)
+
+
+def test_neuron_groups_diversity_reads_the_other_heads_and_changes_the_step():
+    plain, diverse = build_groups(2, diversity=0.0), build_groups(2, diversity=2.0, temperature=1.5)
+    assert [o.reads for o in plain] == [()] * 5
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in diverse[0].reads} == {"head0.1"}
+    ts = mf.init(plain, mf.optim.sgd(0.1), seed=2)
+    a = mf.gradients(plain)(ts, batch(seed=3)).grads
+    b = mf.gradients(diverse)(ts, batch(seed=3)).grads
+    assert set(a) == set(b) and not torch.allclose(a["head0.0.layers.1.weight"], b["head0.0.layers.1.weight"])
+    mt.check_oracle(diverse, ts, batch(seed=3), groups_reference(diverse, 2, True, 2.0, 1.5), rtol=1e-4)
 
 
 @SETTINGS
-@given(groups=st.sampled_from([2, 4, 8]), head=st.sampled_from(["dgl", "linear"]), seed=mt.seeds)
-def test_neuron_groups_are_isolated_width_wise_with_grouped_convolutions(groups, head, seed):
-    scheme = build_groups(groups, grouped=True, head=head)
-    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=seed)
+@given(groups=st.sampled_from([2, 4, 8]), head=st.sampled_from(["dgl", "linear"]), seed=mt.seeds,
+       diversity=st.sampled_from([0.0, 0.5]))
+def test_neuron_groups_are_isolated_width_wise_with_grouped_convolutions(groups, head, seed, diversity):
+    scheme = build_groups(groups, grouped=True, head=head, diversity=diversity)
+    opt = mf.optim.sgd(0.1, momentum=0.9)
+    ts = mf.init(scheme, opt, seed=seed)
     rows = mt.expected_rows(scheme, ts.params)
     assert rows[0]["3.weight"] == (0, 8 // groups) and rows[-1] == {}
     mt.check_isolation(scheme, ts, batch(seed=seed % 7))
+    mt.check_purity(mf.step(scheme, opt), ts, batch(seed=seed % 5))
 
 
 @pytest.mark.parametrize("groups", [2, 4])
-def test_a_neuron_group_build_without_grouped_convolutions_fails_the_checker(groups):
-    scheme = build_groups(groups, grouped=False)
+@pytest.mark.parametrize("diversity", [0.0, 0.5])
+def test_a_neuron_group_build_without_grouped_convolutions_fails_the_checker(groups, diversity):
+    scheme = build_groups(groups, grouped=False, diversity=diversity)
     ts = mf.init(scheme, mf.optim.sgd(0.1))
     mt.check_isolation(scheme, ts, batch(), rows=[{} for _ in scheme])   # by name alone it passes
     with pytest.raises(AssertionError, match=r"m0\.g0.*rows of '0\.weight' outside its channel group"):
@@ -258,25 +296,46 @@ def test_width_that_does_not_split_into_groups_is_refused():
         mt.expected_rows(scheme, ts.params)
 
 
-def test_ensemble_metric_is_the_mean_softmax_of_the_group_heads():
-    scheme = build_groups(2)
+def loaded(prefix, template, ts):
+    """``template`` in eval mode holding the train state's tensors under ``prefix``."""
+    m = copy.deepcopy(template).eval()
+    for k, v in [*m.named_parameters(), *m.named_buffers()]:
+        v.data.copy_({**ts.params, **ts.state}[f"{prefix}.{k}"])
+    return m
+
+
+def trained_groups(diversity):
+    scheme = build_groups(2, diversity=diversity)
     opt = mf.optim.sgd(0.1)
     ts = mf.init(scheme, opt)
     ts, _ = mf.step(scheme, opt)(ts, batch(seed=1))
-    last = [o for o in scheme if o.name.startswith("m1.")]
+    return scheme, ts
+
+
+@pytest.mark.parametrize("diversity", [0.0, 0.5])
+def test_ensemble_metric_is_the_mean_softmax_of_the_group_heads(diversity):
+    scheme, ts = trained_groups(diversity)
+    templates = head_templates(scheme)
     xy = batch(n=8, seed=4)
-    got = mf.evaluate(scheme, ts, [xy], metrics={"ensemble": mf.schemes.ensemble_metric(last)}, select=None)
     model = mf.to_module(mf.from_module(group_net(2)), ts.params, ts.state).eval()
+    probs, h = [], xy[0]
     with torch.no_grad():
-        h = xy[0]
-        for block in list(model.blocks)[:12]:
+        for i, (start, stop) in enumerate(((0, 6), (6, 12))):
+            for block in list(model.blocks)[start:stop]:
+                h = block(h)
+            probs.append([loaded(f"head{i}.{g}", templates[f"head{i}.{g}"], ts)(h).softmax(dim=1) for g in range(2)])
+        for block in list(model.blocks)[12:]:
             h = block(h)
-        probs = []
-        for o in last:
-            head = mf.to_module(mf.cascade(*(mf.Net((b,)) for b in o.head.blocks[1:])), ts.params, ts.state).eval()
-            probs.append(head(h).softmax(dim=1))
-    want = float((sum(probs).argmax(dim=1) == xy[1]).float().mean())
+        probs.append([h.softmax(dim=1)])
+    last = [o for o in scheme if o.name.startswith("m1.")]
+    got = mf.evaluate(scheme, ts, [xy], select=None, metrics={
+        "ensemble": mf.schemes.ensemble_metric(last), "layerwise": mf.schemes.ensemble_metric(scheme, layerwise=True)})
+    want = float((sum(probs[1]).argmax(dim=1) == xy[1]).float().mean())
     assert abs(got["ensemble"]["accuracy"] - want) < 1e-6
+    # the released layerwise ensemble: module i's mean softmax weighted 2^i / (1 + 2 + 4)
+    mixed = sum(2 ** i / 7 * torch.stack(p).mean(dim=0) for i, p in enumerate(probs))
+    want = float((mixed.argmax(dim=1) == xy[1]).float().mean())
+    assert abs(got["layerwise"]["accuracy"] - want) < 1e-6
 
 
 # ----------------------------------------------------------------------------- AugLocal
@@ -363,10 +422,12 @@ def test_auglocal_laws_isolation_and_purity(at, depth, pyramid):
 
 # ----------------------------------------------------------------------------- MAN
 
-def man_reference(scheme, at, head):
+def man_reference(scheme, at, head, scaled=False):
     """MAN after the released CIFAR ``InfoProResNet.forward``: ``y = LB_i(x) + EMA_i(x)`` on
     module ``i``'s output, LB and EMA copies of the next module's first block; the heads score
-    ``y`` with λ at ``stage / (K-2)`` of that block; the last module on the classifier."""
+    ``y`` with λ at ``stage / (K-2)`` of that block; the last module on the classifier.
+    ``scaled``: MAN++ after the released ``resnetInfoPro_MANPP`` / ``resnetDGL_MANPP``,
+    ``y = s_i·LB_i(x) + (2 - s_i)·EMA_i(x)`` with ``s_i`` an ``nn.Parameter`` (``ema_s[i]``)."""
     model = small_resnet()
     blocks = dict(model.named_blocks())
     per_module = modules_of(model, at)
@@ -377,7 +438,7 @@ def man_reference(scheme, at, head):
         x, y = xy
         ref = Reference(params, state)
         image = (x * STD + MEAN).clamp(0, 1)
-        h, total = x, 0.0
+        h, total, ema_s = x, 0.0, {}
         for i, module in enumerate(per_module):
             h = h.detach()
             for b in module:
@@ -386,25 +447,33 @@ def man_reference(scheme, at, head):
                 total = total + F.cross_entropy(h, y)
                 break
             first = per_module[i + 1][0]
-            z = h if first == "classifier" else \
-                ref.run(f"lb{i}.{first}", blocks[first], h) + ref.run(f"twin.{first}", blocks[first], h, in_state=True)
+            if first == "classifier":
+                z = h
+            elif scaled:
+                s = ema_s[f"lb{i}.scale"] = torch.nn.Parameter(params[f"lb{i}.scale"].detach().clone())
+                z = s * ref.run(f"lb{i}.{first}", blocks[first], h) + \
+                    (2 - s) * ref.run(f"twin.{first}", blocks[first], h, in_state=True)
+            else:
+                z = ref.run(f"lb{i}.{first}", blocks[first], h) + ref.run(f"twin.{first}", blocks[first], h, in_state=True)
             aux = templates[f"head{i}"]
             if head == "dgl":
                 total = total + F.cross_entropy(ref.run(f"head{i}", aux, z), y)
                 continue
             ratio = int(first.split(".")[0]) / (k - 2) if k > 2 and first[0].isdigit() else 0.0
+            ratio = min(ratio, 1.0)   # released: unbounded, so λ < 0 past stage K-2 (the recipe holds it at 1)
             ixx_1, ixy_1, ixx_2, ixy_2 = mf.schemes.DEFAULT_LAMBDAS
             lam1, lam2 = ixx_1 * (1 - ratio) + ixx_2 * ratio, ixy_1 * (1 - ratio) + ixy_2 * ratio
             bce = F.binary_cross_entropy(ref.run(f"head{i}.decoder", aux.decoder, z), image)
             total = total + lam1 * bce + lam2 * F.cross_entropy(ref.run(f"head{i}.classifier", aux.classifier, z), y)
         total.backward()
-        return ref.grads(), {**state, **ref.new_state}
+        return {**ref.grads(), **{k: v.grad for k, v in ema_s.items()}}, {**state, **ref.new_state}
 
     return reference
 
 
-def build_man(at, **options):
-    return mf.schemes.man(mf.from_module(small_resnet()), at, input_shape=SHAPE, **options)
+def build_man(at, scaled=False, **options):
+    recipe = mf.schemes.man_pp if scaled else mf.schemes.man
+    return recipe(mf.from_module(small_resnet()), at, input_shape=SHAPE, **options)
 
 
 @pytest.mark.parametrize("head", ["infopro", "dgl"])
@@ -435,6 +504,66 @@ def test_man_laws_isolation_and_purity(at, head):
     assert not any(k.startswith("twin") for k in ts.params)
     mt.check_isolation(scheme, ts, batch())
     mt.check_purity(mf.step(scheme, opt), ts, batch())
+
+
+# ----------------------------------------------------------------------------- MAN++
+
+@pytest.mark.parametrize("head", ["infopro", "dgl"])
+@pytest.mark.parametrize("at", [["stem", "1.1", "2.1"], ["1.0", "2.0", "3.1"]])
+def test_man_pp_one_step_equals_plain_backward_with_the_learnable_blend(head, at):
+    scheme = build_man(at, scaled=True, head=head)
+    opt = mf.optim.sgd(0.5)
+    ts = mf.init(scheme, opt, seed=7)
+    scales = sorted(k for k in ts.params if k.endswith(".scale"))
+    assert scales == [f"lb{i}.scale" for i, m in enumerate(modules_of(small_resnet(), at)[1:]) if m[0] != "classifier"]
+    # copy and twin start equal (leap_ema), where s has no gradient (s·y + (2 - s)·y = 2y): move the
+    # twins as a few steps would, and s away from 1, so that the blend's two sides weigh differently
+    ts = ts._replace(params={**ts.params, **{k: torch.tensor(0.7 + 0.2 * j) for j, k in enumerate(scales)}},
+                     state={k: 0.9 * v if k.startswith("twin.") and v.is_floating_point() else v
+                            for k, v in ts.state.items()})
+    xy = batch(seed=5)
+    reference = man_reference(scheme, at, head, scaled=True)
+    mt.check_oracle(scheme, ts, xy, reference, rtol=1e-4)
+    grads, _ = reference(ts.params, ts.state, xy)
+    moved = [bool(grads[k].abs() > 0) for k in scales]
+    # InfoPro's λ at stage / (K-2) is (0, 0) for a block of the last stage but one at K = 4: no loss there
+    assert all(moved) if head == "dgl" else any(moved)
+    new, _ = mf.step(scheme, opt)(ts, xy)
+    for k in scales:
+        mt.assert_close(new.params[k], ts.params[k] - 0.5 * grads[k], 1e-5, k)
+
+
+def test_man_pp_at_its_initial_blend_is_man():
+    at = ["1.0", "2.0", "3.1"]
+    plain, blended = build_man(at, head="dgl"), build_man(at, scaled=True, head="dgl")
+    ts = mf.init(blended, mf.optim.sgd(0.1), seed=1)
+    a = mf.gradients(plain)(ts._replace(params={k: v for k, v in ts.params.items() if not k.endswith(".scale")}),
+                            batch(seed=2)).grads
+    b = mf.gradients(blended)(ts, batch(seed=2)).grads
+    assert all(float(ts.params[k]) == 1.0 for k in b if k.endswith(".scale"))
+    mt.assert_close({k: v for k, v in b.items() if k in a}, a, 1e-5, "gradient")
+
+
+def test_the_generic_reference_exports_the_learnable_blend():
+    """``testing.reference_gradients`` (the scheme as plain modules) carries ``s`` too."""
+    scheme = build_man(["1.0", "2.0", "3.1"], scaled=True, head="dgl")
+    ts = mf.init(scheme, mf.optim.sgd(0.1), seed=4)
+    ts = ts._replace(params={**ts.params, "lb1.scale": torch.tensor(1.3)},
+                     state={k: 0.8 * v if k.startswith("twin.") and v.is_floating_point() else v
+                            for k, v in ts.state.items()})
+    mt.check_oracle(scheme, ts, batch(seed=6), rtol=1e-4)
+
+
+@SETTINGS
+@given(at=mt.cut_points(BLOCKS, min_modules=2, max_modules=5), head=st.sampled_from(["infopro", "dgl"]))
+def test_man_pp_laws_isolation_and_purity(at, head):
+    scheme = build_man(at, scaled=True, head=head)
+    opt = mf.optim.sgd(0.1, momentum=0.9)
+    ts = mf.init(scheme, opt, seed=3)
+    assert not any(k.startswith("twin") for k in ts.params)
+    mt.check_isolation(scheme, ts, batch())
+    mt.check_purity(mf.step(scheme, opt), ts, batch())
+    assert mf.labels.by_objective(scheme)(ts.params).get("lb0.scale", "trunks") == "trunks"
 
 
 # ----------------------------------------------------------------------------- PGL

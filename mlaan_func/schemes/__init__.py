@@ -9,7 +9,7 @@ the released tables.
 """
 
 from . import heads, imagenet_heads, labels, losses, splits, tables, trunks
-from .by_name import RECIPES, SCHEMES, build
+from .by_name import RECIPES, RESTORES_IMAGE, SCHEMES, build, method_name
 from .catalog import (
                       CIFAR10_MEAN,
                       CIFAR10_STD,
@@ -38,14 +38,16 @@ from .recipes import (
                       hpff,
                       lm_local,
                       man,
+                      man_pp,
                       neuron_groups,
                       pgl,
                       uniform_layers,
 )
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "DEFAULT_LAMBDAS", "DEFAULT_WIDTH", "RECIPES", "SCHEMES", "auglocal",
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "DEFAULT_LAMBDAS", "DEFAULT_WIDTH", "RECIPES", "RESTORES_IMAGE", "SCHEMES", "auglocal",
            "auglocal_depths", "build", "classifier_head", "dgl", "dgl_mlaan", "e2e", "ensemble_metric", "heads",
            "hpff", "imagenet_heads", "imagenet_infopro_head", "infopro", "infopro_head", "infopro_loss",
-           "infopro_mlaan", "labels", "lm_local", "losses", "man", "mlaan", "module_shapes", "multilaminar",
+           "infopro_mlaan", "labels", "lm_local", "losses", "man", "man_pp", "method_name", "mlaan", "module_shapes",
+           "multilaminar",
            "neuron_groups", "num_classes_of", "pgl", "splits", "stage_fraction", "tables", "trunks",
            "uniform_layers", "window_width"]

@@ -521,6 +521,23 @@ def channel_group(group: int, groups: int) -> ChannelGroup:
     return ChannelGroup(_positive_int(group + 1, "group + 1") - 1, _positive_int(groups, "groups"))
 
 
+class Detached(nn.Module):
+    """The map itself, detached: a loss on what follows reaches nothing before it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.detach()
+
+
+def detached() -> Detached:
+    """A module ``x ↦ x.detach()`` (neuron groups read the other groups' heads on it).
+
+    >>> x = torch.ones(2, requires_grad=True)
+    >>> detached()(x).requires_grad
+    False
+    """
+    return Detached()
+
+
 class AugLocalHead(Head):
     """AugLocal's auxiliary net: fresh blocks of the sampled later layers' widths
     (``make_block(in, out, stride)``; stride 2 once per doubling of the width, at most one per

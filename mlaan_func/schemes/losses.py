@@ -233,6 +233,49 @@ def weighted_sum(*pairs: tuple[LossFn, float | Tensor]) -> LossFn:
     return weighted_sum
 
 
+def group_diversity(weight: float = 0.5, temperature: float = 3.0) -> LossFn:
+    """Neuron groups' cross-entropy with the diversity term (Patel et al., arXiv 2301.07635,
+    the released ``div_loss_calc``), for one group's objective. ``output`` is ``(N, G, C)``:
+    the group's own logits first, then the other ``G-1`` groups' (read-only: detached here).
+    Each prediction is ``softmax(logits / temperature)`` with the true class removed,
+    renormalised and L2-normalised (``q``); the loss is ``CE(own) + weight · (2/G) ·
+    mean_{i, l≠own} <q_own,i, sg q_l,i>``. Summed over the G groups of a module, these terms
+    give every group exactly the gradient of the released module loss ``Σ_g CE_g + weight ·
+    Σ_i Σ_{k≠l} <q_k,i, q_l,i> / (N·G·(G−1))`` (each pair appears in both groups' terms with
+    the other side held fixed, hence the 2). Metrics: ``loss``, ``accuracy`` and
+    ``cross_entropy`` of the own logits, ``similarity`` (the mean cosine, 0 = diverse).
+
+    >>> out = torch.tensor([[[2.0, 1.0, 0.0], [2.0, 1.0, 0.0]]])   # two groups that agree
+    >>> loss, m = group_diversity(0.5, 3.0)(out, Batch(torch.zeros(1, 1), torch.tensor([0])))
+    >>> round(float(m["similarity"]), 4), round(float(loss - m["cross_entropy"]), 4)
+    (1.0, 0.5)
+    """
+    if not temperature > 0:
+        raise ValueError(f"the diversity temperature must be positive, got {temperature}")
+
+    def tempered(logits: Tensor, y: Tensor) -> Tensor:   # y: the labels, shaped as logits without classes
+        probs = torch.softmax(logits / temperature, dim=-1)
+        probs = probs * torch.ones_like(probs).scatter(-1, y.unsqueeze(-1), 0.0)
+        probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-8)
+        return probs / torch.sqrt((probs ** 2).sum(dim=-1, keepdim=True) + 1e-8)
+
+    def group_diversity(output: Tensor, batch: Batch) -> tuple[Tensor, Metrics]:
+        if output.dim() != 3 or output.shape[1] < 2:
+            raise ValueError(f"group_diversity scores (N, G, C) logits with G ≥ 2 (own group first), got shape "
+                             f"{tuple(output.shape)}; build the head with mf.stack(own, *others)")
+        y = target_of(batch)
+        own, rest = output[:, 0], output[:, 1:].detach()
+        ce, metrics = cross_entropy(own, batch)
+        q_own = tempered(own, y)
+        q_rest = tempered(rest, y.view(-1, 1).expand(-1, rest.shape[1]))
+        similarity = (q_own.unsqueeze(1) * q_rest).sum(dim=-1).mean()
+        loss = ce + weight * (2.0 / output.shape[1]) * similarity
+        return loss, {"loss": loss.detach(), "accuracy": metrics["accuracy"], "cross_entropy": ce.detach(),
+                      "similarity": similarity.detach()}
+
+    return group_diversity
+
+
 def infopro_lambdas(i: int, num_modules: int, ixx_1: float, ixy_1: float, ixx_2: float,
                     ixy_2: float) -> tuple[float, float]:
     """InfoPro's weights ``(λ1, λ2)`` for module ``i`` of ``num_modules`` (K):

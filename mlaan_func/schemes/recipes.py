@@ -19,7 +19,7 @@ import attrs
 import torch
 from torch import nn
 
-from ..combinators import Objective, cascade, frozen, local_loss, split
+from ..combinators import Objective, cascade, frozen, local_loss, split, stack
 from ..core import Net, copy, from_module, output_shape
 from . import heads, losses
 from .catalog import (
@@ -105,46 +105,80 @@ def hpff(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 3
 
 
 def neuron_groups(backbone: Net, at: Sequence[str], groups: int, *, input_shape: Sequence[int] = (3, 32, 32),
-                  head: str = "dgl") -> list[Objective]:
-    """Local learning with neuron groups (Patel et al., arXiv 2301.07635), without the diversity
-    term: module ``i < K-1`` of width ``C`` is also split along its width into ``groups``
-    channel groups; group ``g`` trains on ``CE(head_{i,g}(view_g(E_i(sg h_{i-1}))))``, where
-    ``view_g`` detaches every channel outside group ``g`` (``heads.channel_group``), so the
-    head sees the whole map; the last module on the backbone's classifier. The groups are
-    gradient-isolated only if the backbone's convolutions after each module's first layer are
-    grouped (``groups=G``): ``testing.check_isolation`` checks it width-wise. Evaluate the head
-    ensemble with :func:`ensemble_metric`.
+                  head: str = "dgl", diversity: float = 0.5, temperature: float = 3.0) -> list[Objective]:
+    """Local learning with neuron groups (Patel et al., arXiv 2301.07635): module ``i < K-1``
+    of width ``C`` is also split along its width into ``groups`` channel groups; group ``g``
+    trains on ``CE(head_{i,g}(view_g(E_i(sg h_{i-1}))))``, where ``view_g`` detaches every
+    channel outside group ``g`` (``heads.channel_group``), so the head sees the whole map,
+    plus the diversity term (``losses.group_diversity``, weight ``diversity``, temperature
+    ``temperature``: the released ``--div-weight 0.5 --div-temp 3.0``), which compares the
+    group's tempered prediction with the other groups' heads, read through read-only views
+    (``frozen``) on the detached map beside its own (``stack``); ``diversity=0`` drops it.
+    The last module on the backbone's classifier. The groups are gradient-isolated only if
+    the backbone's convolutions after each module's first layer are grouped (``groups=G``):
+    ``testing.check_isolation`` checks it width-wise. Evaluate the head ensemble with
+    :func:`ensemble_metric` (``layerwise=True``: the released ``--ensemble-type layerwise``).
+
+    >>> import mlaan_func as mf
+    >>> net = mf.from_module(mf.models.CifarResNet(14, num_classes=10, widths=(4, 8, 8)))
+    >>> scheme = neuron_groups(net, ["2.1"], 2, input_shape=(3, 8, 8))
+    >>> [(o.name, o.reads[:1]) for o in scheme]
+    [('m0.g0', ('head0.1.layers.1.weight',)), ('m0.g1', ('head0.0.layers.1.weight',)), ('final', ())]
     """
     modules = split(backbone, at)
     shapes, n = module_shapes(modules, input_shape), num_classes_of(backbone, input_shape)
-    objectives = [
-        local_loss(m, cascade(from_module(heads.channel_group(g, groups), name=f"view{i}.{g}"),
-                              from_module(classifier_head(head, s, n), name=f"head{i}.{g}")),
-                   cross_entropy, name=f"m{i}.g{g}")
-        for i, (m, s) in enumerate(zip(modules[:-1], shapes)) for g in range(groups)
-    ]
+    objectives = []
+    for i, (m, s) in enumerate(zip(modules[:-1], shapes)):
+        own = [cascade(from_module(heads.channel_group(g, groups), name=f"view{i}.{g}"),
+                       from_module(classifier_head(head, s, n), name=f"head{i}.{g}")) for g in range(groups)]
+        for g in range(groups):
+            if not diversity or groups == 1:
+                objectives.append(local_loss(m, own[g], cross_entropy, name=f"m{i}.g{g}"))
+                continue
+            others = [cascade(from_module(heads.detached(), name=f"sg{i}"), frozen(own[j].block(f"head{i}.{j}")))
+                      for j in range(groups) if j != g]
+            objectives.append(local_loss(m, stack(own[g], *others, name=f"groups{i}.{g}"),
+                                         losses.group_diversity(diversity, temperature), name=f"m{i}.g{g}"))
     return objectives + [local_loss(modules[-1], None, cross_entropy, name="final")]
 
 
-def ensemble_metric(objectives: Sequence[Objective], ts=None) -> Callable:
+def ensemble_metric(objectives: Sequence[Objective], ts=None, *, layerwise: bool = False) -> Callable:
     """A metric for ``mf.evaluate(..., metrics={"ensemble": ensemble_metric(heads)})``: the
     accuracy of the mean softmax of ``objectives``' heads (e.g. one module's group heads) on
     their nets' outputs, in eval mode, with the train state ``evaluate`` passes it (``ts``,
-    when given, is used instead).
+    when given, is used instead). A head that stacks its group's logits before the other
+    groups' (``neuron_groups`` with the diversity term) counts with its own group's.
+
+    ``layerwise=True`` is the released neuron-groups ensemble (``--ensemble-type
+    layerwise``) over a whole scheme: per module (objectives on one net output), the mean
+    softmax of its heads, the last module scored by the backbone's classifier; module ``i``
+    of ``K`` weighted ``2^i / Σ_j 2^j``.
     """
-    objectives = [o for o in objectives if o.head is not None]
-    if not objectives:
+    if layerwise:
+        modules: dict[str, list[Objective]] = {}
+        for o in objectives:
+            modules.setdefault(o.output_name, []).append(o)
+        weights = [2.0 ** k for k in range(len(modules))]
+        members = [(os, w / sum(weights)) for os, w in zip(modules.values(), weights)]
+    else:
+        members = [([o for o in objectives if o.head is not None], 1.0)]
+    if not members or not members[0][0]:
         raise ValueError("ensemble_metric needs objectives with heads (the final objective scores the "
                          "backbone's classifier and has none)")
 
     fixed = ts
 
+    def probs_of(o, ts, outputs):
+        if o.head is None:
+            return outputs[o.output_name].softmax(dim=1)
+        logits = o.head(ts.params, ts.state, outputs[o.output_name], train=False)[0]
+        return (logits[:, 0] if logits.dim() == 3 else logits).softmax(dim=1)
+
     def ensemble(outputs, batch, *, ts=None):
         ts = fixed if fixed is not None else ts
-        probs = [o.head(ts.params, ts.state, outputs[o.output_name], train=False)[0].softmax(dim=1)
-                 for o in objectives]
+        mixed = sum(w * torch.stack([probs_of(o, ts, outputs) for o in os]).mean(dim=0) for os, w in members)
         y = losses.target_of(batch)
-        return {"accuracy": (torch.stack(probs).mean(dim=0).argmax(dim=1) == y).to(probs[0].dtype).mean()}
+        return {"accuracy": (mixed.argmax(dim=1) == y).to(mixed.dtype).mean()}
 
     return ensemble
 
@@ -208,15 +242,15 @@ MAN_HEADS = ("infopro", "dgl")
 def man(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32), head: str = "infopro",
         decay: float = 0.995, lambdas: Sequence[float] = DEFAULT_LAMBDAS, lambda_by: str = "stage",
         contrastive: bool = False, mean: Sequence[float] = CIFAR10_MEAN,
-        std: Sequence[float] = CIFAR10_STD) -> list[Objective]:
+        std: Sequence[float] = CIFAR10_STD, scaled: bool = False) -> list[Objective]:
     """MAN (Su et al., arXiv 2407.05623): module ``i < K-1`` trains on ``L(head_i(copy(z) +
     twin(z)))`` with ``z = E_i(sg h_{i-1})``, where ``copy`` is a trainable copy of the next
     module's first block and ``twin`` its EMA (``leap_ema``, decay ``decay``); the last
     module on the backbone's classifier. A module followed by the classifier alone has no
     block to copy and scores ``z`` itself. ``head="infopro"`` (the released CIFAR code):
-    ``λ1·BCE + λ2·task`` with λ interpolated at ``stage / (K-2)`` of the copied block
+    ``λ1·BCE + λ2·task`` with λ interpolated at ``stage / (K-2)`` of the copied block, at most 1
     (``lambda_by="stage"``, as released; ``"module"`` for ``i / (K-2)``); ``"dgl"``: DGL's
-    head and CE.
+    head and CE. ``scaled=True`` is MAN++ (:func:`man_pp`).
 
     >>> import mlaan_func as mf
     >>> net = mf.from_module(mf.models.CifarResNet(14, num_classes=10, widths=(4, 8, 8)))
@@ -233,17 +267,36 @@ def man(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32
     for i, (m, s) in enumerate(zip(modules[:-1], shapes)):
         first = modules[i + 1].blocks[0].name
         # the backbone's final block (its classifier) is never copied: that module's head reads z itself
-        trunk = None if first == backbone.output_name else leap_trunk(backbone, [first], f"lb{i}", decay)
+        trunk = None if first == backbone.output_name else leap_trunk(
+            backbone, [first], f"lb{i}", decay, scale=f"lb{i}.scale" if scaled else None)
         z = s if trunk is None else output_shape(trunk, (_PROBE_BATCH, *s))[1:]
         if head == "dgl":
             aux, loss = classifier_head("dgl", z, n), cross_entropy
         else:
-            r = stage_fraction(first, k) if lambda_by == "stage" else None
+            # the released r = stage / (K-2) passes 1 when the stage exceeds K-2 (K ≤ 4 on three stages),
+            # where λ turns negative and the reconstruction is maximised: held at 1 (docs/schemes.md, MAN)
+            r = min(stage_fraction(first, k), 1.0) if lambda_by == "stage" else None
             aux = infopro_head(z, n, input_shape, final, contrastive)
             loss = infopro_loss(i, k, lambdas, contrastive=contrastive, mean=mean, std=std, stage_fraction=r)
         aux = from_module(aux, name=f"head{i}")
         objectives.append(local_loss(m, aux if trunk is None else cascade(trunk, aux), loss, name=f"m{i}"))
     return objectives + [local_loss(modules[-1], None, cross_entropy, name="final")]
+
+
+def man_pp(backbone: Net, at: Sequence[str], **options) -> list[Objective]:
+    """MAN++ (Su et al., arXiv 2507.16279): MAN (:func:`man`, same options) whose head reads
+    ``s_i·copy(z) + (2 − s_i)·twin(z)``, ``s_i`` a learnable scalar per module
+    (``lb{i}.scale``, initialised to 1, so a step from initialisation starts as MAN's sum),
+    trained with the copy by the module's auxiliary loss (``leap_ema(..., scale=)``), as the
+    released code's ``ema_s`` (``s·LB(x) + (2 − s)·EMA(x)``).
+
+    >>> import mlaan_func as mf
+    >>> net = mf.from_module(mf.models.CifarResNet(14, num_classes=10, widths=(4, 8, 8)))
+    >>> scheme = man_pp(net, ["1.0", "2.0"], input_shape=(3, 8, 8), head="dgl")
+    >>> [k for o in scheme for k in o.param_names if k.endswith(".scale")]
+    ['lb0.scale', 'lb1.scale']
+    """
+    return man(backbone, at, scaled=True, **options)
 
 
 def pgl(local: Sequence[Objective], global_scheme: Sequence[Objective], *, every: int) -> list[Objective]:

@@ -115,10 +115,20 @@ def leap_trunk_blocks(backbone: Net, after: str, depth: int = 4, *, input_shape:
 
 
 def leap_trunk(backbone: Net, blocks: Sequence[str], prefix: str, decay: float | Tensor,
-               *, twin: str = "twin", input_shape: Sequence[int] | None = None) -> Net:
-    """``cascade(leap_ema(copy(b0), b0), copy(b1), …)`` over the named backbone blocks.
+               *, twin: str = "twin", input_shape: Sequence[int] | None = None, scale: str | None = None) -> Net:
+    """``cascade(leap_ema(copy(b0), b0), copy(b1), …)`` over the named backbone blocks: the
+    copies are named ``<prefix>.<block>``, the EMA twin of ``b0`` ``<twin>.<b0>`` (twins of one
+    source under one ``twin`` prefix are one twin). ``scale`` (a key) blends the first copy
+    and its twin by a learnable scalar, ``s·copy(z) + (2 − s)·twin(z)`` (``leap_ema``).
 
     With ``input_shape`` (batch included), checks that the blocks chain (channels, stride).
+
+    >>> from mlaan_func import models
+    >>> from mlaan_func.core import from_module
+    >>> net = from_module(models.CifarResNet(14, num_classes=10, widths=(4, 8, 8)))
+    >>> trunk = leap_trunk(net, ["2.0", "3.0"], "trunk1", 0.995, input_shape=(2, 4, 8, 8))
+    >>> trunk.block_names, output_shape(trunk, (2, 4, 8, 8)), "twin.2.0.conv1.weight" in trunk.state_names
+    (('trunk1.2.0', 'trunk1.3.0'), (2, 8, 2, 2), True)
     """
     by_name = {b.name: b for b in backbone.blocks}
     unknown = [b for b in blocks if b not in by_name]
@@ -131,7 +141,7 @@ def leap_trunk(backbone: Net, blocks: Sequence[str], prefix: str, decay: float |
                          "their source's name under one prefix, so they would share parameters. "
                          "List each block once.")
     first = Net((by_name[blocks[0]],))
-    trunk = cascade(leap_ema(copy(first, prefix), first, decay, twin=twin),
+    trunk = cascade(leap_ema(copy(first, prefix), first, decay, twin=twin, scale=scale),
                     *(copy(Net((by_name[b],)), prefix) for b in blocks[1:]))
     if input_shape is not None:
         try:
