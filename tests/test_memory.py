@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 from torch.utils.checkpoint import checkpoint
 
+import mlaan_func as mf
 from mlaan_func import memory
 from mlaan_func.memory import (MemoryReport, cuda_peak, peak_live_bytes, persistent_bytes,
                                track_memory)
@@ -300,3 +301,19 @@ def test_cuda_peak_agrees_with_the_meter_up_to_allocator_rounding():
     assert meter.peak_bytes <= report.peak_bytes <= 2 * ACT + 4096
     assert report.live_bytes >= GRAD_W
     assert torch.cuda.max_memory_allocated(x.device) >= report.peak_bytes
+
+
+def test_a_heads_output_is_freed_before_its_backward():
+    """The executor drops its reference to the head's output once the loss is computed: the
+    backward of a mean saves nothing, so its gradient need not sit beside the output
+    (a regression: InfoPro's peak once held every head output through its backward)."""
+    features = 4096
+    head = mf.from_module(nn.Linear(8, features), name="wide")
+    scheme = [mf.local_loss(mf.from_module(nn.Linear(8, 8), name="body"), head,
+                            lambda out, batch: (out.mean(), {}), name="final")]
+    ts = mf.init(scheme, mf.optim.sgd(0.1))
+    batch = (torch.randn(64, 8), torch.zeros(64, dtype=torch.long))
+    with track_memory() as meter:
+        mf.gradients(scheme)(ts, batch)
+    output_bytes = 64 * features * 4  # the weight gradient is 1/8 of it
+    assert meter.peak_bytes < 1.5 * output_bytes, (meter.peak_bytes, output_bytes)

@@ -470,9 +470,9 @@ class _Run:
                 leaves = {}
             seed_block("loss:" + o.name)
             loss, m = o.score(h, self.batch, self.ts.state, self.ts.step)
+            del h  # the backward keeps what it saved; the head's output itself need not outlive the loss
             gs = vjp(loss, [*leaves.values(), inp] if inp.requires_grad else list(leaves.values()))
         accumulate(self.grads, leaves, gs[:len(leaves)])
-        del h
         if inp.requires_grad:
             end = op.path[tails - 1] if tail else op.path[-1]
             self.deliver(end, gs[-1], (i,), op.start)
