@@ -466,7 +466,9 @@ def checkouts_section(payload: dict) -> list[str]:
              f"`python bench/checkouts.py --base CHECKOUT` (here `{payload.get('base_label', payload['base'])}`): the "
              "same step (ResNet-32, `bench/common.build`, SGD + Nesterov, one thread) in fresh processes of each "
              "checkout, rounds interleaved; time is the ratio of medians (per-round ratios beside it), memory the "
-             "exact peak of live step bytes. Gradients of both are compared bitwise.", "",
+             "exact peak of live step bytes, host reads the count of `aten._local_scalar_dense` in one step. Gradients "
+             f"of both are compared bitwise. Load average at the start: {payload.get('load_before', float('nan')):.1f} "
+             "(times on a loaded machine are noisy; reads, bytes and gradients are exact).", "",
              "| scheme | K | batch | step s (this) | step s (base) | time ratio | per round | peak MiB (this) | "
              "peak MiB (base) | peak ratio | host reads (this / base) | gradients |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
