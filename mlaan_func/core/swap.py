@@ -41,7 +41,7 @@ class swapped_call:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self._slots = [*_slots(module, "_parameters").items(), *_slots(module, "_buffers").items()]
+        self._slots = (tuple(_slots(module, "_parameters").items()), tuple(_slots(module, "_buffers").items()))
 
     def __getstate__(self) -> dict:
         return {"module": self.module}
@@ -52,11 +52,11 @@ class swapped_call:
     def __call__(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Any) -> Any:
         saved = []
         try:
-            for name, places in self._slots:
-                tensor = params[name] if name in params else buffers[name]
-                for table, attr in places:
-                    saved.append((table, attr, table[attr]))
-                    table[attr] = tensor
+            for given, slots in zip((params, buffers), self._slots):
+                for name, places in slots:
+                    for table, attr in places:
+                        saved.append((table, attr, table[attr]))
+                        table[attr] = given[name]
             return self.module(x)
         finally:
             for table, attr, original in reversed(saved):
