@@ -40,6 +40,7 @@ from .recipes import (
                       man,
                       neuron_groups,
                       pgl,
+                      sgr,
                       uniform_layers,
 )
 
@@ -47,5 +48,5 @@ __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "DEFAULT_LAMBDAS", "DEFAULT_WIDTH", "R
            "auglocal_depths", "build", "classifier_head", "dgl", "dgl_mlaan", "e2e", "ensemble_metric", "heads",
            "hpff", "imagenet_heads", "imagenet_infopro_head", "infopro", "infopro_head", "infopro_loss",
            "infopro_mlaan", "labels", "lm_local", "losses", "man", "mlaan", "module_shapes", "multilaminar",
-           "neuron_groups", "num_classes_of", "pgl", "splits", "stage_fraction", "tables", "trunks",
+           "neuron_groups", "num_classes_of", "pgl", "sgr", "splits", "stage_fraction", "tables", "trunks",
            "uniform_layers", "window_width"]
