@@ -19,7 +19,7 @@ from . import errors, models, optim, schemes
 from .schemes import heads, labels, losses, splits, trunks
 from .schemes import tables as published
 from .combinators import FrozenBlock, LeapBlock, StackBlock, cascade, frozen, leap_ema, local_loss, split, stack
-from .core import (AfterStep, Batch, Block, DeviceMismatchError, Net, Objective, Params, ShapeError, State, copy,
+from .core import (AfterStep, Batch, Block, DeviceMismatchError, LossContext, Net, Objective, Params, ShapeError, State, copy,
                    from_module, hyper, identity, init_params, output_shape, randomness, to_module, trace)
 from .errors import NonFiniteLossError
 from .schemes.tables import infopro_lambda_table, leap_trunk_table, published_split
@@ -29,8 +29,8 @@ from .train.state import TrainState
 from .train.step import evaluate, gradients, init, load, save, step
 
 __all__ = [
-    "AfterStep", "Batch", "Block", "DeviceMismatchError", "FrozenBlock", "LeapBlock", "Net", "NonFiniteLossError", "Objective",
-    "Params", "ShapeError", "StackBlock", "State", "TrainState", "cascade", "copy", "errors", "evaluate", "from_module", "frozen",
+    "AfterStep", "Batch", "Block", "DeviceMismatchError", "FrozenBlock", "LeapBlock", "LossContext", "Net", "NonFiniteLossError",
+    "Objective", "Params", "ShapeError", "StackBlock", "State", "TrainState", "cascade", "copy", "errors", "evaluate", "from_module", "frozen",
     "gradients", "heads", "hyper", "identity", "infopro_lambda_table", "init", "init_params", "labels",
     "leap_ema", "leap_trunk_table", "load", "local_loss", "losses", "models", "optim", "output_shape",
     "published", "published_split", "randomness", "remat", "routing", "save", "schemes", "split", "splits",

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .core import hyper
 from .core.net import AfterStep, Net, Params, State, Wrapper, copy
-from .core.objective import LossFn, Objective
+from .core.objective import LossContext, LossFn, Objective  # noqa: F401  (LossContext re-exported)
 from .errors import KeysError, SchemeError
 
 
@@ -420,13 +420,17 @@ def leap_ema(copy_net: Net, source: Net, decay: float | Tensor = 0.995, *, twin:
 
 
 def local_loss(net: Net, head: Net | None, loss: LossFn, weight: float | Tensor = 1.0, *,
-               name: str | None = None, active: Callable[[Tensor], Any] | None = None) -> Objective:
+               name: str | None = None, active: Callable[[Tensor], Any] | None = None,
+               context_from: Sequence[str] = ()) -> Objective:
     """An objective: ``weight · loss(head(net(x)), batch)``; with ``head=None`` the net's own
     output is scored (the last module's classifier).
 
     ``weight`` is a number, a schedule (a function of the step tensor) or
     ``mlaan_func.hyper.held(w)``, a value kept in the train state. ``loss(output, batch)``
-    may also take a ``step`` keyword to receive the step.
+    may also take a ``step`` keyword to receive the step, and a ``context`` keyword to
+    receive a ``LossContext``: its objective's input and net output (in the loss's graph) and
+    the detached values that the earlier objectives named in ``context_from`` published in
+    the same step (``docs/combinators.md``, "A loss context").
 
     >>> from torch import nn
     >>> from mlaan_func.core import from_module
@@ -442,11 +446,13 @@ def local_loss(net: Net, head: Net | None, loss: LossFn, weight: float | Tensor 
     name = name or default
     if isinstance(weight, hyper.Held):
         return Objective(name=name, net=net, head=head, loss=loss,
-                         weight=attrs.evolve(weight, key=hyper.weight_key(name)), active=active)
+                         weight=attrs.evolve(weight, key=hyper.weight_key(name)), active=active,
+                         context_from=context_from)
     if hyper.is_schedule(weight):
-        return Objective(name=name, net=net, head=head, loss=loss, weight=weight, active=active)
+        return Objective(name=name, net=net, head=head, loss=loss, weight=weight, active=active,
+                         context_from=context_from)
     w = torch.as_tensor(weight, dtype=torch.float32).detach().clone()
     if w.ndim != 0 or not bool(torch.isfinite(w)):
         raise ValueError(f"a loss weight must be a finite number, a schedule of the step or "
                          f"mlaan_func.hyper.held(w), got {weight}")
-    return Objective(name=name, net=net, head=head, loss=loss, weight=w, active=active)
+    return Objective(name=name, net=net, head=head, loss=loss, weight=w, active=active, context_from=context_from)

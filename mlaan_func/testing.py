@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .combinators import LeapBlock, Objective, StackBlock, cascade, split
 from .core.batch import as_batch
 from .core.net import INPUT, Block, Net, Params, State, to_module
+from .core.objective import LossContext
 from .core.randomness import seed_block, seeded
 from .host_reads import count_host_reads  # noqa: F401  (re-exported for the tests)
 from .schemes.heads import ChannelGroup, Detached
@@ -121,10 +122,11 @@ def reference_losses(objectives: Sequence[Objective], ts: TrainState, batch: Any
     batch = as_batch(batch)
     params = ts.params if params is None else params
     losses, updates = [], {}
+    published: dict[str, dict[str, Tensor]] = {}   # loss-context values, detached
 
     def run(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
         loss, new, outputs, _ = o.forward(params, ts.state, x.detach(), batch, taps=routes[i].taps,
-                                          step=ts.step)
+                                          step=ts.step, published=published)
         losses.append(loss)
         for k, v in new.items():
             updates.setdefault(k, v)
@@ -288,6 +290,7 @@ def _own_gradients(objectives: Sequence[Objective], ts: TrainState, batch: Any) 
     routes = plan_routes(objectives)
     batch = as_batch(batch)
     found: dict[int, Params] = {}
+    published: dict[str, dict[str, Tensor]] = {}
 
     def run(i: int, o: Objective, x: Tensor) -> dict[str, Tensor]:
         if i in custom:
@@ -297,7 +300,8 @@ def _own_gradients(objectives: Sequence[Objective], ts: TrainState, batch: Any) 
             found[i] = dict(grads)
             return outputs
         with torch.no_grad():
-            return o.forward(ts.params, ts.state, x, batch, taps=routes[i].taps, step=ts.step)[2]
+            return o.forward(ts.params, ts.state, x, batch, taps=routes[i].taps, step=ts.step,
+                             published=published)[2]
 
     fold(objectives, routes, input_of(batch), run, free=False)
     return found
@@ -364,7 +368,9 @@ def reference_gradients(objectives: Sequence[Objective]) -> Callable[..., tuple[
     of every objective's loss gets one ``.backward()``; a name's gradient is the sum over
     every module that holds it, and a state key takes the value of its first writer. Only
     the user's loss functions and weights are shared with the library, not
-    ``Objective.forward``. With ``key``, each block is seeded as in a step.
+    ``Objective.forward``. With ``key``, each block is seeded as in a step. A loss that
+    takes a context gets its input (a leaf that requires grad), its net's output and the
+    values its sources published (detached), built here too.
 
     >>> import mlaan_func as mf
     >>> from torch import nn
@@ -384,11 +390,16 @@ def reference_gradients(objectives: Sequence[Objective]) -> Callable[..., tuple[
         held: list[tuple[str, nn.Parameter]] = []
         new_state: State = {}
         total = None
+        published: dict[str, dict[str, Tensor]] = {}
         scope = seeded(key, step, input_of(batch).device) if key is not None else contextlib.nullcontext()
         with scope, torch.enable_grad():
             for o in objectives:
                 h = acts[o.input_name].detach()
+                h.requires_grad_(o.loss_takes_context and h.is_floating_point())
+                x_in, net_out = h, None
                 for part, net in (("net", o.net), ("head", o.head)):
+                    if part == "head":
+                        net_out = h
                     for block in (net.blocks if net is not None else ()):
                         exported = _export(block, params, state)
                         exported.module.train()
@@ -400,7 +411,14 @@ def reference_gradients(objectives: Sequence[Objective]) -> Callable[..., tuple[
                         for k, v in exported.buffers.items():
                             new_state.setdefault(k, v)
                 seed_block("loss:" + o.name)
-                term, _ = o.score(h, batch, state, torch.as_tensor(step))
+                context = None
+                if o.loss_takes_context:
+                    sources = {name: published[name] for name in o.context_from if name in published}
+                    context = LossContext(o.name, x_in, net_out, True, torch.as_tensor(step), sources,
+                                          o.context_from, {})
+                term, _ = o.score(h, batch, state, torch.as_tensor(step), context)
+                if context is not None:
+                    published[o.name] = context.published
                 total = term if total is None else total + term
             total.backward()
         grads: Params = {k: torch.zeros_like(v) for k, v in params.items()}

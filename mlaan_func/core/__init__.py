@@ -16,8 +16,8 @@ from ..errors import DeviceMismatchError, ShapeError
 from .batch import Batch, as_batch, input_of
 from .net import (INPUT, AfterStep, Block, BlockLike, ExportedNet, Net, Params, State, blocks_of, check_keys, copy,
                   from_module, init_params, output_shape, reinitialise, to_module)
-from .objective import LossFn, Objective
+from .objective import LossContext, LossFn, Objective
 
-__all__ = ["INPUT", "AfterStep", "Batch", "Block", "BlockLike", "DeviceMismatchError", "ExportedNet", "LossFn",
+__all__ = ["INPUT", "AfterStep", "Batch", "Block", "BlockLike", "DeviceMismatchError", "ExportedNet", "LossContext", "LossFn",
            "Net", "Objective", "Params", "ShapeError", "State", "as_batch", "blocks_of", "check_keys", "copy",
            "from_module", "init_params", "input_of", "output_shape", "reinitialise", "to_module"]

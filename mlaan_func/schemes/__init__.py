@@ -41,6 +41,7 @@ from .recipes import (
                       man_pp,
                       neuron_groups,
                       pgl,
+                      sgr,
                       uniform_layers,
 )
 
@@ -49,5 +50,5 @@ __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "DEFAULT_LAMBDAS", "DEFAULT_WIDTH", "R
            "hpff", "imagenet_heads", "imagenet_infopro_head", "infopro", "infopro_head", "infopro_loss",
            "infopro_mlaan", "labels", "lm_local", "losses", "man", "man_pp", "method_name", "mlaan", "module_shapes",
            "multilaminar",
-           "neuron_groups", "num_classes_of", "pgl", "splits", "stage_fraction", "tables", "trunks",
+           "neuron_groups", "num_classes_of", "pgl", "sgr", "splits", "stage_fraction", "tables", "trunks",
            "uniform_layers", "window_width"]

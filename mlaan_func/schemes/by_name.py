@@ -12,11 +12,11 @@ from typing import Sequence
 
 from ..core import Net, Objective
 from .catalog import dgl, dgl_mlaan, e2e, infopro, infopro_mlaan, mlaan
-from .recipes import auglocal, hpff, man, man_pp, neuron_groups, pgl
+from .recipes import auglocal, hpff, man, man_pp, neuron_groups, pgl, sgr
 
 SCHEMES = ("e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan")
 
-RECIPES = ("hpff", "auglocal", "man", "man_pp", "neuron_groups", "pgl")
+RECIPES = ("hpff", "auglocal", "man", "man_pp", "neuron_groups", "pgl", "sgr")
 """The recipes of ``mlaan_func.schemes.recipes`` that ``build`` also takes (``neuron_groups``
 with ``groups=2`` unless given; ``pgl`` is DGL with an end-to-end step every ``every=`` steps,
 default 4; ``man_pp`` is also spelt ``man++``)."""
@@ -67,4 +67,4 @@ def build(method: str, backbone: Net, at: Sequence[str], *, input_shape: Sequenc
         options.update({k: v for k, v in (("mean", mean), ("std", std)) if v is not None})
     return {"dgl": dgl, "infopro": infopro, "mlaan": mlaan, "dgl_mlaan": dgl_mlaan, "infopro_mlaan": infopro_mlaan,
             "hpff": hpff, "auglocal": auglocal, "man": man, "man_pp": man_pp,
-            "neuron_groups": neuron_groups, "pgl": _pgl}[name](backbone, at, input_shape=input_shape, **options)
+            "neuron_groups": neuron_groups, "pgl": _pgl, "sgr": sgr}[name](backbone, at, input_shape=input_shape, **options)

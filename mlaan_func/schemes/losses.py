@@ -314,3 +314,63 @@ def sequence_cross_entropy(output: Tensor, batch: Any) -> tuple[Tensor, Metrics]
     loss = _poisoned(F.cross_entropy(logits, y), bad)
     accuracy = (logits.detach().argmax(dim=1) == y).to(output.dtype).mean()
     return loss, {"loss": loss.detach(), "accuracy": accuracy}
+
+
+RECONCILED = "grad_output"
+"""The key under which ``gradient_reconciliation`` publishes its module's output gradient."""
+
+
+def gradient_reconciliation(task: LossFn, weight: float = 1.0, previous: str | None = None, *,
+                            publish: bool = True) -> Callable:
+    """SGR's local loss (Yang et al., ICML 2024): ``task`` plus ``weight`` times the distance
+    between this module's input gradient and the previous module's output gradient,
+
+        ``task(output) + weight · (1/N) Σ_n ‖N·∂task/∂x_n − N·sg(∂task_prev/∂h_prev,n)‖²``,
+
+    where ``x`` is the objective's input (= ``h_prev``, the output of the objective named
+    ``previous``), ``N`` the batch size (so each term is a per-sample gradient of a mean loss)
+    and the previous gradient a detached value that objective published in the same step.
+    The step follows the term's own gradient through this module (a second-order term inside
+    the objective, ``create_graph=True``); nothing reaches the previous module. With
+    ``publish`` (all modules but the last) it publishes ``∂task/∂h`` of its own net output
+    under ``RECONCILED`` for the next module. In eval, or when nothing is differentiated,
+    it is ``task`` alone. Metrics: ``task``'s, and ``reconciliation`` (the distance) while
+    training. Use it with ``local_loss(..., context_from=[previous])``
+    (``mlaan_func.schemes.sgr``).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> import mlaan_func as mf
+    >>> a, b = mf.split(mf.from_module(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3))), ["0"])
+    >>> head = mf.from_module(nn.Linear(3, 3), name="head0")
+    >>> scheme = [mf.local_loss(a, head, gradient_reconciliation(cross_entropy), name="m0"),
+    ...           mf.local_loss(b, None, gradient_reconciliation(cross_entropy, 0.5, "m0", publish=False),
+    ...                         name="final", context_from=["m0"])]
+    >>> g = mf.gradients(scheme)(mf.init(scheme, mf.optim.sgd(0.1)), (torch.randn(6, 4), torch.arange(6) % 3))
+    >>> sorted(g.metrics["final"])
+    ['accuracy', 'loss', 'reconciliation']
+    """
+    if previous is None and not publish:
+        raise ValueError("gradient_reconciliation with no previous module and publish=False is the task loss; "
+                         "use the task loss itself")
+
+    def reconciled(output: Any, batch: Any, *, context) -> tuple[Tensor, Metrics]:
+        value, metrics = task(output, batch)
+        if not context.differentiable:
+            return value, metrics
+        if previous is not None:
+            n = context.input.shape[0]
+            grad_input, = torch.autograd.grad(value, context.input, create_graph=True)
+            target = context.read(previous, RECONCILED)
+            if target.shape != grad_input.shape:
+                raise ValueError(f"objective {context.objective!r} reconciles its input gradient of shape "
+                                 f"{tuple(grad_input.shape)} with {previous!r}'s output gradient of shape "
+                                 f"{tuple(target.shape)}; name the objective whose output this one reads")
+            distance = n * (grad_input - target).pow(2).sum()
+            metrics = {**metrics, "reconciliation": distance.detach()}
+        if publish:
+            grad_output, = torch.autograd.grad(value, context.net_output, retain_graph=True)
+            context.publish(RECONCILED, grad_output)
+        return (value + weight * distance if previous is not None else value), metrics
+
+    return reconciled

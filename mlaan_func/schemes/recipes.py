@@ -358,3 +358,29 @@ def lm_local(backbone: Net, at: Sequence[str], *, readout: str = "readout", shar
                              losses.sequence_cross_entropy, name=f"m{i}")
                   for i, m in enumerate(modules[:-1])]
     return objectives + [local_loss(modules[-1], None, losses.sequence_cross_entropy, name="final")]
+
+
+def sgr(backbone: Net, at: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32), head: str = "dgl",
+        weight: float = 1.0) -> list[Objective]:
+    """SGR (Yang et al., ICML 2024, arXiv 2406.05222) on DGL's modules and heads: module ``i``
+    trains on its task loss plus ``weight`` times the distance between the gradient of that
+    loss w.r.t. its input ``h_{i-1}`` and module ``i-1``'s (detached) gradient w.r.t. its output
+    ``h_{i-1}`` (``losses.gradient_reconciliation``), which module ``i-1`` publishes in the same
+    step through its loss context; the term's own gradient is second order inside module
+    ``i`` and reaches nothing before it. Module 0 only publishes; the last module (the
+    backbone's classifier) only reconciles. ``K = 1`` is E2E.
+
+    >>> import mlaan_func as mf
+    >>> net = mf.from_module(mf.models.CifarResNet(14, num_classes=10, widths=(4, 8, 8)))
+    >>> [(o.name, o.context_from) for o in sgr(net, ["1.1", "2.1"], input_shape=(3, 8, 8))]
+    [('m0', ()), ('m1', ('m0',)), ('final', ('m1',))]
+    """
+    from .catalog import dgl  # here, so that this recipe's lines stay together
+
+    base = dgl(backbone, at, input_shape=input_shape, head=head)
+    if len(base) == 1:
+        return base
+    before = [None, *(o.name for o in base[:-1])]
+    return [attrs.evolve(o, loss=losses.gradient_reconciliation(o.loss, weight, p, publish=o is not base[-1]),
+                         context_from=() if p is None else (p,))
+            for p, o in zip(before, base)]

@@ -18,6 +18,10 @@ engines:
   kind (``mlaan_func.kernels``); with ``share=False`` each objective's whole gradient
   function is compiled instead (one graph per objective).
 * objectives that bring their own ``grad_fn`` run it on their input, opaque to the plan.
+* an objective whose loss takes a context (``LossContext``) runs alone in every form: its
+  own blocks in one graph from its input (never shared, rematerialised or compiled, since
+  its loss may differentiate through all of it), its loss reading the detached values its
+  sources published earlier in the step, so its gradients are the same bits in every form.
 * ``given``/``keep``: a part of a scheme started from boundaries received from outside,
   returning the boundaries asked for (a module-parallel rank).
 * ``forward_values`` runs the same plan forward only, in eval mode (``mf.evaluate``).
@@ -61,7 +65,7 @@ from ..core.randomness import (
 )
 from ..errors import SchemeError
 from .kernels import kernel_net, kernel_table, own_code, retainable
-from .plan import Plan, plan_routes, plan_scheme
+from .plan import Plan, plan_routes, plan_scheme, runs_own_grad_fn
 from .state import Gradients, TrainState, scheme_names
 from .vjp import accumulate, dense, input_leaf, param_leaves, vjp
 
@@ -135,6 +139,25 @@ def objective_gradient_fn(objective: Objective, taps: tuple[str, ...] = ()) -> C
         return g.grads, (g.losses[objective.name], (written, outputs, g.metrics[objective.name]))
 
     return grad_and_value
+
+
+def context_gradient_fn(objective: Objective, taps: tuple[str, ...] = ()) -> Callable:
+    """The gradient function of an objective whose loss takes a context: ``(params, state, x,
+    batch, step=None, *, published) -> (grads, (loss, (updates, outputs, metrics)))``, its
+    blocks in one eager graph from its input (``Objective.forward``, which makes the input a
+    leaf for the loss), its loss reading and writing ``published`` (the step's board)."""
+    def fn(params: Params, state: State, x: Tensor, batch: Any, step: Tensor | None = None, *,
+           published: dict[str, dict[str, Tensor]]):
+        leaves = param_leaves(params, objective.param_names)
+        with torch.enable_grad():
+            loss, updates, outputs, metrics = objective.forward({**params, **leaves}, state, x, batch, train=True,
+                                                                taps=taps, step=step, published=published)
+            grads = vjp(loss, list(leaves.values()))
+        detach = lambda d: {k: v.detach() for k, v in d.items()}  # noqa: E731
+        return (dict(zip(leaves, grads)),
+                (loss.detach(), (detach(updates), detach(outputs), detach(metrics))))
+
+    return fn
 
 
 def gradient_fns(objectives: Sequence[Objective], routes: Sequence[Any], *, compile: bool = False,
@@ -216,7 +239,9 @@ def executor(objectives: Sequence[Objective], *, share: bool | str | None = None
     opaque: dict[int, Callable] = {}
     for i, (o, route) in enumerate(zip(objectives, routes)):
         taps = route.taps + tuple(n for n in o.net.block_names[:-1] if n in keep and n not in route.taps)
-        if compile and not merged:
+        if o.loss_takes_context and not runs_own_grad_fn(o):
+            opaque[i] = context_gradient_fn(o, taps)
+        elif compile and not merged:
             opaque[i] = compiled_gradient_fn(o, taps, i, backend)
         elif o.grad_fn is not None and remats[i] is None:
             opaque[i] = o.grad_fn(o, taps)
@@ -227,7 +252,7 @@ def executor(objectives: Sequence[Objective], *, share: bool | str | None = None
         table = kernel_table(objectives, backend=backend)
         nets = [kernel_net(net, table) for net in nets]
     rematerialised = [i not in opaque and r is not None for i, r in enumerate(remats)]
-    step = _Step(objectives, plan, nets, opaque, rematerialised, sum_cotangents=share == "sum")
+    step = _Step(objectives, plan, nets, opaque, rematerialised, sum_cotangents=share == "sum", routes=routes)
     if compile and merged:
         def run(ts: TrainState, batch: Any, boundaries: dict[str, Tensor]):
             with retainable():
@@ -240,8 +265,12 @@ class _Step:
     """The executor of one plan: ``__call__(ts, batch, boundaries)`` runs one step."""
 
     def __init__(self, objectives, plan: Plan, nets, opaque: dict[int, Callable], rematerialised: list[bool],
-                 sum_cotangents: bool):
+                 sum_cotangents: bool, routes: Sequence[Any] = ()):
         self.objectives, self.plan, self.nets, self.opaque = objectives, plan, nets, opaque
+        # loss contexts: which objectives get the step's board, and whose values leave it after each
+        self.contextual = {i for i, o in enumerate(objectives) if o.loss_takes_context and i in opaque
+                           and not runs_own_grad_fn(o)}
+        self.unpublish = [r.unpublish for r in routes] if routes else [frozenset()] * len(objectives)
         # a piece is rematerialised when every objective through it is
         self.remat = [all(rematerialised[u] for u in p.users) for p in plan.pieces]
         self.sum_cotangents = sum_cotangents
@@ -289,6 +318,7 @@ class _Run:
         self.kept: dict[str, Tensor] = {}
         self.queue: list[tuple[int, Tensor, tuple[int, ...], int]] = []
         self.own_updates: dict[int, State] = {}
+        self.board: dict[str, dict[str, Tensor]] = {}  # loss-context values published so far
 
     # -------------------------------------------------------------- values and graphs
     def release(self, k: int) -> None:
@@ -487,7 +517,8 @@ class _Run:
         x = self.parent_value(path[0])
         seed_block(o.name)
         p = {k: self.ts.params[k] for k in (*o.param_names, *o.reads)}
-        g, (loss, (updates, outputs, m)) = self.s.opaque[i](p, self.ts.state, x, self.batch, self.ts.step)
+        extra = {"published": self.board} if i in self.s.contextual else {}
+        g, (loss, (updates, outputs, m)) = self.s.opaque[i](p, self.ts.state, x, self.batch, self.ts.step, **extra)
         accumulate(self.grads, g, g.values())
         self.own_updates[i] = updates
         for k in path:
@@ -505,6 +536,8 @@ class _Run:
         for i, o in enumerate(self.s.objectives):
             run = self.run_opaque if i in self.s.opaque else self.run_objective
             losses[o.name], metrics[o.name] = run(i, o)
+            for name in self.s.unpublish[i]:
+                self.board.pop(name, None)
         updates: State = {}
         for i, op in enumerate(self.s.plan.objectives):
             mine = self.own_updates.get(i)
@@ -533,19 +566,31 @@ def forward_values(objectives: Sequence[Objective], plan: Plan, ts: TrainState, 
     scored = {op.path[-1] for op in plan.objectives}
     computed: set[int] = set()
     scores = []
+    board: dict[str, dict[str, Tensor]] = {}  # loss-context values (a loss publishes in eval too, if it likes)
     for o, op in zip(objectives, plan.objectives):
+        # an objective whose loss takes a context runs alone (plan_scheme): its pieces start here
+        x_in = values[pieces[op.path[0]].parent] if o.loss_takes_context else None
+        h = None
         for k in op.path:
             if k in computed:
                 continue
             computed.add(k)
             parent = pieces[k].parent
-            taps = dict.fromkeys(n for n in pieces[k].block_names if n in wanted)
+            taps = dict.fromkeys(n for n in pieces[k].block_names if n in wanted or (
+                o.loss_takes_context and n == o.output_name))
             values[k], _ = pieces[k].net.run(ts.params, ts.state, values[parent], train=False, taps=taps)
             for n, v in taps.items():
-                produced.setdefault(n, v)
+                if n in wanted:
+                    produced.setdefault(n, v)
+            h = taps.get(o.output_name, h)
             if isinstance(parent, int):
                 left[parent] -= 1
                 if left[parent] == 0 and parent not in scored:
                     del values[parent]
-        scores.append(o.score(values[op.path[-1]], batch, ts.state, ts.step))
+        context = None
+        if o.loss_takes_context:
+            context = o.context(x_in, h, train=False, step=ts.step, published=board)
+        scores.append(o.score(values[op.path[-1]], batch, ts.state, ts.step, context))
+        if context is not None:
+            board[o.name] = context.published
     return scores, produced

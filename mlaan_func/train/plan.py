@@ -10,6 +10,9 @@ objectives pass through become one *piece*, computed once per step. An objective
 gradient may *reach* only the pieces on its own path (its window, trunk and head); at each
 piece the objectives passing through are grouped by the piece where they start (their
 input boundary): a group that started above a piece continues below it, the others stop.
+An objective whose loss takes a context (``LossContext``) is never merged, and the values it
+reads must be published by earlier objectives (``context_sources``, checked by
+``plan_routes``; ``Route.unpublish`` says when each leaves the step's board).
 
 >>> import mlaan_func as mf
 >>> backbone = mf.from_module(mf.models.CifarResNet(8, num_classes=5, widths=(4, 8, 8)))
@@ -112,10 +115,56 @@ class Plan:
 
 
 class Route(NamedTuple):
-    """Per objective: block outputs to keep for later objectives, and boundaries to free."""
+    """Per objective: block outputs to keep for later objectives, and boundaries to free;
+    ``sources`` the earlier objectives (by index) whose published loss-context values it reads,
+    ``unpublish`` the objectives whose published values nobody reads after it."""
 
     taps: tuple[str, ...]
     free_after: frozenset[str]
+    sources: tuple[int, ...] = ()
+    unpublish: frozenset[str] = frozenset()
+
+
+def runs_own_grad_fn(objective: Objective) -> bool:
+    """Whether an objective is differentiated by its own ``grad_fn`` (not ``mf.remat``'s)."""
+    return objective.grad_fn is not None and getattr(objective.grad_fn, "remat_every", None) is None
+
+
+def context_sources(objectives: Sequence[Objective]) -> list[tuple[int, ...]]:
+    """Per objective, the indices of the objectives whose loss-context values it reads
+    (``context_from``), checked: each source is an earlier objective of the scheme whose loss
+    takes a context and which the executor differentiates itself; a ``SchemeError`` names both
+    objectives otherwise."""
+    index = {o.name: i for i, o in enumerate(objectives)}
+    out = []
+    for i, o in enumerate(objectives):
+        if o.loss_takes_context and runs_own_grad_fn(o) and not getattr(o.grad_fn, "runs_no_loss", False):
+            raise SchemeError(f"objective {o.name!r} brings its own grad_fn and its loss takes a context; the "
+                              "executor gives a loss context only to objectives it differentiates itself (or "
+                              "through mf.remat), so drop the grad_fn or the context keyword")
+        found = []
+        for name in o.context_from:
+            j = index.get(name)
+            if j is None:
+                raise SchemeError(f"objective {o.name!r} reads loss-context values of {name!r}, which is not an "
+                                  f"objective of this scheme (objectives: {list(index)}); a switched-off "
+                                  "objective, or one on another module-parallel rank, publishes nothing")
+            if j > i:
+                raise SchemeError(f"objective {o.name!r} reads loss-context values of {name!r}, which comes after "
+                                  f"it in the scheme; a loss reads only values published earlier in the step, so "
+                                  f"put {name!r} before {o.name!r}")
+            source = objectives[j]
+            if not source.loss_takes_context:
+                raise SchemeError(f"objective {o.name!r} reads loss-context values of {name!r}, whose loss takes "
+                                  "no context keyword and so publishes nothing; write it as "
+                                  "loss(output, batch, *, context) and call context.publish")
+            if runs_own_grad_fn(source):
+                raise SchemeError(f"objective {o.name!r} reads loss-context values of {name!r}, which runs its "
+                                  "own grad_fn (or is switched off and runs forward only) and so publishes "
+                                  "nothing")
+            found.append(j)
+        out.append(tuple(found))
+    return out
 
 
 def plan_routes(objectives: Sequence[Objective], *, given: Iterable[str] = ()) -> list[Route]:
@@ -146,7 +195,13 @@ def plan_routes(objectives: Sequence[Objective], *, given: Iterable[str] = ()) -
     free: list[set[str]] = [set() for _ in objectives]
     for name, i in last_use.items():
         free[i].add(name)
-    return [Route(t, frozenset(f)) for t, f in zip(taps, free)]
+    sources = context_sources(objectives)
+    unpublish: list[set[str]] = [set() for _ in objectives]
+    for j, o in enumerate(objectives):
+        if o.loss_takes_context:
+            readers = [i for i, s in enumerate(sources) if j in s]
+            unpublish[max(readers, default=j)].add(o.name)
+    return [Route(t, frozenset(f), s, frozenset(u)) for t, f, s, u in zip(taps, free, sources, unpublish)]
 
 
 def plan_scheme(objectives: Sequence[Objective], max_blocks: "int | Sequence[int | None] | None" = None, *,
@@ -162,7 +217,8 @@ def plan_scheme(objectives: Sequence[Objective], max_blocks: "int | Sequence[int
     recomputes one piece at a time): one cap, or one per objective (``None``: no cap), a
     piece taking the smallest cap of its users. ``merge=False`` merges nothing (the per-objective
     form: every objective runs its own blocks); the objectives in ``opaque`` (those that
-    bring their own gradient function) never share a block application with another.
+    bring their own gradient function) and those whose loss takes a context never share a
+    block application with another.
     """
     objectives = list(objectives)
     given = tuple(given)
@@ -174,6 +230,7 @@ def plan_scheme(objectives: Sequence[Objective], max_blocks: "int | Sequence[int
     boundary: dict[str, int | str] = {name: name for name in (INPUT, *given)}
     paths: list[list[int]] = []
     alone = set(range(len(objectives))) if not merge else set(opaque)
+    alone |= {i for i, o in enumerate(objectives) if o.loss_takes_context}
     for i, o in enumerate(objectives):
         parent = boundary[o.input_name]
         path = []

@@ -200,7 +200,8 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
             if j in on:
                 part.append(o)
             elif any(objectives[k].input_name in o.net.block_names for k in on if k > j):
-                part.append(attrs.evolve(o, grad_fn=forward_only))  # a later active objective reads its net
+                # a later active objective reads its net; it runs no loss, so it reads no context either
+                part.append(attrs.evolve(o, grad_fn=forward_only, context_from=()))
                 feeders.add(o.name)
         trained = {k for o in part if o.name not in feeders for k in o.param_names}
         params, state = scheme_names(part)
@@ -240,6 +241,9 @@ def forward_only(objective: Objective, taps: tuple[str, ...]) -> Callable:
         return {}, (torch.zeros((), device=x.device), (updates, outputs, {}))
 
     return fn
+
+
+forward_only.runs_no_loss = True  # its objective's loss (and any loss context) never runs
 
 
 def param_shapes(objectives: Sequence[Objective]) -> dict[str, tuple[int, ...]]:
