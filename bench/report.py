@@ -242,6 +242,9 @@ RECIPE_NOTES = {
                      "does not, so in this row the groups share neurons; the diversity term has the released "
                      "gradient, as per-group objectives",
     "pgl": "the paper's schedule and released code were not checked; `every` = 4 here",
+    "sgr": "only the paper's abstract could be read here (no released code was found): the term is the squared "
+           "distance between module i's input gradient and module i-1's output gradient, weight 1 (not tuned); "
+           "its second-order backward makes it the slowest row; the BP-free setting is not provided",
 }
 """One line per recipe for the closing note: where its paper and released code differ from it
 (the full lists: docs/schemes.md)."""
