@@ -3,6 +3,13 @@ the budget, the predicted peak is the measured one (within 5 %), the gradients, 
 losses are the unbudgeted step's bit for bit, and an unreachable budget is refused naming the
 smallest reachable figure."""
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -132,3 +139,49 @@ def test_a_new_input_shape_is_planned_anew():
     train_step(ts, (batch[0][:4], batch[1][:4]))
     assert len(train_step.plans) == 2 and train_step.plan is not first
     assert train_step.plan.no_remat_flops < first.no_remat_flops
+
+
+PROGRAM = str(Path(__file__).resolve().parents[1] / "examples" / "cifar_mlaan.py")
+QUICK = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "16", "--epochs", "1",
+         "--max-steps", "2", "--modules", "4", "--lr", "0.05", "--warmup-epochs", "0.5", "--no-progress",
+         "--method", "mlaan"]
+
+
+def run_program(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, PROGRAM, *QUICK, *args], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_the_program_runs_under_a_budget_bit_for_bit(tmp_path):
+    runs = {}
+    for name, flags in (("plain", []), ("budget", ["--memory-budget", "0.8"])):
+        r = run_program([*flags, "--out", str(tmp_path / name)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = (mf.load(tmp_path / name / "checkpoint.pt"),
+                      json.loads((tmp_path / name / "summary.json").read_text()))
+    mt.assert_identical(runs["budget"][0].params, runs["plain"][0].params, "params")
+    plan = runs["budget"][1]["memory_plan"]
+    assert plan.startswith("memory plan") and "m1.cascaded" in plan
+    assert runs["budget"][1]["peak_step_bytes"] <= 0.8 * runs["plain"][1]["peak_step_bytes"] + 1
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--memory-budget", "half"], "--memory-budget"), (["--memory-budget", "-1"], "--memory-budget"),
+    (["--memory-budget", "3furlongs"], "--memory-budget"),
+    (["--memory-budget", "0.5", "--remat"], "--remat"), (["--memory-budget", "1000"], "smallest is"),
+])
+def test_the_program_refuses_a_bad_budget_in_one_line(tmp_path, flags, needle):
+    r = run_program([*flags, "--out", str(tmp_path / "x")])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and needle in lines[-1], r.stderr[-2000:]
+    # refused while parsing: one line; an unreachable budget is found on the first batch, after the run's header
+    assert "Traceback" not in r.stderr and (len(lines) == 1 or "smallest is" in lines[-1])
+
+
+def test_the_program_reads_fractions_bytes_and_units():
+    spec = importlib.util.spec_from_file_location("cifar_mlaan", PROGRAM)
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    assert program.memory_budget("0.5") == 0.5 and program.memory_budget("1000") == 1000
+    assert program.memory_budget("200MiB") == 200 * 2 ** 20 and program.memory_budget("1.5GB") == 1_500_000_000
