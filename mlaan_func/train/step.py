@@ -77,7 +77,8 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     running each objective alone (one VJP per objective at each shared block); ``True``:
     always; ``"sum"``: also sum the cotangents arriving at a shared block before one VJP
     (fewer FLOPs; gradients equal to float32 rounding); ``False``: merge nothing (each
-    objective runs its own blocks).
+    objective runs its own blocks). ``observe`` as in ``execute.executor``: called before
+    each objective and after the last (the memory planner measures a step in segments).
 
     >>> from torch import nn
     >>> import mlaan_func as mf
