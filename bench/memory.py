@@ -146,6 +146,7 @@ def budget_row(scheme, opt, ts, batch, budget, plain, repeats: int) -> dict:
 def budgets(args) -> int:
     """``--budgets``: the budget table (MLAAN K = 15) and the targets (see the module docstring)."""
     arch, batch_size, repeats = "resnet32", (args.batch_size or [128])[0], 2 if args.quick else 3
+    loads = [Path("/proc/loadavg").read_text().split()[:3]] if Path("/proc/loadavg").exists() else []
     methods = [common.method_name(m) for m in (args.method or [m for m, _ in BUDGET_TARGETS])]
     batch = common.arch_batch(arch, batch_size, args.device)
     opt = common.optimizer()
@@ -189,8 +190,8 @@ def budgets(args) -> int:
                         "floor_time_ratio_max": floor_row["time_ratio_max"], "floor_plan": floor_row["plan"],
                         "peak_cuda_bytes": floor_row["peak_cuda_bytes"],
                         "target": BUDGET_TARGETS.get((method, k))})
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
-    payload = {**common.environment(sys.argv), "loadavg": load, "e2e_peak_step_bytes": e2e_peak,
+    loads += [Path("/proc/loadavg").read_text().split()[:3]] if loads else []
+    payload = {**common.environment(sys.argv), "loadavg": [" ".join(x) for x in loads], "e2e_peak_step_bytes": e2e_peak,
                "table": table, "targets": targets}
     common.write_json(args.json or common.RESULTS / "memory_budget.json", payload)
     return 0
