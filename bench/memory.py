@@ -136,6 +136,7 @@ def budget_row(scheme, opt, ts, batch, budget, plain, repeats: int) -> dict:
     row = {"budget": budget, "budget_bytes": plan.budget_bytes, "form": plan.form, "modes": dict(plan.modes),
            "predicted_peak_bytes": plan.predicted_peak_bytes, "no_remat_peak_bytes": plan.no_remat_peak_bytes,
            "floor_bytes": plan.floor_bytes, "flops_ratio": plan.recompute, "plan": str(plan),
+           "peak_set_by": plan.binding, "segment_peaks": dict(plan.segment_peaks),
            "peak_step_bytes": step_peak(step, ts, batch), "peak_cuda_bytes": cuda_step_peak(step, ts, batch)}
     r = ratio(timed_runner(step, ts, batch), timed_runner(plain, ts, batch), repeats, 1)
     row.update(time_ratio=r["ratio"], time_ratio_min=r["ratio_min"], time_ratio_max=r["ratio_max"],
@@ -188,6 +189,7 @@ def budgets(args) -> int:
                         "floor_ratio_to_e2e": floor_row["ratio_to_e2e"], "floor_time_ratio": floor_row["time_ratio"],
                         "floor_time_ratio_min": floor_row["time_ratio_min"],
                         "floor_time_ratio_max": floor_row["time_ratio_max"], "floor_plan": floor_row["plan"],
+                        "floor_peak_set_by": floor_row["peak_set_by"],
                         "peak_cuda_bytes": floor_row["peak_cuda_bytes"],
                         "target": BUDGET_TARGETS.get((method, k))})
     loads += [Path("/proc/loadavg").read_text().split()[:3]] if loads else []

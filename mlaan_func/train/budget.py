@@ -34,8 +34,10 @@ have. The figures are of the batch planned on: a batch of another shape is plann
 >>> train_step = mf.step(scheme, opt, memory_budget=0.97)
 >>> new, _ = train_step(ts, batch)
 >>> print(train_step.plan)
-memory plan (every objective rematerialised): predicted peak 83.0 KiB (0.966 of the no-remat 85.9 KiB) under the budget 83.4 KiB; smallest reachable 83.0 KiB; FLOPs x1.351
-  final: remat every=1
+memory plan (every objective rematerialised): predicted peak 83.0 KiB (0.966 of the no-remat 85.9 KiB) under the budget 83.4 KiB; smallest reachable 83.0 KiB; FLOPs x1.351; peak set by final
+  final: remat every=1, peak 83.0 KiB
+  before: peak 0 B
+  after: peak 31.9 KiB
 >>> mf.step(scheme, opt, memory_budget=0.5)(ts, batch)
 Traceback (most recent call last):
   ...
@@ -133,6 +135,13 @@ class MemoryPlan:
     floor_bytes: int
     flops: int
     no_remat_flops: int
+    segment_peaks: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def binding(self) -> str:
+        """The part of the step whose peak is the step's: an objective's name, ``"before"`` (until
+        the first objective) or ``"after"`` (after the last: the optimizer update)."""
+        return max(self.segment_peaks, key=lambda x: x[1])[0] if self.segment_peaks else ""
 
     @property
     def recompute(self) -> float:
@@ -143,8 +152,13 @@ class MemoryPlan:
         head = (f"memory plan ({self.form}): predicted peak {readable(self.predicted_peak_bytes)} "
                 f"({self.predicted_peak_bytes / self.no_remat_peak_bytes:.3f} of the no-remat "
                 f"{readable(self.no_remat_peak_bytes)}) under the budget {readable(self.budget_bytes)}; "
-                f"smallest reachable {readable(self.floor_bytes)}; FLOPs x{self.recompute:.3f}")
-        return "\n".join([head, *(f"  {name}: {mode}" for name, mode in self.modes)])
+                f"smallest reachable {readable(self.floor_bytes)}; FLOPs x{self.recompute:.3f}; "
+                f"peak set by {self.binding}")
+        peaks = dict(self.segment_peaks)
+        return "\n".join([head, *(f"  {name}: {mode}, peak {readable(peaks[name])}" if name in peaks else
+                                   f"  {name}: {mode}" for name, mode in self.modes),
+                           *(f"  {name}: peak {readable(peaks[name])}" for name in ("before", "after")
+                             if name in peaks)])
 
 
 @attrs.frozen
@@ -215,18 +229,23 @@ def plan_memory(objectives: Sequence[Objective], ts: Any, batch: Any, budget: in
 
     given = probe(build, objectives, share, ts, batch)
     limit = budget_bytes(budget, given.step_peak)
-    plans = [("as given", objectives, share, given.step_peak, given.step_flops, modes([None] * len(names)))]
+    def segments(before: int, each: Sequence[int], after: int) -> tuple[tuple[str, int], ...]:
+        return (("before", before), *zip(names, each), ("after", after))
+
+    plans = [("as given", objectives, share, given.step_peak, given.step_flops, modes([None] * len(names)),
+              segments(given.before, given.peak, given.after))]
     floors = [given.step_peak]
     if not all(fixed):
         shared = probe(build, marked(1), share, ts, batch)
         plans.append(("every objective rematerialised", marked(1), share, shared.step_peak, shared.step_flops,
-                      modes([1] * len(names))))
+                      modes([1] * len(names)), segments(shared.before, shared.peak, shared.after)))
         floors.append(shared.step_peak)
     if not all(fixed) and share in (None, False):
         everies = [None, *dict.fromkeys(granularities)]
         probes = {m: probe(build, marked(m), False, ts, batch) for m in everies}
         live = [max(p.live[i] for p in probes.values()) for i in range(len(names))]
-        outside = max(max(p.before, p.after) for p in probes.values())
+        before, after = max(p.before for p in probes.values()), max(p.after for p in probes.values())
+        outside = max(before, after)
         rest = max(p.flops_rest for p in probes.values())
         extra = {m: [p.peak[i] - p.live[i] for i in range(len(names))] for m, p in probes.items()}
         options = [everies[:1] if f else everies for f in fixed]
@@ -234,9 +253,10 @@ def plan_memory(objectives: Sequence[Objective], ts: Any, batch: Any, budget: in
         if floors[-1] <= limit:  # each objective: its cheapest mode under the budget
             chosen = [min((m for m in ms if live[i] + extra[m][i] <= limit),
                           key=lambda m: (probes[m].flops[i], extra[m][i])) for i, ms in enumerate(options)]
-            peak = max(outside, *(live[i] + extra[m][i] for i, m in enumerate(chosen)))
-            plans.append(("per objective", marked_each(chosen), False, peak,
-                          rest + sum(probes[m].flops[i] for i, m in enumerate(chosen)), modes(chosen)))
+            each = [live[i] + extra[m][i] for i, m in enumerate(chosen)]
+            plans.append(("per objective", marked_each(chosen), False, max(outside, *each),
+                          rest + sum(probes[m].flops[i] for i, m in enumerate(chosen)), modes(chosen),
+                          segments(before, each, after)))
     floor = min(floors)
     floor_fraction = math.ceil(floor / given.step_peak * 1000) / 1000
     fitting = [p for p in plans if p[3] <= limit]
@@ -246,9 +266,9 @@ def plan_memory(objectives: Sequence[Objective], ts: Any, batch: Any, budget: in
             f"is below what any plan reaches on this batch: the smallest is {floor} bytes "
             f"({floor_fraction}); pass memory_budget={floor} (or {floor_fraction}) or more, "
             "or lower the batch size or split the scheme into more modules")
-    form, chosen_scheme, form_share, peak, flops, chosen_modes = min(fitting, key=lambda p: (p[4], p[3]))
+    form, chosen_scheme, form_share, peak, flops, chosen_modes, parts = min(fitting, key=lambda p: (p[4], p[3]))
     return MemoryPlan(tuple(chosen_scheme), form_share, form, chosen_modes, limit, peak, given.step_peak, floor,
-                      flops, given.step_flops)
+                      flops, given.step_flops, parts)
 
 
 def input_signature(batch: Any) -> tuple:
