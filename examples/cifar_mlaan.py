@@ -59,7 +59,7 @@ WARMUP_EPOCHS, WARMUP_SHARE = 10, 0.05  # the recipe's warm-up, at most this sha
 IDENTITY += ("image_size", "share", "channels_last", "compile", "threads")  # threads: CPU float rounding
 # The flags that leave the numbers as they are, or move a run to other hardware; --help lists them.
 NOT_COMPARED = ("out", "data_dir", "workers", "no_progress", "checkpoint_minutes", "dist_timeout", "json",
-                "device")
+                "device", "memory_budget")  # a budget changes memory and time, never the numbers (bit for bit)
 
 
 class ProgramError(Exception):
@@ -132,6 +132,24 @@ def _finite(name: str, value: float, low: float, *, strict: bool = False) -> Non
         raise UsageError(f"--{name} must be a finite number {bound}, got {value}")
 
 
+UNITS = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
+
+
+def memory_budget(text: str) -> int | float:
+    """``--memory-budget``: a fraction (a number with a point, ``0.5``), bytes (``200000000``) or
+    bytes with a unit (``200MiB``, ``1.5GiB``); what ``mf.step(memory_budget=)`` takes."""
+    number = text.strip().upper().rstrip("BIGMK")
+    unit = text.strip().upper()[len(number):] or None
+    try:
+        value = float(number) if unit or any(c in number for c in ".E") else int(number)
+    except ValueError:
+        value = None
+    if value is None or unit not in (None, *UNITS) or not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive fraction (0.5), bytes (200000000) or bytes with a "
+                                         f"unit ({', '.join(UNITS)}: 200MiB), got {text!r}")
+    return int(value * UNITS[unit]) if unit else value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     epilog = (textwrap.fill("--resume refuses a checkpoint written with other flags, except these, which change "
                             "no number (--device moves a run to other hardware, where float rounding differs "
@@ -171,6 +189,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "off (one objective at a time)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="compute precision")
     p.add_argument("--remat", action="store_true", help="rematerialise every objective (less memory)")
+    p.add_argument("--memory-budget", type=memory_budget, default=None, metavar="BUDGET",
+                   help="fit each step's peak tensor bytes under BUDGET: a fraction of the scheme's no-remat peak "
+                        "(0.5), bytes (200000000) or with a unit (200MiB, 1.5GiB); the planner picks plain or "
+                        "remat per objective at the least recomputation, with the same numbers bit for bit, and "
+                        "names the smallest reachable budget when it cannot")
     p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this much of train")
     p.add_argument("--out", default="runs/latest", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -254,6 +277,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.compile and args.parallel == "modules":
         raise UsageError("--compile is not supported with --parallel modules (its step runs eagerly); "
                          "drop one of them")
+    if args.memory_budget is not None:
+        clash = [f for f, on in (("--remat", args.remat), ("--compile", args.compile),
+                                 (f"--parallel {args.parallel}", args.parallel)) if on]
+        if clash:
+            raise UsageError(f"--memory-budget plans its own remat on one process's eager step: it cannot be "
+                             f"used with {', '.join(clash)}; drop one of them")
     args.threads, args.threads_why = default_threads(args.threads)
     return args
 
@@ -804,7 +833,7 @@ def main(argv=None) -> int:
         train_step = mfd.module_parallel_step(scheme, optimizer, ends, micro_batches=args.micro_batches,
                                               share=share)
     else:
-        train_step = mf.step(scheme, optimizer, compile=args.compile, share=share)
+        train_step = mf.step(scheme, optimizer, compile=args.compile, share=share, memory_budget=args.memory_budget)
     augment = None if folder else datasets.augmentation(dataset.name)
     progress = writer and not args.no_progress
     skipped: list[int] = []
@@ -963,12 +992,18 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
                                 with track_memory() as meter:
                                     train_step(ts, (x, y))
                                 peak_step = meter.peak_bytes
+                            if peak_step == 0 and args.memory_budget is not None:  # plans; the result dropped
+                                train_step(ts, (x, y))
+                                if writer:
+                                    print(train_step.plan, file=sys.stderr)
                             if peak_step == 0:
                                 with track_memory() as meter:
                                     ts, metrics = train_step(ts, (x, y))
                                 peak_step = meter.peak_bytes
                             else:
                                 ts, metrics = train_step(ts, (x, y))
+                    except mf.errors.MemoryBudgetError as err:
+                        raise UsageError(f"--memory-budget: {err}") from None
                     except mf.NonFiniteLossError as err:
                         raise Diverged(f"training diverged: {err} {kept()[0].upper() + kept()[1:]}.") from None
                     except torch._dynamo.exc.BackendCompilerFailed as err:
@@ -1082,6 +1117,7 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
             "seconds": train_seconds, "device": str(device), "precision": args.precision, "threads": args.threads,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
             "compile": args.compile, "compiled_graphs": compiled_graphs(),
+            "memory_plan": str(train_step.plan) if args.memory_budget is not None and train_step.plan else None,
             "processes": world, "parallel": args.parallel or "none",
             "lr": args.lr, "data_files": [str(Path(args.data_dir).resolve())] if folder else list(dataset.files),
             "torch": torch.__version__,

@@ -50,6 +50,11 @@ class SchemeError(MlaanError, ValueError):
     boundary, a hook the engine cannot honour."""
 
 
+class MemoryBudgetError(SchemeError):
+    """A memory budget (``mf.step(..., memory_budget=)``) below the peak of every plan the
+    planner can make; the message names the smallest reachable figure."""
+
+
 class BatchError(MlaanError, ValueError):
     """A batch the step cannot take: empty, labels that do not match the inputs, another
     structure than the first batch."""
@@ -79,5 +84,5 @@ class DistributedError(MlaanError, RuntimeError):
 
 
 __all__ = ["BatchError", "CheckpointError", "DatasetError", "DeviceMismatchError", "DistributedError",
-           "IdentityError", "KeysError", "MlaanError", "NonFiniteLossError", "SchemeError", "ShapeError",
-           "TraceError"]
+           "IdentityError", "KeysError", "MemoryBudgetError", "MlaanError", "NonFiniteLossError", "SchemeError",
+           "ShapeError", "TraceError"]

@@ -108,6 +108,23 @@ class MemoryMeter(TorchDispatchMode):
         """The figures as one ``MemoryReport``."""
         return MemoryReport(self._peak, self._live, self._allocated, self._allocations)
 
+    def reset_peak(self) -> int:
+        """Start a new peak from the bytes alive now (as ``torch.cuda.reset_peak_memory_stats``);
+        returns the peak that ended, so a block can be measured in segments.
+
+        >>> import torch
+        >>> with track_memory() as meter:
+        ...     a = torch.zeros(1000)
+        ...     del a
+        ...     first = meter.reset_peak()
+        ...     b = torch.zeros(10)
+        >>> first, meter.peak_bytes
+        (4000, 40)
+        """
+        with self._lock:
+            ended, self._peak = self._peak, self._live
+        return ended
+
     # ---- the mode ------------------------------------------------------------------------
 
     def __enter__(self) -> "MemoryMeter":

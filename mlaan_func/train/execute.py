@@ -214,12 +214,15 @@ class _Live:
 
 
 def executor(objectives: Sequence[Objective], *, share: bool | str | None = None, compile: bool = False,
-             backend: str = "inductor", given: Iterable[str] = (), keep: Iterable[str] = ()) -> Executor:
+             backend: str = "inductor", given: Iterable[str] = (), keep: Iterable[str] = (),
+             observe: Callable[[int], None] | None = None) -> Executor:
     """``(ts, batch, boundaries) -> (gradients, kept)``: the step of ``objectives`` (see the
     module docstring), started from the input and the ``given`` boundaries passed by name,
     returning the summed gradients, new state, losses and metrics of these objectives and
     the (detached) values of the boundaries named in ``keep``. ``ts`` may hold a larger
     scheme's parameters and state; the gradients and state returned are these objectives'.
+    ``observe``, when given, is called with ``i`` before objective ``i`` runs and with
+    ``len(objectives)`` after the last (the memory planner measures a step in these segments).
 
     >>> import torch
     >>> import mlaan_func as mf
@@ -252,7 +255,8 @@ def executor(objectives: Sequence[Objective], *, share: bool | str | None = None
         table = kernel_table(objectives, backend=backend)
         nets = [kernel_net(net, table) for net in nets]
     rematerialised = [i not in opaque and r is not None for i, r in enumerate(remats)]
-    step = _Step(objectives, plan, nets, opaque, rematerialised, sum_cotangents=share == "sum", routes=routes)
+    step = _Step(objectives, plan, nets, opaque, rematerialised, sum_cotangents=share == "sum", routes=routes,
+                 observe=observe)
     if compile and merged:
         def run(ts: TrainState, batch: Any, boundaries: dict[str, Tensor]):
             with retainable():
@@ -265,8 +269,9 @@ class _Step:
     """The executor of one plan: ``__call__(ts, batch, boundaries)`` runs one step."""
 
     def __init__(self, objectives, plan: Plan, nets, opaque: dict[int, Callable], rematerialised: list[bool],
-                 sum_cotangents: bool, routes: Sequence[Any] = ()):
+                 sum_cotangents: bool, routes: Sequence[Any] = (), observe: Callable[[int], None] | None = None):
         self.objectives, self.plan, self.nets, self.opaque = objectives, plan, nets, opaque
+        self.observe = observe
         # loss contexts: which objectives get the step's board, and whose values leave it after each
         self.contextual = {i for i, o in enumerate(objectives) if o.loss_takes_context and i in opaque
                            and not runs_own_grad_fn(o)}
@@ -533,11 +538,16 @@ class _Run:
     def run(self) -> tuple[Gradients, dict[str, Tensor]]:
         losses: dict[str, Tensor] = {}
         metrics: dict[str, dict[str, Tensor]] = {}
+        observe = self.s.observe
         for i, o in enumerate(self.s.objectives):
+            if observe is not None:
+                observe(i)
             run = self.run_opaque if i in self.s.opaque else self.run_objective
             losses[o.name], metrics[o.name] = run(i, o)
             for name in self.s.unpublish[i]:
                 self.board.pop(name, None)
+        if observe is not None:
+            observe(len(self.s.objectives))
         updates: State = {}
         for i, op in enumerate(self.s.plan.objectives):
             mine = self.own_updates.get(i)

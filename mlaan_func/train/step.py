@@ -37,6 +37,7 @@ from ..core.randomness import key_from_seed, keyed, seeded
 from ..errors import NonFiniteLossError, SchemeError, ShapeError
 from ..optim import Optimizer, apply_updates, keep_entries, state_metrics
 from . import checkpoint
+from .budget import budgeted_step
 from .execute import executor, forward_values, gradient_fns, objective_fn  # noqa: F401  (re-exported)
 from .plan import Route, plan_routes, plan_scheme  # noqa: F401
 from .state import Gradients, TrainState, after_steps, scheme_names
@@ -64,7 +65,8 @@ def init(objectives: Sequence[Objective], optimizer: Optimizer, *, seed: int = 0
 
 
 def gradients(objectives: Sequence[Objective], *, compile: bool = False,
-              backend: str = "inductor", share: bool | str | None = None) -> Callable[[TrainState, Any], Gradients]:
+              backend: str = "inductor", share: bool | str | None = None,
+              observe: Callable[[int], None] | None = None) -> Callable[[TrainState, Any], Gradients]:
     """The summed gradients of a scheme's local losses and the new state, without an update.
 
     BatchNorm statistics: every objective reads the state as it was at the start of the
@@ -75,7 +77,8 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     running each objective alone (one VJP per objective at each shared block); ``True``:
     always; ``"sum"``: also sum the cotangents arriving at a shared block before one VJP
     (fewer FLOPs; gradients equal to float32 rounding); ``False``: merge nothing (each
-    objective runs its own blocks).
+    objective runs its own blocks). ``observe`` as in ``execute.executor``: called before
+    each objective and after the last (the memory planner measures a step in segments).
 
     >>> from torch import nn
     >>> import mlaan_func as mf
@@ -89,7 +92,7 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     objectives = list(objectives)
     check_identity(objectives)
     check_reads(objectives)
-    run_step = executor(objectives, share=share, compile=compile, backend=backend)
+    run_step = executor(objectives, share=share, compile=compile, backend=backend, observe=observe)
     param_keys, state_keys = scheme_names(objectives)
     shapes = param_shapes(objectives)
     first_structure = None
@@ -139,7 +142,8 @@ def apply_gradients(ts: TrainState, grads: Params, state: State, optimizer: Opti
 
 
 def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool = False,
-         backend: str = "inductor", check_finite: bool = True, share: bool | str | None = None
+         backend: str = "inductor", check_finite: bool = True, share: bool | str | None = None,
+         memory_budget: int | float | None = None, observe: Callable[[int], None] | None = None
          ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, dict[str, Tensor]]]]:
     """A pure training step ``(train_state, batch) -> (train_state, metrics)``.
 
@@ -163,6 +167,14 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
     per-parameter optimizer state (``finish_step(untouched=)``), and only the active
     objectives report metrics. After-steps (EMA twins) run every step.
 
+    ``memory_budget`` (bytes, or a float: a fraction of the scheme's own no-remat peak) makes
+    the step fit its peak live step bytes under the budget at the least recomputation:
+    on its first batch (and on each new input shape) the planner (``mlaan_func.train.budget``)
+    measures the scheme, picks per objective plain or ``mf.remat`` and runs that plan, with
+    the same gradients bit for bit; the step's ``plan`` says what it chose, and a budget no
+    plan reaches raises ``MemoryBudgetError`` naming the smallest reachable figure.
+    ``observe`` as in ``execute.executor`` (the planner's probe).
+
     >>> from torch import nn
     >>> import mlaan_func as mf
     >>> scheme = [mf.local_loss(mf.from_module(nn.Linear(2, 3), name="fc"), None,
@@ -179,9 +191,16 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
     (20, True)
     """
     objectives = list(objectives)
+    if memory_budget is not None:
+        if compile or any(o.active is not None for o in objectives):
+            raise SchemeError("memory_budget plans an eager step over every objective: it cannot be used with "
+                              "compile=True (a compiled step's memory is not the eager one measured) nor with "
+                              "active= schedules; drop one of them")
+        return budgeted_step(objectives, memory_budget, lambda scheme, form, seen: step(
+            scheme, optimizer, backend=backend, check_finite=check_finite, share=form, observe=seen), share=share)
     post = after_steps(objectives)
     if all(o.active is None for o in objectives):
-        grad_step = gradients(objectives, compile=compile, backend=backend, share=share)
+        grad_step = gradients(objectives, compile=compile, backend=backend, share=share, observe=observe)
 
         def train_step(ts: TrainState, batch: Any):
             with deferred_checks():
@@ -205,7 +224,7 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
                 feeders.add(o.name)
         trained = {k for o in part if o.name not in feeders for k in o.param_names}
         params, state = scheme_names(part)
-        return (gradients(part, compile=compile, backend=backend, share=share), params, state,
+        return (gradients(part, compile=compile, backend=backend, share=share, observe=observe), params, state,
                 frozenset(k for k in params if k not in trained), feeders)
 
     def switched_step(ts: TrainState, batch: Any):
