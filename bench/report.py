@@ -213,11 +213,13 @@ def budget_section(payload: dict) -> list[str]:
                      f"{r['floor_ratio_to_e2e']:.3f} | {verdict(r['floor_ratio_to_e2e'], r['target'])} | "
                      f"{r.get('floor_peak_set_by', '')} | {r['floor_time_ratio']:.3f} [{r['floor_time_ratio_min']:.2f}, {r['floor_time_ratio_max']:.2f}] "
                      f"{time_ok} | {cuda} |")
+    same = payload["table"][0]["time_ratio"] if payload.get("table") else None
     lines += ["", "The targets are not met. The planner chooses over whole blocks (plain, or remat every n blocks, "
-              "per objective); at the floor the peak is one objective's (`peak set by`; each plan's segment peaks "
-              "are in the JSON): its stored block boundaries plus the graph of one block rebuilt inside that "
-              "block's VJP. Going lower needs remat *inside* a block (issue #24 item 1), not built yet. Times "
-              "are noisy on this shared machine: the same plan (0.90 and 0.80) reads 1.29 and 1.14.", ""]
+              "per objective); at the floor the peak is one objective's (`peak set by`; every plan's segment peaks "
+              "are in the JSON), with every block of it already rematerialised one at a time. Going lower needs "
+              "remat finer than a block (inside a block, issue #24 item 1), not built yet."
+              + (f" Times are noisy on this shared machine: the 1.00 row, the no-remat step timed against itself, "
+                 f"reads {same:.2f}." if same is not None else ""), ""]
     return lines
 
 
