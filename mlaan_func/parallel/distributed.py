@@ -414,3 +414,6 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
                            check_finite=check_finite)
 
     return train_step
+
+
+from .pipeline import crossing_objectives, pipeline_step  # noqa: E402  (pipeline builds on this module)
