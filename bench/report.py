@@ -359,6 +359,28 @@ def distributed_section(payload: dict) -> list[str]:
     return lines
 
 
+def pipeline_section(payload: dict) -> list[str]:
+    lines = ["## Streamed pipeline (`bench/pipeline.py`)", "",
+             f"{payload['method']} on {payload['arch']} with K = {payload['modules']}, batch "
+             f"{payload['batch_size']}, {payload['steps']} timed steps per run, {payload['rounds']} interleaved "
+             "rounds (median); images/s of the slowest rank. Modes: one process with 1 and 2 threads "
+             "(`mf.step`), 2 gloo ranks × 1 thread with the synchronous `module_parallel_step` (4 micro-batches) "
+             "and with the streamed `pipeline_step`. The predicted pipeline throughput is batch / the slower "
+             "rank's summed per-objective seconds per batch (no communication). Indicative only: the 2 cores "
+             f"were shared (load {' '.join(payload['load_before'])} before, {' '.join(payload['load_after'])} after).",
+             ""]
+    lines += header(payload, "pipeline.py")
+    lines += ["| mode | images/s | × 1 process 1 thread |", "|---|---|---|"]
+    for mode, v in payload["images_per_s"].items():
+        lines.append(f"| {mode} | {v:.1f} | {payload['ratio_to_1p1t'][mode]:.2f} |")
+    lines += ["", f"Module owners {payload['module_owner']}; rank seconds per batch "
+              + ", ".join(f"{s:.3f}" for s in payload["rank_seconds_per_batch"])
+              + f"; predicted pipeline {payload['predicted_pipeline_images_per_s']:.1f} images/s "
+              f"({payload['predicted_ratio_to_1p1t']:.2f}×). Busy fraction per round and rank: "
+              + "; ".join(f"{m} {v}" for m, v in payload["busy_fraction"].items()) + ".", ""]
+    return lines
+
+
 def vit_section(payload: dict) -> list[str]:
     lines = ["## A vision transformer on Fashion-MNIST (`examples/vit_mlaan.py`)", "",
              f"Command: `{payload['command']}`  ",
@@ -561,7 +583,8 @@ def main() -> int:
            "throughput and compiled-vs-eager on GPU are *not measured*. The scripts take `--device cuda` "
            "and record `peak_cuda_bytes` and images/s there.", ""]
     for name, section in (("memory", memory_section), ("speed", speed_section), ("accuracy", accuracy_section),
-                          ("distributed", distributed_section), ("vit", vit_section)):
+                          ("distributed", distributed_section), ("pipeline", pipeline_section),
+                          ("vit", vit_section)):
         payload = load(name)
         out += section(payload) if payload else [f"## {name}", "", f"Not run yet: `python bench/{name}.py`.", ""]
         if name == "accuracy":

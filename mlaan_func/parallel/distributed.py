@@ -17,6 +17,8 @@ Both return a step with the signature of ``mlaan_func.step`` and keep every rank
   all-reduce per step that keeps the (small) parameter replicas equal. Synchronous:
   equals one process running the same micro-batches in sequence and averaging their
   gradients — no staleness.
+* ``pipeline_step`` (``parallel/pipeline.py``): the same ranks streaming batches across
+  steps with no per-step barrier, exact where no objective's reach crosses a rank.
 
 >>> import mlaan_func.distributed as dist_mf
 >>> dist_mf.assign_modules(5, 2)
@@ -414,3 +416,6 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
                            check_finite=check_finite)
 
     return train_step
+
+
+from .pipeline import crossing_objectives, pipeline_step  # noqa: E402  (pipeline builds on this module)

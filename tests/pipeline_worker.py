@@ -1,0 +1,54 @@
+"""A worker process for tests/test_pipeline.py: one rank of a streamed pipeline (argv: rank,
+world, store, out, and a JSON config with method, at, owner, steps, ragged, nan_at)."""
+
+import datetime
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+import mlaan_func as mf
+from mlaan_func import distributed as mfd
+from mlaan_func.models.resnet import CifarResNet
+
+SHAPE = (3, 8, 8)
+
+
+def scheme(method, at):
+    net = mf.from_module(CifarResNet(14, num_classes=5, widths=(4, 8, 8)))
+    return net, mf.schemes.build(method, net, at, input_shape=SHAPE)
+
+
+def batches(steps, ragged=False, n=8):
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(n, *SHAPE, generator=g), torch.randint(0, 5, (n,), generator=g)) for _ in range(steps)]
+    if ragged:  # a smaller last batch, as at the end of an epoch
+        data[-1] = (data[-1][0][:3], data[-1][1][:3])
+    return data
+
+
+def optimizer():
+    return mf.optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+
+def run(rank, world, store, out, config):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=10))
+    net, objectives = scheme(config["method"], config["at"])
+    opt = optimizer()
+    ts = mf.init(objectives, opt, seed=0)
+    ends = [m.output_name for m in mf.split(net, config["at"])]
+    run_pipeline = mfd.pipeline_step(objectives, opt, ends, owner=config["owner"])
+    ts, history = run_pipeline(ts, batches(config["steps"], config.get("ragged", False)))
+    assert len(history) == config["steps"]
+    if rank == 0:
+        mf.save(out, ts)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    rank, world, store, out, config = sys.argv[1:]
+    run(int(rank), int(world), store, out, json.loads(config))

@@ -1,0 +1,99 @@
+"""The streamed pipeline (mfd.pipeline_step) on 2-3 gloo processes on 127.0.0.1 equals one
+process bitwise for schemes whose gradient reach stays on one rank, and refuses the others.
+
+Ranks meet through a file store in the test's directory and write stderr to files; the
+timeout only turns a hang into a failure (no wall-clock assertion)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import mlaan_func as mf
+from mlaan_func import distributed as mfd
+
+sys.path.insert(0, os.path.dirname(__file__))
+import pipeline_worker as w  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(__file__), "pipeline_worker.py")
+HANG = 900
+CUTS = ["1.0", "1.1", "2.0", "2.1", "3.0", "3.1"]
+
+
+def launch(tmp, world, config, name):
+    out, store = tmp / f"{name}.pt", tmp / f"{name}.store"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    logs = [tmp / f"{name}.stderr{r}" for r in range(world)]
+    procs = []
+    for r in range(world):
+        with open(logs[r], "w") as log:
+            procs.append(subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(store), str(out),
+                                           json.dumps(config)], env=env, stderr=log))
+    try:
+        for p in procs:
+            p.wait(timeout=HANG)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), [log.read_text()[-2000:] for log in logs]
+    return mf.load(out)
+
+
+def one_process(config):
+    _, objectives = w.scheme(config["method"], config["at"])
+    opt = w.optimizer()
+    ts = mf.init(objectives, opt, seed=0)
+    step = mf.step(objectives, opt)
+    for b in w.batches(config["steps"], config.get("ragged", False)):
+        ts, _ = step(ts, b)
+    return ts
+
+
+def assert_bitwise(got, want):
+    assert got.params.keys() == want.params.keys()
+    for k in want.params:
+        assert torch.equal(got.params[k], want.params[k]), k
+    for k in want.state:
+        assert torch.equal(got.state[k], want.state[k]), k
+
+
+@st.composite
+def configs(draw):
+    world = draw(st.sampled_from([2, 3]))
+    k = draw(st.integers(world, 4))
+    at = sorted(draw(st.lists(st.sampled_from(CUTS), min_size=k - 1, max_size=k - 1, unique=True)),
+                key=CUTS.index)
+    # contiguous owners, every rank at least one module
+    starts = sorted(draw(st.lists(st.integers(1, k - 1), min_size=world - 1, max_size=world - 1, unique=True)))
+    owner = [sum(i >= s for s in starts) for i in range(k)]
+    return world, {"method": draw(st.sampled_from(["dgl", "infopro"])), "at": at, "owner": owner,
+                   "steps": 3, "ragged": draw(st.booleans())}
+
+
+@pytest.mark.slow
+@settings(max_examples=3, deadline=None)
+@given(configs())
+def test_pipeline_equals_one_process_bitwise(tmp_path_factory, drawn):
+    world, config = drawn
+    got = launch(tmp_path_factory.mktemp("pipe"), world, config, "run")
+    assert_bitwise(got, one_process(config))
+
+
+def test_pipeline_refuses_a_scheme_whose_reach_crosses_ranks():
+    at = ["1.0", "2.0", "3.0"]
+    for method in ["mlaan", "e2e"]:
+        net, objectives = w.scheme(method, at)
+        ends = [m.output_name for m in mf.split(net, at)]
+        plan = mfd.plan_modules(objectives, ends, [0, 0, 1, 1], 2)
+        problems = mfd.crossing_objectives(objectives, ends, [0, 0, 1, 1], plan.rank_of_objective)
+        assert any("ranks [0]" in p and "objective '" in p for p in problems), (method, problems)
+    for method in ["dgl", "infopro"]:
+        _, objectives = w.scheme(method, at)
+        plan = mfd.plan_modules(objectives, ends, [0, 0, 1, 1], 2)
+        assert mfd.crossing_objectives(objectives, ends, [0, 0, 1, 1], plan.rank_of_objective) == [], method
