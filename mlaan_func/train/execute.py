@@ -14,8 +14,10 @@ engines:
 * remat (``mf.remat(objective, every)``): the objective's pieces hold at most ``every``
   blocks and run without a graph, keeping only their input; each is recomputed inside its
   own VJPs (a piece is rematerialised when every objective through it is).
-* ``compile=True``: every block runs through a compiled kernel shared by all blocks of its
-  kind (``mlaan_func.kernels``); with ``share=False`` each objective's whole gradient
+* ``compile=True``: each objective's own suffix (its tail of pieces, up to its loss) runs as
+  one compiled graph, and so does each piece computed apart from a tail (on CPU only a piece
+  of several blocks, ``kernels.worth_compiling``); runs that compute the same function share
+  one kernel (``kernels.run_kernel``). With ``share=False`` each objective's whole gradient
   function is compiled instead (one graph per objective).
 * objectives that bring their own ``grad_fn`` run it on their input, opaque to the plan.
 * an objective whose loss takes a context (``LossContext``) runs alone in every form: its

@@ -6,8 +6,11 @@ where those tensors live. Blocks whose modules have the same type, configuration
 shapes therefore compute the same function, so one ``torch.compile``d kernel serves them all:
 the fifteen BasicBlocks of a ResNet-32 stage, their trunk copies and their EMA twins compile
 once (once per variant dynamo tells apart: input with or without gradient, parameters with or
-without gradient), however many modules the scheme has. The compiled step of
-the executor (``mlaan_func.train.execute``) runs every block through its kernel; losses stay eager.
+without gradient), however many modules the scheme has (``kernel_net``: a net compiled block
+by block). The compiled step of the executor (``mlaan_func.train.execute``) compiles longer
+*runs* the same way (``run_kernel``: an objective's own suffix, or a piece of several
+blocks, keyed by the fingerprints of its blocks one by one), since on CPU fusing pays only
+across blocks (``worth_compiling``); losses stay eager.
 
 A kernel is called eagerly per block, so the block's random stream is seeded by its name
 before the call (``mlaan_func.randomness``), compiled or not.
