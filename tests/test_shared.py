@@ -281,8 +281,9 @@ def compiled_case(k, method="mlaan", depth=32):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["mlaan", "infopro_mlaan"])
 def test_compiled_shared_step_equals_eager_with_compiles_fixed_in_k(method):
-    """Blocks of one kind share one compiled kernel: the number of compiles does not grow
-    with the number of modules, and stays fixed over steps."""
+    """Runs of blocks that compute the same function share one compiled kernel: the number
+    of compiles does not grow with the number of modules (it depends on how the windows
+    meet the stages, not on K), and stays fixed over steps."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from mlaan_func.kernels import kernel_table
@@ -307,7 +308,7 @@ def test_compiled_shared_step_equals_eager_with_compiles_fixed_in_k(method):
         counts.append(counter.frame_count)
         # a kernel per kind of block, compiled once per variant (input and weights with or without gradient)
         assert counter.frame_count <= 3 * len(kernel_table(scheme, backend="eager"))
-    assert counts[0] == counts[1] < len(compiled_case(15, method))
+    assert max(counts) < len(compiled_case(12, method)) < len(compiled_case(15, method))
 
 
 @pytest.mark.slow

@@ -14,8 +14,10 @@ engines:
 * remat (``mf.remat(objective, every)``): the objective's pieces hold at most ``every``
   blocks and run without a graph, keeping only their input; each is recomputed inside its
   own VJPs (a piece is rematerialised when every objective through it is).
-* ``compile=True``: every block runs through a compiled kernel shared by all blocks of its
-  kind (``mlaan_func.kernels``); with ``share=False`` each objective's whole gradient
+* ``compile=True``: each objective's own suffix (its tail of pieces, up to its loss) runs as
+  one compiled graph, and so does each piece computed apart from a tail (on CPU only a piece
+  of several blocks, ``kernels.worth_compiling``); runs that compute the same function share
+  one kernel (``kernels.run_kernel``). With ``share=False`` each objective's whole gradient
   function is compiled instead (one graph per objective).
 * objectives that bring their own ``grad_fn`` run it on their input, opaque to the plan.
 * an objective whose loss takes a context (``LossContext``) runs alone in every form: its
@@ -64,7 +66,7 @@ from ..core.randomness import (
     set_generator_state,
 )
 from ..errors import SchemeError
-from .kernels import kernel_net, kernel_table, own_code, retainable
+from .kernels import RunKernel, own_code, retainable, run_kernel, worth_compiling
 from .plan import Plan, plan_routes, plan_scheme, runs_own_grad_fn
 from .state import Gradients, TrainState, scheme_names
 from .vjp import accumulate, dense, input_leaf, param_leaves, vjp
@@ -251,12 +253,11 @@ def executor(objectives: Sequence[Objective], *, share: bool | str | None = None
     caps = [None if i in opaque else r for i, r in enumerate(remats)]
     plan = plan_scheme(objectives, max_blocks=caps, given=given, keep=keep, merge=merged, opaque=opaque)
     nets = [p.net for p in plan.pieces]
-    if compile and merged:
-        table = kernel_table(objectives, backend=backend)
-        nets = [kernel_net(net, table) for net in nets]
     rematerialised = [i not in opaque and r is not None for i, r in enumerate(remats)]
     step = _Step(objectives, plan, nets, opaque, rematerialised, sum_cotangents=share == "sum", routes=routes,
                  observe=observe)
+    if compile and merged:
+        step.compile_runs(backend)
     if compile and merged:
         def run(ts: TrainState, batch: Any, boundaries: dict[str, Tensor]):
             with retainable():
@@ -299,6 +300,20 @@ class _Step:
                 self.tails.append(op.tail)
             else:  # rematerialised: only the last piece runs with the loss
                 self.tails.append(len(op.path) - 1 if op.tail < len(op.path) else len(op.path))
+        self.piece_kernels: list[RunKernel | None] = [None] * len(plan.pieces)
+        self.tail_kernels: list[RunKernel | None] = [None] * len(objectives)
+
+    def compile_runs(self, backend: str) -> None:
+        """Compiled kernels for this plan (``compile=True``): one per objective's own suffix
+        (its tail of pieces, run in one graph with its loss), and one per piece computed
+        apart from a tail; runs that compute the same function share one."""
+        table: dict = {}
+        for i, op in enumerate(self.plan.objectives):
+            tail = op.path[self.tails[i]:]
+            if i not in self.opaque and tail:
+                self.tail_kernels[i] = run_kernel(tuple(self.nets[k] for k in tail), table, backend=backend)
+        for k, net in enumerate(self.nets):
+            self.piece_kernels[k] = run_kernel((net,), table, backend=backend)
 
     def __call__(self, ts: TrainState, batch: Any, boundaries: dict[str, Tensor]) -> tuple[Gradients, dict[str, Tensor]]:
         return _Run(self, ts, batch, boundaries).run()
@@ -346,8 +361,16 @@ class _Run:
         lk.inp, value = input_leaf(x, piece.needs_input_grad)
         lk.leaves = param_leaves(self.ts.params, piece.param_names)
         with torch.enable_grad():
-            lk.out, updates = self.s.nets[k].run(self.with_reads(k, lk.leaves), self.ts.state, value, train=True)
+            lk.out, updates = self.run_piece(k, self.with_reads(k, lk.leaves), value)
         return updates
+
+    def run_piece(self, k: int, params: Params, x: Tensor) -> tuple[Tensor, State]:
+        """Piece ``k`` in training: through its compiled kernel where one pays (``worth_compiling``)."""
+        kernel = self.s.piece_kernels[k]
+        if kernel is None or not worth_compiling(self.s.nets[k], x):
+            return self.s.nets[k].run(params, self.ts.state, x, train=True)
+        (y,), (updates,) = kernel(params, self.ts.state, x)
+        return y, updates
 
     def with_reads(self, k: int, leaves: Params) -> Params:
         """``leaves`` and the parameters piece ``k``'s read-only views read."""
@@ -368,7 +391,7 @@ class _Run:
         else:  # no graph: keep the input (to recompute) and the output (for the children, a loss)
             lk.rng = generator_state(self.devices)
             with torch.no_grad():
-                lk.value, lk.updates = self.s.nets[k].run(self.ts.params, self.ts.state, x, train=True)
+                lk.value, lk.updates = self.run_piece(k, self.ts.params, x)
             lk.inp = x
         self.keep_output(k, lk.value if self.s.remat[k] else lk.out)
 
@@ -490,15 +513,24 @@ class _Run:
                 inp, h = input_leaf(self.parent_value(tail[0]), tails > 0)
                 leaves = param_leaves(self.ts.params, dict.fromkeys(
                     n for k in tail for n in s.plan.pieces[k].param_names))
+                kernel, outs, ups = s.tail_kernels[i], (), ()
+                if kernel is not None:
+                    params = {**leaves, **{n: self.ts.params[n] for k in tail for n in s.views[k]}}
+                    outs, ups = kernel(params, self.ts.state, h)
+                    del params
                 for j, k in enumerate(tail):
                     if j:
                         self.parent_value(k)  # bookkeeping: the value flows inside this graph
-                    h, live[k].updates = s.nets[k].run(self.with_reads(k, leaves), self.ts.state, h, train=True)
+                    if kernel is None:
+                        h, live[k].updates = s.nets[k].run(self.with_reads(k, leaves), self.ts.state, h, train=True)
+                    else:
+                        h, live[k].updates = outs[j], ups[j]
                     self.keep_output(k, h)
                     live[k].computed = True
                     live[k].pending.clear()  # its gradient is this graph's
                     if live[k].children:
                         live[k].value = h.detach()
+                del outs, ups
             else:
                 end = live[op.path[-1]]
                 inp, h = input_leaf(end.value if s.remat[op.path[-1]] else end.out, True)

@@ -6,8 +6,11 @@ where those tensors live. Blocks whose modules have the same type, configuration
 shapes therefore compute the same function, so one ``torch.compile``d kernel serves them all:
 the fifteen BasicBlocks of a ResNet-32 stage, their trunk copies and their EMA twins compile
 once (once per variant dynamo tells apart: input with or without gradient, parameters with or
-without gradient), however many modules the scheme has. The compiled step of
-the executor (``mlaan_func.train.execute``) runs every block through its kernel; losses stay eager.
+without gradient), however many modules the scheme has (``kernel_net``: a net compiled block
+by block). The compiled step of the executor (``mlaan_func.train.execute``) compiles longer
+*runs* the same way (``run_kernel``: an objective's own suffix, or a piece of several
+blocks, keyed by the fingerprints of its blocks one by one), since on CPU fusing pays only
+across blocks (``worth_compiling``); losses stay eager.
 
 A kernel is called eagerly per block, so the block's random stream is seeded by its name
 before the call (``mlaan_func.randomness``), compiled or not.
@@ -129,3 +132,91 @@ def kernel_net(net: Net, table: dict[Hashable, Kernel]) -> Net:
         return b.with_children(tuple(convert(c) for c in children)) if children else b
 
     return Net(tuple(convert(b) for b in net.blocks), input_name=net.input_name)
+
+
+def run_signature(nets: tuple[Net, ...]) -> Hashable:
+    """What a run of nets computes, as a key: the fingerprints of its blocks, where each net
+    ends, and which of its tensor slots name the same tensor. Two runs with equal keys
+    compute the same function of their tensors taken in order (``run_names``), whatever
+    the names."""
+    blocks = [b for net in nets for b in net.blocks]
+    first: dict[str, int] = {}
+    pattern = tuple(first.setdefault(n, len(first)) for b in blocks
+                    for n in (*b.param_names, *b.reads, *b.state_names))
+    return (tuple(fingerprint(b) for b in blocks), tuple(len(net.blocks) for net in nets), pattern)
+
+
+def run_names(nets: tuple[Net, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The parameters (read-only views' sources included) and the state a run reads, in
+    block order, each once."""
+    params = tuple(dict.fromkeys(n for net in nets for n in (*net.param_names, *net.reads)))
+    return params, tuple(dict.fromkeys(n for net in nets for n in net.state_names))
+
+
+def _run_kernel(nets: tuple[Net, ...]) -> Callable:
+    def run(params: Params, state: State, x: Tensor) -> tuple[tuple[Tensor, ...], tuple[State, ...]]:
+        outs, updates = [], []
+        for net in nets:
+            x, new = net.run(params, state, x, train=True)
+            outs.append(x)
+            updates.append(new)
+        return tuple(outs), tuple(updates)
+
+    return run
+
+
+@attrs.frozen(eq=False)
+class RunKernel:
+    """A run of nets (consecutive pieces of a plan) in training, as one compiled graph
+    shared by every run with the same ``run_signature``: the graph is traced on the names
+    of the first such run, and each call renames its tensors to those and the state it
+    writes back. ``__call__(params, state, x) -> (outputs, updates)`` gives each net's
+    output and state writes, as running the nets one after another does.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> import mlaan_func as mf
+    >>> a, b = (mf.from_module(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), name=n) for n in "ab")
+    >>> table = {}
+    >>> ka, kb = run_kernel((a,), table, backend="aot_eager"), run_kernel((b,), table, backend="aot_eager")
+    >>> len(table), ka.compiled is kb.compiled
+    (1, True)
+    >>> params, state = mf.init_params(b)
+    >>> (y,), (new,) = kb(params, state, torch.randn(4, 3))
+    >>> sorted(new) == sorted(b.state_names), y.shape
+    (True, torch.Size([4, 3]))
+    """
+
+    compiled: Callable
+    first_block: str
+    params: tuple[tuple[str, str], ...]   # (own name, the traced run's name)
+    state: tuple[tuple[str, str], ...]
+    back: dict[str, str]                  # the traced run's state name -> own name
+
+    def __call__(self, params: Params, state: State, x: Tensor) -> tuple[tuple[Tensor, ...], tuple[State, ...]]:
+        seed_block(self.first_block)
+        outs, updates = self.compiled({t: params[n] for n, t in self.params},
+                                      {t: state[n] for n, t in self.state}, x)
+        return outs, tuple({self.back[t]: v for t, v in u.items()} for u in updates)
+
+
+def run_kernel(nets: tuple[Net, ...], table: dict[Hashable, tuple], *, backend: str = "inductor") -> RunKernel:
+    """The ``RunKernel`` of ``nets``, compiling it into ``table`` (keyed by ``run_signature``)
+    unless a run that computes the same function is there already."""
+    key = run_signature(nets)
+    if key not in table:
+        label = f"run_kernel_{len(table)}_{len(key[0])}_blocks"
+        table[key] = (torch.compile(own_code(_run_kernel(nets), label), backend=backend, dynamic=False),
+                      run_names(nets))
+    compiled, (traced_params, traced_state) = table[key]
+    own_params, own_state = run_names(nets)
+    return RunKernel(compiled, nets[0].blocks[0].name, tuple(zip(own_params, traced_params)),
+                     tuple(zip(own_state, traced_state)), dict(zip(traced_state, own_state)))
+
+
+def worth_compiling(net: Net, x: Tensor) -> bool:
+    """Whether a piece computed apart from an objective's tail runs through its compiled
+    kernel: on CUDA always; on CPU only a run of several module blocks. CPU inductor's code
+    for one block's normalisation and activations is slower than ATen's, and fusing pays
+    only across blocks (``bench/compile.py``, docs/benchmarks.md "Compiled steps")."""
+    return x.is_cuda or sum(1 for b in net.blocks for _ in module_blocks(b)) > 1
