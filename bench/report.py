@@ -505,18 +505,22 @@ COMPILE_FIRST_STEP_TARGET = {("mlaan", 15): 120.0}
 
 def compile_section(runs: list[dict]) -> list[str]:
     lines = ["## Compiled steps (`bench/compile.py`)", "",
-             "`mf.step(..., compile=True)` runs the shared step with every block through a compiled kernel "
-             "shared by all blocks of its kind (`mlaan_func.kernels`); `share=False` compiles one graph per "
-             "objective (the engine before kernels). Graphs are dynamo's graphs; inductor compiles a forward "
-             "and a backward for each. First step: the first call of the compiled gradient function, compile "
-             "included, with inductor's on-disk caches in a fresh folder (cold). Speed-up: eager / compiled "
-             "step time, interleaved in one run, median [min, max]. Gradient errors are the largest "
-             "per-tensor relative distance; both float32 engines are also compared with a float64 eager run, "
-             "to show the compiled distance is float32 rounding (the deep ResNet at initialisation amplifies "
-             "it in a few BatchNorm gradients for eager too). CPU inductor, ResNet-32, released trunk tables. "
-             "Not rerun here: the per-objective engine on MLAAN K = 15 (the issue measured 685 s for its first "
-             "step; DGL K = 16 took 233 s there, 161 s here). The count-only rows use the eager backend: "
-             "dynamo's graph count does not depend on the backend, and it stays fixed as K grows.", ""]
+             "`mf.step(..., compile=True)` compiles runs of blocks (`mlaan_func.kernels.run_kernel`): each "
+             "objective's own suffix (a DGL module and its head, an MLAAN trunk and its head) is one graph, and so "
+             "is each piece of several blocks computed apart from a suffix; runs whose blocks match one by one "
+             "share a graph. On CPU a piece of one block runs eagerly: measured on one ResNet-32 BasicBlock at "
+             "batch 128 (forward and backward, 1 thread), inductor took 0.83x eager's speed alone and 1.16x for "
+             "five blocks in one graph (its BatchNorm and ReLU code is slower than ATen's; fusing pays only across "
+             "blocks). The rows marked *before* are the previous engine (every block through a kernel shared by "
+             "its kind), run on the same machine right after the *after* rows (`compile_before.json`, from "
+             "commit 51a4902). Graphs are dynamo's graphs; inductor compiles a forward and a backward for each. "
+             "First step: the first call of the compiled gradient function, compile included, with inductor's "
+             "on-disk caches in a fresh folder (cold). Speed-up: eager / compiled step time, interleaved in one "
+             "run, median [min, max]; other work shared the 2 cores (load 2-4), so the ranges are wide. "
+             "Gradient errors are the largest per-tensor relative distance; both float32 engines are also "
+             "compared with a float64 eager run, to show the compiled distance is float32 rounding. CPU "
+             "inductor, ResNet-32, released trunk tables. The count-only rows use the eager backend: dynamo's "
+             "graph count does not depend on the backend, and it does not grow with K.", ""]
     for run in runs:
         lines += header(run, "compile.py")
         lines += ["| method | K | engine | backend | batch | graphs | first step s | target | speed-up | "
