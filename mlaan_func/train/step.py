@@ -153,9 +153,10 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
     (``optim.state_metrics``: skipped updates, injected hyper-parameters), when anything,
     under ``"optimizer"``.
 
-    ``compile=True`` runs every block through a ``torch.compile``d kernel shared by all
-    blocks of its kind (``mlaan_func.kernels``; the compile count does not grow with the
-    number of modules); with ``share=False`` it compiles each objective's whole gradient
+    ``compile=True`` runs each objective's own suffix, and each piece of several blocks, as
+    one ``torch.compile``d graph shared by the runs that compute the same function
+    (``mlaan_func.kernels.run_kernel``; the compile count does not grow with the number of
+    modules); with ``share=False`` it compiles each objective's whole gradient
     function instead (one graph per objective). ``share`` as in ``gradients``.
     A non-finite loss raises ``NonFiniteLossError`` (one flag per step, checked outside
     compiled code) and nothing is updated; with ``check_finite=False`` the step goes on
