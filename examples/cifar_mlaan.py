@@ -178,7 +178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and augmentation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the step: one kernel per kind of block (summary.json counts the graphs)")
+                   help="torch.compile the step: one graph per kind of run of blocks (summary.json counts the graphs)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of torch; default $OMP_NUM_THREADS when set, else the CPUs this process "
                         "may run on (os.sched_getaffinity). Waiting threads sleep (OMP_WAIT_POLICY=PASSIVE "
