@@ -13,21 +13,7 @@ from torch import nn
 import mlaan_func as mf
 from mlaan_func import testing as mt
 from mlaan_func.errors import SchemeError
-from mlaan_func.models.resnet import CifarResNet
-
-CLASSES = 5
-SHAPE = (3, 8, 8)
-WIDTHS = (4, 8, 8)
-BLOCKS = mf.from_module(CifarResNet(14, num_classes=CLASSES, widths=WIDTHS)).block_names
-
-
-def backbone():
-    return mf.from_module(CifarResNet(14, num_classes=CLASSES, widths=WIDTHS))
-
-
-def batch(n=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *SHAPE, generator=g), torch.arange(n) % CLASSES
+from test_shared import BLOCKS, CLASSES, SHAPE, backbone, batch  # the small ResNet-14 case
 
 
 def publisher(output, batch, *, context):

@@ -5,27 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import FlopCounterMode
 
 import mlaan_func as mf
+from mlaan_func.train.budget import FlopMeter  # the per-op formulas over every op that runs
 
 METHODS = mf.schemes.SCHEMES
-
-
-class FormulaCount(TorchDispatchMode):
-    """FlopCounterMode's per-op formulas applied to every op that runs (no module tracker)."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += formula(*args, **(kwargs or {}), out_val=out)
-        return out
 
 
 def published(method: str):
@@ -41,7 +26,7 @@ def test_flop_counter_mode_wraps_the_default_step(method):
     train_step = mf.step(scheme, opt)
     with FlopCounterMode(display=False) as counter:
         after, _ = train_step(ts, batch)
-    with FormulaCount() as formulas:
+    with FlopMeter() as formulas:
         again, _ = train_step(ts, batch)
     assert counter.get_total_flops() == formulas.total > 0
     assert all(torch.equal(after.params[k], again.params[k]) for k in after.params)
@@ -52,7 +37,7 @@ def test_flop_counter_mode_counts_every_form_of_sharing(share):
     scheme, _, ts, batch = published("mlaan")
     with FlopCounterMode(display=False) as counter:
         mf.gradients(scheme, share=share)(ts, batch)
-    with FormulaCount() as formulas:
+    with FlopMeter() as formulas:
         mf.gradients(scheme, share=share)(ts, batch)
     assert counter.get_total_flops() == formulas.total > 0
 

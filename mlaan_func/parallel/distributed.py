@@ -47,7 +47,7 @@ from ..combinators import Objective
 from ..core.batch import as_batch
 from ..core.net import INPUT, Params
 from ..core.randomness import fold_in
-from ..errors import DistributedError
+from ..errors import DistributedError, SchemeError
 from ..optim import Optimizer
 from ..schemes.losses import input_of
 from ..train.execute import executor
@@ -492,7 +492,7 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
     plan = plan_modules(objectives, module_ends, owner, world)
     problems = crossing_objectives(objectives, module_ends, owner, plan.rank_of_objective)
     if problems:
-        raise ValueError("the scheme's gradient reach crosses ranks, so a streamed pipeline is not "
+        raise SchemeError("the scheme's gradient reach crosses ranks, so a streamed pipeline is not "
                          f"exact: {'; '.join(problems)}. Use module_parallel_step, or put these "
                          "modules on one rank (owner=)")
     mine = [i for i, r in enumerate(plan.rank_of_objective) if r == rank]

@@ -258,7 +258,7 @@ def executor(objectives: Sequence[Objective], *, share: bool | str | None = None
                  observe=observe)
     if compile and merged:
         step.compile_runs(backend)
-    if compile and merged:
+
         def run(ts: TrainState, batch: Any, boundaries: dict[str, Tensor]):
             with retainable():
                 return step(ts, batch, boundaries)
