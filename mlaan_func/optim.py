@@ -857,6 +857,26 @@ def keep_entries(new: OptState, old: OptState, keys: frozenset[str]) -> OptState
     return new
 
 
+def map_entries(fn: Callable[[str, Tensor], Tensor], opt_state: OptState, keys: frozenset[str]) -> OptState:
+    """``opt_state`` with each per-parameter tensor entry of ``keys`` (in every dict keyed by
+    parameter names) replaced by ``fn(key, entry)``, in the state's own order: how a
+    distributed step gives every rank the entries of the parameters another rank owns.
+
+    >>> import torch
+    >>> state = sgd(0.1, momentum=0.9).init({"a": torch.ones(1), "b": torch.ones(1)})
+    >>> moved = map_entries(lambda k, v: v + 1, state, frozenset({"a"}))
+    >>> float(moved[0].momentum_buffer["a"]), float(moved[0].momentum_buffer["b"])
+    (1.0, 0.0)
+    """
+    if isinstance(opt_state, dict):
+        return {k: fn(k, v) if k in keys and isinstance(v, Tensor) else map_entries(fn, v, keys)
+                for k, v in opt_state.items()}
+    if isinstance(opt_state, tuple):
+        parts = [map_entries(fn, a, keys) for a in opt_state]
+        return type(opt_state)(*parts) if hasattr(opt_state, "_fields") else tuple(parts)
+    return opt_state
+
+
 def state_metrics(opt_state: OptState) -> dict[str, Tensor]:
     """What the optimizer state reports: ``apply_if_finite``'s ``skipped`` flag and counts,
     ``multi_steps``' ``mini_step``, and every injected hyper-parameter, keyed by the

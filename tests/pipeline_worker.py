@@ -1,5 +1,5 @@
 """A worker process for tests/test_pipeline.py: one rank of a streamed pipeline (argv: rank,
-world, store, out, and a JSON config with method, at, owner, steps, ragged, nan_at)."""
+world, store, out, and a JSON config with method, at, owner, steps, ragged, chunks (batches per run call), nan_at)."""
 
 import datetime
 import json
@@ -32,6 +32,14 @@ def optimizer():
     return mf.optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
 
+def poisoned(data, nan_at):
+    """``data`` with NaN inputs at batch ``nan_at`` (``None``: as it is)."""
+    if nan_at is not None:
+        x, y = data[nan_at]
+        data[nan_at] = (torch.full_like(x, float("nan")), y)
+    return data
+
+
 def run(rank, world, store, out, config):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
@@ -41,8 +49,18 @@ def run(rank, world, store, out, config):
     ts = mf.init(objectives, opt, seed=0)
     ends = [m.output_name for m in mf.split(net, config["at"])]
     run_pipeline = mfd.pipeline_step(objectives, opt, ends, owner=config["owner"])
-    ts, history = run_pipeline(ts, batches(config["steps"], config.get("ragged", False)))
-    assert len(history) == config["steps"]
+    data = poisoned(batches(config["steps"], config.get("ragged", False)), config.get("nan_at"))
+    history, raised, start = [], None, 0
+    try:
+        for size in config.get("chunks") or [config["steps"]]:
+            ts, part = run_pipeline(ts, data[start:start + size])
+            history += part
+            start += size
+    except mf.NonFiniteLossError as err:
+        ts, raised = err.train_state, str(err)
+    losses = [{o: float(m["loss"]) for o, m in row.items() if o != "optimizer"} for row in history]
+    with open(f"{out}.rank{rank}.json", "w") as f:
+        json.dump({"losses": losses, "raised": raised}, f)
     if rank == 0:
         mf.save(out, ts)
     dist.barrier()

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from torch.utils._pytree import tree_flatten
 
 import mlaan_func as mf
 from mlaan_func import distributed as mfd
@@ -42,17 +43,21 @@ def launch(tmp, world, config, name):
                 p.kill()
                 p.wait()
     assert all(p.returncode == 0 for p in procs), [log.read_text()[-2000:] for log in logs]
-    return mf.load(out)
+    reports = [json.loads((tmp / f"{name}.pt.rank{r}.json").read_text()) for r in range(world)]
+    return mf.load(out), reports
 
 
-def one_process(config):
+def one_process(config, steps=None):
+    """The same run in one process: its state and each step's losses."""
     _, objectives = w.scheme(config["method"], config["at"])
     opt = w.optimizer()
     ts = mf.init(objectives, opt, seed=0)
     step = mf.step(objectives, opt)
-    for b in w.batches(config["steps"], config.get("ragged", False)):
-        ts, _ = step(ts, b)
-    return ts
+    losses = []
+    for b in w.batches(config["steps"], config.get("ragged", False))[:steps]:
+        ts, metrics = step(ts, b)
+        losses.append({o: float(m["loss"]) for o, m in metrics.items() if o != "optimizer"})
+    return ts, losses
 
 
 def assert_bitwise(got, want):
@@ -61,6 +66,10 @@ def assert_bitwise(got, want):
         assert torch.equal(got.params[k], want.params[k]), k
     for k in want.state:
         assert torch.equal(got.state[k], want.state[k]), k
+    got_opt, want_opt = tree_flatten(got.opt_state)[0], tree_flatten(want.opt_state)[0]
+    assert len(got_opt) == len(want_opt)
+    assert all(torch.equal(a, b) for a, b in zip(got_opt, want_opt))
+    assert int(got.step) == int(want.step)
 
 
 @st.composite
@@ -72,8 +81,10 @@ def configs(draw):
     # contiguous owners, every rank at least one module
     starts = sorted(draw(st.lists(st.integers(1, k - 1), min_size=world - 1, max_size=world - 1, unique=True)))
     owner = [sum(i >= s for s in starts) for i in range(k)]
+    steps = 3
+    cut = draw(st.integers(0, steps))  # the batches split into two run calls (0 or 3: one call)
     return world, {"method": draw(st.sampled_from(["dgl", "infopro"])), "at": at, "owner": owner,
-                   "steps": 3, "ragged": draw(st.booleans())}
+                   "steps": steps, "ragged": draw(st.booleans()), "chunks": [cut, steps - cut]}
 
 
 @pytest.mark.slow
@@ -81,8 +92,20 @@ def configs(draw):
 @given(configs())
 def test_pipeline_equals_one_process_bitwise(tmp_path_factory, drawn):
     world, config = drawn
-    got = launch(tmp_path_factory.mktemp("pipe"), world, config, "run")
-    assert_bitwise(got, one_process(config))
+    got, reports = launch(tmp_path_factory.mktemp("pipe"), world, config, "run")
+    want, losses = one_process(config)
+    assert_bitwise(got, want)  # parameters, state, the whole optimizer state, wherever the run was cut
+    assert all(r["losses"] == losses for r in reports)  # every objective's losses on every rank
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_every_rank_at_the_last_good_step(tmp_path):
+    config = {"method": "dgl", "at": ["1.0", "2.0", "3.0"], "owner": [0, 0, 1, 1], "steps": 4, "nan_at": 2,
+              "chunks": [4]}
+    got, reports = launch(tmp_path, 2, config, "nan")
+    assert all(r["raised"] and "at step 2" in r["raised"] and "past step 1" in r["raised"] for r in reports), reports
+    want, _ = one_process(config, steps=2)
+    assert_bitwise(got, want)
 
 
 def test_pipeline_refuses_a_scheme_whose_reach_crosses_ranks():

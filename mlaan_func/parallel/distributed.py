@@ -47,8 +47,8 @@ from ..combinators import Objective
 from ..core.batch import as_batch
 from ..core.net import INPUT, Params
 from ..core.randomness import fold_in
-from ..errors import DistributedError, SchemeError
-from ..optim import Optimizer
+from ..errors import DistributedError, NonFiniteLossError, SchemeError
+from ..optim import Optimizer, map_entries
 from ..schemes.losses import input_of
 from ..train.execute import executor
 from ..train.plan import plan_routes
@@ -480,10 +480,20 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
                    *, staleness: int = 0, depth: int = 2, owner: Sequence[int] | None = None, group=None,
                    check_finite: bool = True, share: bool | None = None, stats: dict | None = None):
     """``run(ts, batches) -> (ts, metrics)``: trains over an iterable of batches, streaming
-    them through the ranks; ``metrics`` holds, per step, this rank's objectives' metrics. The
-    returned state has every parameter and state key broadcast from its owner, so all ranks
-    agree on them (per-parameter optimizer state stays on the owner). Every rank must get the
-    same batches (the labels are read on every rank). ``stats`` receives busy/wait seconds."""
+    them through the ranks, and drains at the end. ``metrics`` holds, per step, every
+    objective's metrics (gathered from their ranks at the drain) and the optimizer's.
+
+    The returned state is whole on every rank: each parameter, state entry and
+    per-parameter optimizer entry is broadcast from the rank that owns it, so any rank can
+    save it and ``run`` can continue from it (bitwise, whatever the chunking of batches
+    into calls). Every rank must get the same batches (the labels are read on every rank);
+    a rank reads them lazily, one step ahead of its work.
+
+    With ``check_finite`` a non-finite loss on any rank raises ``NonFiniteLossError`` on
+    every rank at the drain, naming the step and the objectives; its ``train_state`` is the
+    state after the last good step (the run is replayed up to it from the kept batches, so
+    a run keeps its batches until it drains). ``stats`` receives busy/wait seconds.
+    """
     if staleness != 0:
         raise NotImplementedError("pipeline staleness > 0 is not implemented yet; use staleness=0 "
                                   "with a scheme whose gradient reach stays on one rank (dgl, infopro)")
@@ -496,6 +506,7 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
                          f"exact: {'; '.join(problems)}. Use module_parallel_step, or put these "
                          "modules on one rank (owner=)")
     mine = [i for i, r in enumerate(plan.rank_of_objective) if r == rank]
+    mine_names = {objectives[i].name for i in mine}
     param_keys, state_keys = scheme_names(objectives)
     owned = {k for i in mine for k in (*objectives[i].param_names, *objectives[i].state_names)}
     untouched = tuple(k for k in param_keys if k not in owned)
@@ -503,11 +514,14 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
                    for k in (*o.param_names, *o.state_names)}
     run_rank = _rank_gradients(objectives, mine, plan.receives[rank], plan.sends[rank], share)
 
-    def run(ts: TrainState, batches: Iterable[Any]) -> tuple[TrainState, list[dict]]:
+    def stream(ts: TrainState, batches: Iterable[Any], kept: list | None):
+        """This rank's part of every batch; ``(ts, [(metrics, finite)] per step, busy, wait)``."""
         pending: collections.deque = collections.deque()
-        history, busy, wait = [], 0.0, 0.0
+        steps, busy, wait = [], 0.0, 0.0
         for batch in batches:
             batch = as_batch(batch)
+            if kept is not None:
+                kept.append(batch)
             x = input_of(batch)
             acts: dict[str, Tensor] = {INPUT: x}
             tic = time.perf_counter()
@@ -521,25 +535,77 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
             zeros = {k: torch.zeros_like(ts.params[k]) for k in untouched}
             ts, metrics = finish_step(ts, Gradients({**grads, **zeros}, {**ts.state, **g.state}, g.losses,
                                                     g.metrics, g.finite), optimizer, (),
-                                      check_finite=check_finite, untouched=untouched)
+                                      check_finite=False, untouched=untouched)
+            steps.append((metrics, g.finite))
             busy += time.perf_counter() - tic
             for name in plan.sends[rank]:
                 _send(acts[name], rank + 1, group, pending, depth, name)
-            history.append(metrics)
         tic = time.perf_counter()
         while pending:
             req, _ = pending.popleft()
             _guard("waiting for a send", req.wait)
-        params, state = dict(ts.params), dict(ts.state)
-        for k in param_keys:
-            _guard(f"broadcasting {k!r}", dist.broadcast, params[k], rank_of_key[k], group=group)
-        for k in state_keys:
-            if k in state:
-                _guard(f"broadcasting {k!r}", dist.broadcast, state[k], rank_of_key[k], group=group)
+        return ts, steps, busy, wait + time.perf_counter() - tic
+
+    def whole(ts: TrainState) -> TrainState:
+        """Every key from its owner; a copy where it is received, so no caller's tensor changes."""
+        def from_owner(k: str, v: Tensor) -> Tensor:
+            src = rank_of_key[k]
+            v = v if src == rank else v.clone()
+            _guard(f"broadcasting {k!r}", dist.broadcast, v, src, group=group)
+            return v
+
+        params = {k: from_owner(k, v) if k in rank_of_key else v for k, v in ts.params.items()}
+        state = {k: from_owner(k, v) if k in rank_of_key and k in state_keys else v for k, v in ts.state.items()}
+        opt_state = map_entries(from_owner, ts.opt_state, frozenset(param_keys))
+        return ts._replace(params=params, state=state, opt_state=opt_state)
+
+    def gathered(steps: list) -> tuple[list[dict], Tensor]:
+        """Every objective's metrics per step from the rank that ran it (one all-reduce), and
+        per step the number of ranks whose losses were not all finite."""
+        local = sorted({(o, k) for metrics, _ in steps[:1] for o, m in metrics.items() if o in mine_names
+                        for k in m})
+        names: list = [None] * world
+        dist.all_gather_object(names, local, group=group)
+        columns = sorted({c for part in names for c in part})
+        device = group_device(group)
+        table = torch.zeros(len(steps), len(columns) + 1, device=device)
+        for i, (metrics, finite) in enumerate(steps):
+            row = [metrics[o][k].detach().float().reshape(()) if o in mine_names else torch.zeros(())
+                   for o, k in columns]
+            table[i] = torch.stack([*[v.to(device) for v in row], (~finite).float().to(device)])
+        table = all_reduce_tree({"t": table}, group=group)["t"]
+        history = []
+        for i, (metrics, _) in enumerate(steps):
+            row: dict[str, dict[str, Tensor]] = {}
+            for j, (o, k) in enumerate(columns):
+                row.setdefault(o, {})[k] = table[i, j]
+            if "optimizer" in metrics:
+                row["optimizer"] = metrics["optimizer"]
+            history.append(row)
+        return history, table[:, -1]
+
+    def run(ts: TrainState, batches: Iterable[Any]) -> tuple[TrainState, list[dict]]:
+        kept: list | None = [] if check_finite else None
+        start = ts
+        ts, steps, busy, wait = stream(ts, batches, kept)
+        tic = time.perf_counter()
+        history, bad = gathered(steps)
+        failed = bad.nonzero().flatten()
+        if check_finite and failed.numel():  # the run's one host read
+            j = int(failed[0])
+            good = whole(stream(start, kept[:j], None)[0])
+            which = [o for o, m in history[j].items() if o != "optimizer" and not bool(torch.isfinite(m["loss"]))]
+            error = NonFiniteLossError(
+                f"non-finite loss in objective(s) {which} at step {int(start.step) + j}; nothing was "
+                f"updated past step {int(start.step) + j - 1} (the error's train_state). Lower the learning "
+                "rate, add gradient clipping (mlaan_func.optim.clip_by_global_norm), or check the inputs for NaN.")
+            error.train_state = good
+            raise error
+        ts = whole(ts)
         wait += time.perf_counter() - tic
         if stats is not None:
             stats["busy_s"] = stats.get("busy_s", 0.0) + busy
             stats["wait_s"] = stats.get("wait_s", 0.0) + wait
-        return ts._replace(params=params, state=state), history
+        return ts, history
 
     return run
