@@ -70,21 +70,7 @@ def objective_times(method, arch, k, micro_batch, repeats=3):
     """Median seconds of each objective's gradient function on one micro-batch, alone."""
     _, scheme = common.build(method, arch, k)
     ts = mf.init(scheme, common.optimizer(), seed=0)
-    routes = mf.engine.plan_routes(scheme)
-    fns = mf.engine.gradient_fns(scheme, routes)
-    b = mf.Batch(*common.cifar_batch(micro_batch, "cpu"))
-    acts, times = {"input": b.x}, []
-    for o, fn in zip(scheme, fns):
-        p = {kk: ts.params[kk] for kk in o.param_names}
-        samples = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            out = fn(p, ts.state, acts[o.input_name], b)
-            samples.append(time.perf_counter() - t)
-        for name, tensor in out[1][1][1].items():
-            acts.setdefault(name, tensor)
-        times.append(statistics.median(samples))
-    return scheme, times
+    return scheme, mfd.objective_seconds(scheme, ts, common.cifar_batch(micro_batch, "cpu"), repeats=repeats)
 
 
 def free_port() -> int:

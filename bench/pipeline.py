@@ -3,8 +3,11 @@ synchronous module-parallel step, on gloo processes on 127.0.0.1; interleaved ro
 run, each rank's busy fraction, and the pipeline's predicted throughput from per-module
 (per-objective) times.
 
-    python bench/pipeline.py                                   # dgl, ResNet-32, K=16, batch 32
-    python bench/pipeline.py --batch-size 128 --steps 8 --rounds 3 --json /tmp/p.json
+    python bench/pipeline.py                                   # dgl, ResNet-32, K=16, batch 128
+    python bench/pipeline.py --balance blocks --steps 8 --rounds 3 --json /tmp/p.json
+
+``--balance measured`` (the default) gives each rank a run of modules by the measured seconds
+of its objectives (``mfd.objective_seconds``); ``blocks`` by the blocks they run.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def one_process(method, arch, k, batch_size, steps, threads):
     return batch_size * steps / (time.perf_counter() - t)
 
 
-def worker(rank, world, port, method, arch, k, batch_size, steps, mode, out_dir):
+def worker(rank, world, port, method, arch, k, batch_size, steps, mode, owner, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     backbone, scheme = common.build(method, arch, k)
@@ -56,7 +59,7 @@ def worker(rank, world, port, method, arch, k, batch_size, steps, mode, out_dir)
     ends = [m.output_name for m in mf.split(backbone, common.split_for(arch, backbone, k))]
     data, stats = batches(batch_size, steps), {}
     if mode == "sync":
-        step = mfd.module_parallel_step(scheme, opt, ends, micro_batches=4, stats=stats)
+        step = mfd.module_parallel_step(scheme, opt, ends, micro_batches=4, owner=owner, stats=stats)
         ts, _ = step(ts, data[0])
         stats.clear()
         dist.barrier()
@@ -64,7 +67,7 @@ def worker(rank, world, port, method, arch, k, batch_size, steps, mode, out_dir)
         for b in data:
             ts, _ = step(ts, b)
     else:
-        run = mfd.pipeline_step(scheme, opt, ends, stats=stats)
+        run = mfd.pipeline_step(scheme, opt, ends, owner=owner, stats=stats)
         ts, _ = run(ts, data[:1])
         stats.clear()
         dist.barrier()
@@ -84,8 +87,9 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="dgl")
     p.add_argument("--arch", default="resnet32")
     p.add_argument("--modules", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=16, help="timed steps per run (the pipeline fills once per run)")
+    p.add_argument("--balance", choices=("measured", "blocks"), default="measured")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -94,7 +98,7 @@ def main(argv=None) -> int:
     scheme, times = objective_times(method, arch, k, n)
     backbone, _ = common.build(method, arch, k)
     ends = [m.output_name for m in mf.split(backbone, common.split_for(arch, backbone, k))]
-    owner = mfd.balanced_owner(scheme, ends, world)
+    owner = mfd.balanced_owner(scheme, ends, world, times if args.balance == "measured" else None)
     plan = mfd.plan_modules(scheme, ends, owner, world)
     per_rank = [sum(t for t, r in zip(times, plan.rank_of_objective) if r == q) for q in range(world)]
     load_before = open("/proc/loadavg").read().split()[:3]
@@ -104,7 +108,7 @@ def main(argv=None) -> int:
             rounds["1p1t"].append(one_process(method, arch, k, n, args.steps, 1))
             rounds["1p2t"].append(one_process(method, arch, k, n, args.steps, 2))
             for mode in ("sync", "pipeline"):
-                mp.spawn(worker, args=(world, free_port(), method, arch, k, n, args.steps, mode, tmp),
+                mp.spawn(worker, args=(world, free_port(), method, arch, k, n, args.steps, mode, owner, tmp),
                          nprocs=world, join=True)
                 rounds[mode].append([json.load(open(os.path.join(tmp, f"{mode}-{r}.json"))) for r in range(world)])
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
@@ -112,7 +116,7 @@ def main(argv=None) -> int:
                   "sync": median([min(r["images_per_s"] for r in rows) for rows in rounds["sync"]]),
                   "pipeline": median([min(r["images_per_s"] for r in rows) for rows in rounds["pipeline"]])}
     result = {**common.environment(sys.argv), "method": method, "arch": arch, "modules": k, "batch_size": n,
-              "steps": args.steps, "rounds": args.rounds, "module_owner": owner,
+              "steps": args.steps, "rounds": args.rounds, "balance": args.balance, "module_owner": owner,
               "load_before": load_before, "load_after": open("/proc/loadavg").read().split()[:3],
               "images_per_s": throughput, "ratio_to_1p1t": {m: v / throughput["1p1t"] for m, v in throughput.items()},
               "busy_fraction": {m: [[r["busy_fraction"] for r in rows] for rows in rounds[m]] for m in ("sync", "pipeline")},

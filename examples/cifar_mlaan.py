@@ -207,10 +207,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--interrupt-evaluation", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--interrupt-summary", choices=("INT", "TERM"), help=argparse.SUPPRESS)
-    p.add_argument("--parallel", default=None, choices=("data", "modules"),
-                   help="under torchrun: split each batch over ranks (data, the default) or give each "
-                        "rank a run of modules (modules)")
+    p.add_argument("--parallel", default=None, choices=("data", "modules", "pipeline"),
+                   help="under torchrun: split each batch over ranks (data, the default), give each rank a run "
+                        "of modules (modules: synchronous micro-batches), or stream batches through ranks that "
+                        "own runs of modules (pipeline: exact for dgl and infopro)")
     p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step with --parallel modules")
+    p.add_argument("--pipeline-chunk", type=int, default=16,
+                   help="steps streamed between drains with --parallel pipeline: the stop, checkpoint and log "
+                        "points; a chunk's batches are kept until it drains (a non-finite loss replays them)")
     p.add_argument("--dist-timeout", type=float, default=120.0, help="seconds before a silent rank is an error")
     p.add_argument("--json", default=None, help="also write the summary to this path; default none")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -250,7 +254,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     _finite("dist-timeout", args.dist_timeout, 0.0, strict=True)
     if not (math.isfinite(args.val_fraction) and 0 <= args.val_fraction < 1):
         raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    for name in ("subset", "synthetic_size", "micro_batches", "window"):
+    for name in ("subset", "synthetic_size", "micro_batches", "window", "pipeline_chunk"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -274,8 +278,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.parallel == "modules" and args.batch_size % args.micro_batches:
         raise UsageError(f"--micro-batches {args.micro_batches} does not divide --batch-size {args.batch_size}; "
                          "choose a batch size that is a multiple of the micro-batches")
-    if args.compile and args.parallel == "modules":
-        raise UsageError("--compile is not supported with --parallel modules (its step runs eagerly); "
+    if args.compile and args.parallel in ("modules", "pipeline"):
+        raise UsageError(f"--compile is not supported with --parallel {args.parallel} (its step runs eagerly); "
                          "drop one of them")
     if args.memory_budget is not None:
         clash = [f for f, on in (("--remat", args.remat), ("--compile", args.compile),
@@ -744,7 +748,7 @@ def start_distributed(args):
         raise UsageError(str(err)) from None
     if args.parallel == "data" and args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
-    if args.parallel == "modules" and world > args.modules:
+    if args.parallel in ("modules", "pipeline") and world > args.modules:
         raise UsageError(f"{world} processes but only {args.modules} modules; use fewer processes")
     return rank, world
 
@@ -826,12 +830,18 @@ def main(argv=None) -> int:
         train_step = mfd.data_parallel_step(scheme, optimizer, compile=args.compile, share=share)
         if folder:  # the loader already gave this rank its shard
             train_step = functools.partial(train_step, sharded=True)
-    elif args.parallel == "modules":
+    elif args.parallel in ("modules", "pipeline"):
         from mlaan_func import distributed as mfd
         ends = [m.output_name for m in mf.split(backbone, split_points(args.arch, backbone, args.modules,
                                                                        (dataset.channels, dataset.image_size, dataset.image_size)))]
-        train_step = mfd.module_parallel_step(scheme, optimizer, ends, micro_batches=args.micro_batches,
-                                              share=share)
+        if args.parallel == "modules":
+            train_step = mfd.module_parallel_step(scheme, optimizer, ends, micro_batches=args.micro_batches,
+                                                  share=share)
+        else:
+            try:
+                train_step = mfd.pipeline_step(scheme, optimizer, ends, share=share)
+            except mf.errors.SchemeError as err:
+                raise UsageError(f"--parallel pipeline --method {args.method}: {err}") from None
     else:
         train_step = mf.step(scheme, optimizer, compile=args.compile, share=share, memory_budget=args.memory_budget)
     augment = None if folder else datasets.augmentation(dataset.name)
@@ -917,6 +927,21 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
     writer, folder = rank == 0, args.dataset in FOLDER_DATASETS
     mean, std = dataset.mean, dataset.std
     stop = {"signal": None}
+    pipeline = args.parallel == "pipeline"  # train_step runs a chunk of batches: (ts, batches) -> (ts, history)
+
+    def fed_batches(source, count: int, fed: dict):
+        """The next ``count`` batches of ``source``, their sizes and the time spent waiting for them in ``fed``."""
+        for _ in range(count):
+            tic = time.time()
+            try:
+                x, y = next(source)
+            except datasets.DatasetError as err:
+                raise data_error(err) from None
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            fed["wait"] += time.time() - tic
+            fed["sizes"].append(len(y))
+            yield x, y
 
     def on_signal(signum, _frame):
         stop["signal"] = signum
@@ -976,32 +1001,42 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
             batches, data_wait, step_time = train_batches(epoch, start_batch), 0.0, 0.0
             skipped.clear()
             try:
-                for b in range(start_batch, steps_per_epoch):
+                b = start_batch
+                while b < steps_per_epoch:
                     tic = time.time()
-                    try:
-                        x, y = next(batches)
-                    except datasets.DatasetError as err:
-                        raise data_error(err) from None
-                    if args.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    data_wait += time.time() - tic
-                    tic = time.time()
+                    if pipeline:
+                        count = min(args.pipeline_chunk, steps_per_epoch - b)
+                        if args.stop_after_steps is not None:
+                            count = max(1, min(count, args.stop_after_steps - int(ts.step)))
+                        fed = {"wait": 0.0, "sizes": []}
+                        chunk = fed_batches(batches, count, fed)
+                    else:
+                        fed = {"wait": 0.0, "sizes": []}
+                        x, y = next(fed_batches(batches, 1, fed))
                     try:
                         with autocast:
-                            if peak_step == 0 and args.compile:  # measured eagerly, the result dropped
+                            if pipeline and peak_step == 0:  # this rank's peak over its first chunk
                                 with track_memory() as meter:
-                                    train_step(ts, (x, y))
+                                    ts, history = train_step(ts, chunk)
                                 peak_step = meter.peak_bytes
-                            if peak_step == 0 and args.memory_budget is not None:  # plans; the result dropped
-                                train_step(ts, (x, y))
-                                if writer:
-                                    print(train_step.plan, file=sys.stderr)
-                            if peak_step == 0:
-                                with track_memory() as meter:
-                                    ts, metrics = train_step(ts, (x, y))
-                                peak_step = meter.peak_bytes
+                            elif pipeline:
+                                ts, history = train_step(ts, chunk)
                             else:
-                                ts, metrics = train_step(ts, (x, y))
+                                if peak_step == 0 and args.compile:  # measured eagerly, the result dropped
+                                    with track_memory() as meter:
+                                        train_step(ts, (x, y))
+                                    peak_step = meter.peak_bytes
+                                if peak_step == 0 and args.memory_budget is not None:  # plans; the result dropped
+                                    train_step(ts, (x, y))
+                                    if writer:
+                                        print(train_step.plan, file=sys.stderr)
+                                if peak_step == 0:
+                                    with track_memory() as meter:
+                                        ts, metrics = train_step(ts, (x, y))
+                                    peak_step = meter.peak_bytes
+                                else:
+                                    ts, metrics = train_step(ts, (x, y))
+                                history = [metrics]
                     except mf.errors.MemoryBudgetError as err:
                         raise UsageError(f"--memory-budget: {err}") from None
                     except mf.NonFiniteLossError as err:
@@ -1015,30 +1050,35 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
                                          "run eagerly; run without --compile")
                     if device.type == "cuda":  # the step's own time, not the next batch's wait
                         torch.cuda.synchronize(device)
-                    train_seconds += time.time() - tic
-                    step_time += time.time() - tic
-                    epoch_images += len(y)
-                    images += len(y)
-                    for name, m in metrics.items():
-                        sums[name] = sums.get(name, 0.0) + float(m["loss"])
-                    counted += 1
-                    if writer and (b % max(1, steps_per_epoch // 25) == 0 or b == steps_per_epoch - 1):
-                        append(out / TRAIN_LOG, {"step": int(ts.step), "epoch": epoch + 1,
-                                                 "loss": {k: float(m["loss"]) for k, m in metrics.items()}})
-                    final = metrics["final"]
+                    data_wait += fed["wait"]  # a pipeline reads its chunk's batches as it goes
+                    step_seconds = time.time() - tic - fed["wait"]
+                    train_seconds += step_seconds
+                    step_time += step_seconds
+                    first_step = int(ts.step) - len(history)
+                    for i, (metrics, size) in enumerate(zip(history, fed["sizes"])):
+                        epoch_images += size
+                        images += size
+                        for name, m in metrics.items():
+                            sums[name] = sums.get(name, 0.0) + float(m["loss"])
+                        counted += 1
+                        if writer and ((b + i) % max(1, steps_per_epoch // 25) == 0 or b + i == steps_per_epoch - 1):
+                            append(out / TRAIN_LOG, {"step": first_step + i + 1, "epoch": epoch + 1,
+                                                     "loss": {k: float(m["loss"]) for k, m in metrics.items()}})
+                    b += len(history)
+                    final = history[-1]["final"]
                     bar.set_postfix(loss=f"{float(final['loss']):.3f}",
                                     acc=f"{float(final.get('accuracy', math.nan)):.3f}",
                                     img_s=f"{epoch_images / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
-                    bar.update(1)
+                    bar.update(len(history))
                     if args.stop_after_steps is not None and int(ts.step) >= args.stop_after_steps:
                         stop["signal"] = signal.SIGTERM
                     if world > 1:
                         stop["signal"] = agree_on_stop(stop["signal"])
                     if stop["signal"] is not None:
                         bar.close()
-                        return stopped(epoch, b + 1)
+                        return stopped(epoch, b)
                     if time.time() - last_save > args.checkpoint_minutes * 60:
-                        checkpoint(epoch, b + 1)
+                        checkpoint(epoch, b)
                         last_save = time.time()
             finally:
                 bar.close()

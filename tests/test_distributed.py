@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import mlaan_func as mf
 from mlaan_func import distributed as mfd
@@ -207,6 +208,37 @@ def test_plan_assigns_contiguous_modules_and_refuses_too_many_ranks():
     assert mfd.assign_modules(4, 2, costs=[3, 1, 1, 1]) == [0, 1, 1, 1]
     with pytest.raises(ValueError, match="at least one module per rank"):
         mfd.assign_modules(2, 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=7), st.integers(1, 4))
+def test_assigned_modules_make_the_costliest_rank_as_cheap_as_any_split(costs, ranks):
+    import itertools
+
+    if ranks > len(costs):
+        return
+    owner = mfd.assign_modules(len(costs), ranks, costs)
+    assert owner[0] == 0 and owner[-1] == ranks - 1 and all(0 <= b - a <= 1 for a, b in zip(owner, owner[1:]))
+
+    def worst(o):
+        return max(sum(c for c, r in zip(costs, o) if r == q) for q in range(ranks))
+
+    best = min(worst([sum(i >= s for s in starts) for i in range(len(costs))])
+               for starts in itertools.combinations(range(1, len(costs)), ranks - 1))
+    assert worst(owner) == best
+
+
+def test_measured_seconds_balance_the_owner():
+    net, objectives = w.scheme("dgl")
+    ends = [m.output_name for m in mf.split(net, w.AT)]
+    ts = mf.init(objectives, mf.optim.sgd(0.1), seed=0)
+    seconds = mfd.objective_seconds(objectives, ts, (torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))),
+                                    repeats=1)
+    assert len(seconds) == len(objectives) and all(s > 0 for s in seconds)
+    heavy = [1.0] + [1e-3] * (len(objectives) - 1)  # the first objective's module alone on rank 0
+    assert mfd.balanced_owner(objectives, ends, 2, heavy) == [0] + [1] * (len(ends) - 1)
+    with pytest.raises(ValueError, match="one per objective"):
+        mfd.balanced_owner(objectives, ends, 2, [1.0])
 
 
 def test_plan_routes_window_inputs_across_ranks():

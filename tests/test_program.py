@@ -181,6 +181,47 @@ def test_torchrun_two_processes(tmp_path, mode):
     assert summary["processes"] == 2 and summary["parallel"] == mode
 
 
+def torchrun(args, nproc=2):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(port), PROGRAM, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_torchrun_pipeline_stopped_and_resumed_equals_one_process_bitwise(tmp_path):
+    """`--parallel pipeline --method dgl` on 2 ranks, streamed in chunks of 2 steps, stopped
+    at step 4 (mid-epoch, mid-chunk of the uninterrupted run) and resumed, ends with the
+    parameters, state and optimizer state of the same run in one process, bit for bit."""
+    one = tmp_path / "one"
+    assert run([*QUICK, "--method", "dgl", "--out", str(one)]).returncode == 0
+    out = tmp_path / "pipe"
+    args = [*QUICK, "--method", "dgl", "--parallel", "pipeline", "--pipeline-chunk", "2", "--out", str(out)]
+    r = torchrun([*args, "--stop-after-steps", "4"])
+    assert "continue with --resume" in r.stderr, r.stderr[-3000:]
+    assert int(mf.load(out / "checkpoint.pt").step) == 4
+    r = torchrun([*args, "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, want = mf.load(out / "checkpoint.pt"), mf.load(one / "checkpoint.pt")
+    mt.assert_identical(got.params, want.params)
+    mt.assert_identical(got.state, want.state)
+    mt.assert_identical(got.opt_state, want.opt_state)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["parallel"] == "pipeline"
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2, 3, 4, 5, 6] and "final" in logged[-1]["loss"]
+
+
+@pytest.mark.slow
+def test_torchrun_pipeline_refuses_a_crossing_scheme(tmp_path):
+    r = torchrun([*QUICK, "--method", "mlaan", "--parallel", "pipeline", "--out", str(tmp_path / "x")])
+    assert r.returncode != 0 and "--parallel pipeline --method mlaan" in r.stderr and "crosses ranks" in r.stderr
+
+
 def test_parallel_without_torchrun_is_refused(tmp_path):
     r = run([*QUICK, "--parallel", "modules", "--out", str(tmp_path / "x")])
     assert r.returncode == 2 and "torchrun" in r.stderr

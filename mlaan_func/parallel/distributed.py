@@ -50,7 +50,7 @@ from ..core.randomness import fold_in
 from ..errors import DistributedError, NonFiniteLossError, SchemeError
 from ..optim import Optimizer, map_entries
 from ..schemes.losses import input_of
-from ..train.execute import executor
+from ..train.execute import executor, gradient_fns
 from ..train.plan import plan_routes
 from ..train.routing import accumulate
 from ..train.state import Gradients, TrainState, after_steps, scheme_names
@@ -222,30 +222,75 @@ def data_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, *,
 
 
 def assign_modules(modules: int, ranks: int, costs: Sequence[float] | None = None) -> list[int]:
-    """The rank of each module: contiguous runs of near-equal cost (default: equal)."""
+    """The rank of each module: contiguous runs, at least one module per rank, with the
+    costliest run as cheap as any split allows (a pipeline runs at the pace of its slowest
+    rank); on a tie the earlier ranks take more. Default costs: equal.
+
+    >>> assign_modules(4, 2, costs=[1, 1, 1, 5])
+    [0, 0, 0, 1]
+    """
     if ranks > modules:
         raise ValueError(f"{ranks} ranks but only {modules} modules: module parallelism needs at "
                          "least one module per rank; use fewer processes or more --modules")
     costs = list(costs) if costs is not None else [1.0] * modules
-    total, owner, acc = sum(costs), [], 0.0
-    for i, c in enumerate(costs):
-        r = min(int(acc / total * ranks + 1e-9), ranks - 1)
-        r = max(r, ranks - (modules - i))  # leave at least one module for every later rank
-        if owner and r < owner[-1]:
-            r = owner[-1]
-        owner.append(r)
-        acc += c
+    if len(costs) != modules:
+        raise ValueError(f"{len(costs)} costs for {modules} modules; give one cost per module")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # worst[r][i]: the least possible cost of the costliest run when modules [0, i) form r runs
+    worst = [[inf] * (modules + 1) for _ in range(ranks + 1)]
+    cut = [[0] * (modules + 1) for _ in range(ranks + 1)]
+    worst[0][0] = 0.0
+    for r in range(1, ranks + 1):
+        for i in range(r, modules - (ranks - r) + 1):
+            for j in range(i - 1, r - 2, -1):  # the last run is [j, i); latest j first: ties keep it short
+                v = max(worst[r - 1][j], prefix[i] - prefix[j])
+                if v < worst[r][i]:
+                    worst[r][i], cut[r][i] = v, j
+    owner, i = [0] * modules, modules
+    for r in range(ranks, 0, -1):
+        j = cut[r][i]
+        owner[j:i] = [r - 1] * (i - j)
+        i = j
     return owner
 
 
-def balanced_owner(objectives: Sequence[Objective], module_ends: Sequence[str], ranks: int) -> list[int]:
-    """Module owners balancing the blocks each rank's objectives run (a window's cost falls
-    on the module it ends in)."""
+def objective_seconds(objectives: Sequence[Objective], ts: TrainState, batch: Any, *,
+                      repeats: int = 3) -> list[float]:
+    """Median seconds of each objective's gradient alone on ``batch`` (its input from the
+    objectives before it), in scheme order: the costs a pipeline is balanced by."""
+    batch = as_batch(batch)
+    routes = plan_routes(objectives)
+    fns = gradient_fns(objectives, routes)
+    acts, seconds = {INPUT: input_of(batch)}, []
+    for o, fn in zip(objectives, fns):
+        params = {k: ts.params[k] for k in o.param_names}
+        samples = []
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            _, (_, (_, outputs, _)) = fn(params, ts.state, acts[o.input_name], batch)
+            samples.append(time.perf_counter() - tic)
+        for name, tensor in outputs.items():
+            acts.setdefault(name, tensor)
+        seconds.append(sorted(samples)[len(samples) // 2])
+    return seconds
+
+
+def balanced_owner(objectives: Sequence[Objective], module_ends: Sequence[str], ranks: int,
+                   seconds: Sequence[float] | None = None) -> list[int]:
+    """Module owners balancing the work of each rank's objectives (a window's cost falls on
+    the module it ends in): by the blocks they run, or by measured ``seconds`` per objective
+    (``objective_seconds``), which also weigh heads and losses."""
     index = {end: i for i, end in enumerate(module_ends)}
+    if seconds is not None and len(seconds) != len(objectives):
+        raise ValueError(f"{len(seconds)} seconds for {len(objectives)} objectives; give one per objective "
+                         "(objective_seconds measures them)")
     costs = [0.0] * len(module_ends)
-    for o in objectives:
+    for i, o in enumerate(objectives):
         if o.output_name in index:
-            costs[index[o.output_name]] += sum(len(n.blocks) for n in o.nets)
+            costs[index[o.output_name]] += seconds[i] if seconds is not None else sum(len(n.blocks) for n in o.nets)
     return assign_modules(len(module_ends), ranks, [c or 1e-3 for c in costs])
 
 
