@@ -53,7 +53,7 @@ LOCK, REPLACED = ".lock", ".replaced-run"
 # The flags that define a run: a checkpoint from another configuration cannot be resumed.
 IDENTITY = ("method", "arch", "modules", "dataset", "batch_size", "lr", "seed", "epochs", "max_steps",
             "val_fraction", "window", "ema_update", "remat", "precision", "subset", "synthetic_size",
-            "warmup_epochs", "weight_decay", "parallel", "micro_batches")
+            "warmup_epochs", "weight_decay", "parallel", "micro_batches", "data_replicas")
 BASE_LR, BASE_BATCH = 0.8, 1024  # the papers' recipe; the default lr follows the linear rule
 WARMUP_EPOCHS, WARMUP_SHARE = 10, 0.05  # the recipe's warm-up, at most this share of a short run
 IDENTITY += ("image_size", "share", "channels_last", "compile", "threads")  # threads: CPU float rounding
@@ -212,6 +212,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "of modules (modules: synchronous micro-batches), or stream batches through ranks that "
                         "own runs of modules (pipeline: exact for dgl and infopro)")
     p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step with --parallel modules")
+    p.add_argument("--data-replicas", type=int, default=1,
+                   help="with --parallel pipeline: a (replicas x stages) mesh of the processes; each replica "
+                        "streams its share of every batch and a stage averages its gradients over the replicas")
     p.add_argument("--pipeline-chunk", type=int, default=16,
                    help="steps streamed between drains with --parallel pipeline: the stop, checkpoint and log "
                         "points; a chunk's batches are kept until it drains (a non-finite loss replays them)")
@@ -254,7 +257,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     _finite("dist-timeout", args.dist_timeout, 0.0, strict=True)
     if not (math.isfinite(args.val_fraction) and 0 <= args.val_fraction < 1):
         raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    for name in ("subset", "synthetic_size", "micro_batches", "window", "pipeline_chunk"):
+    for name in ("subset", "synthetic_size", "micro_batches", "window", "pipeline_chunk", "data_replicas"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -278,6 +281,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.parallel == "modules" and args.batch_size % args.micro_batches:
         raise UsageError(f"--micro-batches {args.micro_batches} does not divide --batch-size {args.batch_size}; "
                          "choose a batch size that is a multiple of the micro-batches")
+    if args.data_replicas > 1 and args.parallel != "pipeline":
+        raise UsageError("--data-replicas builds a data x pipeline mesh: it needs --parallel pipeline "
+                         "(plain data parallelism is --parallel data)")
+    if args.batch_size % args.data_replicas:
+        raise UsageError(f"--batch-size {args.batch_size} does not split over --data-replicas {args.data_replicas}")
     if args.compile and args.parallel in ("modules", "pipeline"):
         raise UsageError(f"--compile is not supported with --parallel {args.parallel} (its step runs eagerly); "
                          "drop one of them")
@@ -748,8 +756,13 @@ def start_distributed(args):
         raise UsageError(str(err)) from None
     if args.parallel == "data" and args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} does not split over {world} processes")
-    if args.parallel in ("modules", "pipeline") and world > args.modules:
-        raise UsageError(f"{world} processes but only {args.modules} modules; use fewer processes")
+    if args.parallel == "pipeline" and world % args.data_replicas:
+        raise UsageError(f"--data-replicas {args.data_replicas} does not divide the {world} processes; choose "
+                         "a number of replicas that does")
+    stages = world // args.data_replicas if args.parallel == "pipeline" else world
+    if args.parallel in ("modules", "pipeline") and stages > args.modules:
+        raise UsageError(f"{stages} processes per pipeline but only {args.modules} modules; use fewer processes"
+                         + (" or more --data-replicas" if args.parallel == "pipeline" else ""))
     return rank, world
 
 
@@ -838,8 +851,11 @@ def main(argv=None) -> int:
             train_step = mfd.module_parallel_step(scheme, optimizer, ends, micro_batches=args.micro_batches,
                                                   share=share)
         else:
+            groups = {}
+            if args.data_replicas > 1:
+                groups["group"], groups["data_group"] = mfd.mesh_groups(args.data_replicas)
             try:
-                train_step = mfd.pipeline_step(scheme, optimizer, ends, share=share)
+                train_step = mfd.pipeline_step(scheme, optimizer, ends, share=share, **groups)
             except mf.errors.SchemeError as err:
                 raise UsageError(f"--parallel pipeline --method {args.method}: {err}") from None
     else:

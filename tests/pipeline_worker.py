@@ -1,5 +1,6 @@
 """A worker process for tests/test_pipeline.py: one rank of a streamed pipeline (argv: rank,
-world, store, out, and a JSON config with method, at, owner, steps, ragged, chunks (batches per run call), nan_at)."""
+world, store, out, and a JSON config with method, at, owner, steps, ragged, chunks (batches per run call),
+nan_at, replicas (a data x pipeline mesh), data_parallel (data_parallel_step instead))."""
 
 import datetime
 import json
@@ -48,8 +49,22 @@ def run(rank, world, store, out, config):
     opt = optimizer()
     ts = mf.init(objectives, opt, seed=0)
     ends = [m.output_name for m in mf.split(net, config["at"])]
-    run_pipeline = mfd.pipeline_step(objectives, opt, ends, owner=config["owner"])
     data = poisoned(batches(config["steps"], config.get("ragged", False)), config.get("nan_at"))
+    if config.get("data_parallel"):  # the reference of a data x pipeline mesh: data parallel alone
+        step = mfd.data_parallel_step(objectives, opt)
+        for b in data:
+            ts, _ = step(ts, b)
+        with open(f"{out}.rank{rank}.json", "w") as f:
+            json.dump({"losses": [], "raised": None}, f)
+        if rank == 0:
+            mf.save(out, ts)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+    groups = {}
+    if config.get("replicas"):
+        groups["group"], groups["data_group"] = mfd.mesh_groups(config["replicas"])
+    run_pipeline = mfd.pipeline_step(objectives, opt, ends, owner=config["owner"], **groups)
     history, raised, start = [], None, 0
     try:
         for size in config.get("chunks") or [config["steps"]]:

@@ -99,6 +99,17 @@ def test_pipeline_equals_one_process_bitwise(tmp_path_factory, drawn):
 
 
 @pytest.mark.slow
+def test_a_data_by_pipeline_mesh_equals_data_parallel_over_its_replicas_bitwise(tmp_path):
+    """2 replicas x 2 stages (4 processes): each replica streams its half of every batch and
+    a stage averages its gradients over the replicas; equal to data_parallel_step on 2."""
+    config = {"method": "dgl", "at": ["1.0", "2.0", "3.0"], "owner": [0, 0, 1, 1], "steps": 3,
+              "chunks": [2, 1], "replicas": 2}
+    got, _ = launch(tmp_path, 4, config, "mesh")
+    want, _ = launch(tmp_path, 2, {**config, "data_parallel": True}, "data")
+    assert_bitwise(got, want)
+
+
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_every_rank_at_the_last_good_step(tmp_path):
     config = {"method": "dgl", "at": ["1.0", "2.0", "3.0"], "owner": [0, 0, 1, 1], "steps": 4, "nan_at": 2,
               "chunks": [4]}

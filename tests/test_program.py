@@ -217,6 +217,24 @@ def test_torchrun_pipeline_stopped_and_resumed_equals_one_process_bitwise(tmp_pa
 
 
 @pytest.mark.slow
+def test_torchrun_data_by_pipeline_mesh_equals_data_parallel_bitwise(tmp_path):
+    """4 processes as 2 data replicas x 2 pipeline stages train as 2 data-parallel processes do."""
+    runs = {}
+    for name, extra, n in [("mesh", ["--parallel", "pipeline", "--data-replicas", "2"], 4),
+                           ("data", ["--parallel", "data"], 2)]:
+        r = torchrun([*QUICK, "--epochs", "1", "--method", "dgl", *extra, "--out", str(tmp_path / name)], nproc=n)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = mf.load(tmp_path / name / "checkpoint.pt")
+    mt.assert_identical(runs["mesh"].params, runs["data"].params)
+    mt.assert_identical(runs["mesh"].opt_state, runs["data"].opt_state)
+
+
+def test_data_replicas_need_the_pipeline(tmp_path):
+    r = run([*QUICK, "--data-replicas", "2", "--out", str(tmp_path / "x")])
+    assert r.returncode == 2 and "--parallel pipeline" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
 def test_torchrun_pipeline_refuses_a_crossing_scheme(tmp_path):
     r = torchrun([*QUICK, "--method", "mlaan", "--parallel", "pipeline", "--out", str(tmp_path / "x")])
     assert r.returncode != 0 and "--parallel pipeline --method mlaan" in r.stderr and "crosses ranks" in r.stderr

@@ -118,6 +118,34 @@ def all_reduce_tree(tensors: dict[str, Tensor], op=dist.ReduceOp.SUM, group=None
     return {k: out[k] for k in tensors}
 
 
+def global_rank(group, rank: int) -> int:
+    """The global rank of ``group``'s rank ``rank`` (point-to-point calls and ``src`` take global ranks)."""
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def mesh_groups(replicas: int, group=None):
+    """``(pipeline group, data group)`` of this rank in a (``replicas`` × stages) mesh of the
+    world: global rank ``d · stages + p`` is stage ``p`` of data replica ``d``. Every rank
+    must call it (``new_group`` is collective); ``replicas`` must divide the world size."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if replicas < 1 or world % replicas:
+        raise ValueError(f"{replicas} data replicas do not split {world} processes evenly; choose a "
+                         "number of replicas that divides the number of processes")
+    stages = world // replicas
+    mine = {}
+    for d in range(replicas):
+        ranks = [global_rank(group, d * stages + p) for p in range(stages)]
+        made = dist.new_group(ranks)
+        if rank // stages == d:
+            mine["pipeline"] = made
+    for p in range(stages):
+        ranks = [global_rank(group, d * stages + p) for d in range(replicas)]
+        made = dist.new_group(ranks)
+        if rank % stages == p:
+            mine["data"] = made
+    return mine["pipeline"], mine["data"]
+
+
 def group_device(group=None) -> torch.device:
     """The device collectives of ``group`` run on: the current CUDA device for NCCL, else CPU."""
     if dist.get_backend(group) == "nccl":
@@ -420,11 +448,13 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
             tic = time.perf_counter()
             for name in plan.receives[rank]:
                 if name not in shapes:
-                    shape = torch.zeros(8, dtype=torch.int64)
-                    _guard(f"receiving the shape of {name!r}", dist.recv, shape, rank - 1, group=group)
+                    shape = torch.zeros(8, dtype=torch.int64, device=x.device)
+                    _guard(f"receiving the shape of {name!r}", dist.recv, shape, global_rank(group, rank - 1),
+                           group=group)
+                    shape = shape.cpu()
                     shapes[name] = tuple(int(s) for s in shape[1:1 + int(shape[0])])
                 buf = torch.empty(shapes[name], dtype=x.dtype, device=x.device)
-                _guard(f"receiving {name!r}", dist.recv, buf, rank - 1, group=group)
+                _guard(f"receiving {name!r}", dist.recv, buf, global_rank(group, rank - 1), group=group)
                 acts[name] = buf
             wait += time.perf_counter() - tic
             tic = time.perf_counter()
@@ -445,9 +475,12 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
                     shape = torch.zeros(8, dtype=torch.int64)
                     shape[0] = t.ndim
                     shape[1:1 + t.ndim] = torch.tensor(t.shape)
+                    shape = shape.to(t.device)
                     shapes[name] = tuple(t.shape)
-                    _guard(f"sending the shape of {name!r}", dist.send, shape, rank + 1, group=group)
-                pending.append((_guard(f"sending {name!r}", dist.isend, t, rank + 1, group=group), t))
+                    _guard(f"sending the shape of {name!r}", dist.send, shape, global_rank(group, rank + 1),
+                           group=group)
+                pending.append((_guard(f"sending {name!r}", dist.isend, t, global_rank(group, rank + 1),
+                                       group=group), t))
         tic = time.perf_counter()
         for req, _ in pending:
             _guard("waiting for a send", req.wait)
@@ -502,10 +535,13 @@ def crossing_objectives(objectives: Sequence[Objective], module_ends: Sequence[s
 
 
 def _send(t: Tensor, dst: int, group, pending: collections.deque, depth: int, name: str) -> None:
+    """``t`` with its shape header to ``group``'s rank ``dst``, at most ``depth`` sends outstanding."""
+    dst = global_rank(group, dst)
     t = t.contiguous()
-    shape = torch.zeros(MAX_DIMS + 1, dtype=torch.int64)
+    shape = torch.zeros(MAX_DIMS + 1, dtype=torch.int64)  # built on the host, sent from t's device (NCCL)
     shape[0] = t.ndim
     shape[1:1 + t.ndim] = torch.tensor(t.shape)
+    shape = shape.to(t.device)
     pending.append((_guard(f"sending the shape of {name!r}", dist.isend, shape, dst, group=group), shape))
     pending.append((_guard(f"sending {name!r}", dist.isend, t, dst, group=group), t))
     while len(pending) > 2 * depth:
@@ -514,8 +550,11 @@ def _send(t: Tensor, dst: int, group, pending: collections.deque, depth: int, na
 
 
 def _recv(like: Tensor, src: int, group, name: str) -> Tensor:
-    shape = torch.zeros(MAX_DIMS + 1, dtype=torch.int64)
+    """A tensor sent by ``_send`` from ``group``'s rank ``src``, on ``like``'s device and dtype."""
+    src = global_rank(group, src)
+    shape = torch.zeros(MAX_DIMS + 1, dtype=torch.int64, device=like.device)
     _guard(f"receiving the shape of {name!r}", dist.recv, shape, src, group=group)
+    shape = shape.cpu()
     buf = torch.empty(tuple(int(s) for s in shape[1:1 + int(shape[0])]), dtype=like.dtype, device=like.device)
     _guard(f"receiving {name!r}", dist.recv, buf, src, group=group)
     return buf
@@ -523,10 +562,18 @@ def _recv(like: Tensor, src: int, group, name: str) -> Tensor:
 
 def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_ends: Sequence[str],
                    *, staleness: int = 0, depth: int = 2, owner: Sequence[int] | None = None, group=None,
-                   check_finite: bool = True, share: bool | None = None, stats: dict | None = None):
+                   data_group=None, check_finite: bool = True, share: bool | None = None,
+                   stats: dict | None = None):
     """``run(ts, batches) -> (ts, metrics)``: trains over an iterable of batches, streaming
-    them through the ranks, and drains at the end. ``metrics`` holds, per step, every
-    objective's metrics (gathered from their ranks at the drain) and the optimizer's.
+    them through the ranks of ``group`` (the stages), and drains at the end. ``metrics``
+    holds, per step, every objective's metrics (gathered from their ranks at the drain) and
+    the optimizer's.
+
+    ``data_group``: the ranks holding the same stage in other data replicas (``mesh_groups``).
+    Each replica streams its own shard of every (global) batch, and a stage's gradients and
+    BatchNorm statistics are averaged over its data group before each update, as
+    ``data_parallel_step`` does over its ranks: the run equals ``data_parallel_step`` over the
+    replicas, and the metrics are the replica's own shard's.
 
     The returned state is whole on every rank: each parameter, state entry and
     per-parameter optimizer entry is broadcast from the rank that owns it, so any rank can
@@ -543,6 +590,8 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
         raise NotImplementedError("pipeline staleness > 0 is not implemented yet; use staleness=0 "
                                   "with a scheme whose gradient reach stays on one rank (dgl, infopro)")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    replicas = 1 if data_group is None else dist.get_world_size(data_group)
+    replica = 0 if data_group is None else dist.get_rank(data_group)
     owner = list(owner) if owner is not None else balanced_owner(objectives, module_ends, world)
     plan = plan_modules(objectives, module_ends, owner, world)
     problems = crossing_objectives(objectives, module_ends, owner, plan.rank_of_objective)
@@ -567,6 +616,8 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
             batch = as_batch(batch)
             if kept is not None:
                 kept.append(batch)
+            if data_group is not None:
+                batch = shard(batch, replica, replicas)
             x = input_of(batch)
             acts: dict[str, Tensor] = {INPUT: x}
             tic = time.perf_counter()
@@ -574,11 +625,16 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
                 acts[name] = _recv(x, rank - 1, group, name)
             wait += time.perf_counter() - tic
             tic = time.perf_counter()
-            with _step_randomness(ts, x):
-                g, acts = run_rank(ts, batch, acts)
-            grads = {k: v for k, v in g.grads.items() if k in owned}
+            drawn = ts if data_group is None or ts.key is None else ts._replace(key=fold_in(ts.key, replica))
+            with _step_randomness(drawn, x):
+                g, acts = run_rank(drawn, batch, acts)
+            grads, state = {k: v for k, v in g.grads.items() if k in owned}, g.state
+            if data_group is not None:
+                grads = {k: v / replicas for k, v in all_reduce_tree(grads, group=data_group).items()}
+                floats = {k: v for k, v in state.items() if v.is_floating_point()}
+                state = {**state, **{k: v / replicas for k, v in all_reduce_tree(floats, group=data_group).items()}}
             zeros = {k: torch.zeros_like(ts.params[k]) for k in untouched}
-            ts, metrics = finish_step(ts, Gradients({**grads, **zeros}, {**ts.state, **g.state}, g.losses,
+            ts, metrics = finish_step(ts, Gradients({**grads, **zeros}, {**ts.state, **state}, g.losses,
                                                     g.metrics, g.finite), optimizer, (),
                                       check_finite=False, untouched=untouched)
             steps.append((metrics, g.finite))
@@ -596,7 +652,7 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
         def from_owner(k: str, v: Tensor) -> Tensor:
             src = rank_of_key[k]
             v = v if src == rank else v.clone()
-            _guard(f"broadcasting {k!r}", dist.broadcast, v, src, group=group)
+            _guard(f"broadcasting {k!r}", dist.broadcast, v, global_rank(group, src), group=group)
             return v
 
         params = {k: from_owner(k, v) if k in rank_of_key else v for k, v in ts.params.items()}
@@ -619,6 +675,9 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
                    for o, k in columns]
             table[i] = torch.stack([*[v.to(device) for v in row], (~finite).float().to(device)])
         table = all_reduce_tree({"t": table}, group=group)["t"]
+        if data_group is not None:  # every replica stops at the same step
+            bad = all_reduce_tree({"bad": table[:, -1].contiguous()}, group=data_group)["bad"]
+            table = torch.cat([table[:, :-1], bad[:, None]], dim=1)
         history = []
         for i, (metrics, _) in enumerate(steps):
             row: dict[str, dict[str, Tensor]] = {}
