@@ -485,16 +485,17 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
     agree on them (per-parameter optimizer state stays on the owner). Every rank must get the
     same batches (the labels are read on every rank). ``stats`` receives busy/wait seconds."""
     if staleness != 0:
-        raise NotImplementedError("pipeline staleness > 0 is not implemented yet; use staleness=0 "
-                                  "with a scheme whose gradient reach stays on one rank (dgl, infopro)")
+        return stale_pipeline_step(objectives, optimizer, module_ends, staleness=staleness, depth=depth,
+                                   owner=owner, group=group, check_finite=check_finite, share=share, stats=stats)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     owner = list(owner) if owner is not None else balanced_owner(objectives, module_ends, world)
     plan = plan_modules(objectives, module_ends, owner, world)
     problems = crossing_objectives(objectives, module_ends, owner, plan.rank_of_objective)
     if problems:
         raise SchemeError("the scheme's gradient reach crosses ranks, so a streamed pipeline is not "
-                         f"exact: {'; '.join(problems)}. Use module_parallel_step, or put these "
-                         "modules on one rank (owner=)")
+                         f"exact: {'; '.join(problems)}. Use module_parallel_step, put these "
+                         "modules on one rank (owner=), or declare staleness (stale_pipeline_step; "
+                         "staleness=0 is exact with a round trip per step)")
     mine = [i for i, r in enumerate(plan.rank_of_objective) if r == rank]
     param_keys, state_keys = scheme_names(objectives)
     owned = {k for i in mine for k in (*objectives[i].param_names, *objectives[i].state_names)}
@@ -541,5 +542,213 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
             stats["busy_s"] = stats.get("busy_s", 0.0) + busy
             stats["wait_s"] = stats.get("wait_s", 0.0) + wait
         return ts._replace(params=params, state=state), history
+
+    return run
+
+
+# ---------------------------------------------------------------- declared staleness (issue #22 item 3)
+from ..core.batch import Batch  # noqa: E402
+from .staleness import (  # noqa: E402
+    StaleCarry,
+    check_carry,
+    feeder,
+    fresh_carry,
+    owned_after_steps,
+    part_objective,
+    plan_staleness,
+    received_key,
+    tail_objective,
+    with_stale,
+)
+
+
+class _Piece(NamedTuple):
+    """One objective of the split scheme: ``index`` in the scheme, the rank that runs it,
+    and whether it is whole, a crossing window's ``part`` (earlier rank) or its ``tail``."""
+
+    index: int
+    rank: int
+    objective: Objective
+    kind: str
+
+
+def split_scheme(objectives: Sequence[Objective], module_ends: Sequence[str], owner: Sequence[int],
+                 law) -> list[_Piece]:
+    """The scheme with every crossing window split at its rank boundary (``staleness``)."""
+    index = {INPUT: -1, **{end: i for i, end in enumerate(module_ends)}}
+    pieces = []
+    for i, o in enumerate(objectives):
+        r = law.rank_of_objective[i]
+        if i not in law.split_at:
+            pieces.append(_Piece(i, r, o, "whole"))
+            continue
+        p = owner[index[o.input_name] + 1]
+        if p != r - 1:
+            raise SchemeError(f"objective {o.name!r} runs on rank {r} through modules of rank {p}; a split window "
+                              "must span neighbouring ranks: give every rank at least one module (owner=)")
+        pieces.append(_Piece(i, p, part_objective(o, law.split_at[i]), "part"))
+        pieces.append(_Piece(i, r, tail_objective(o, law.split_at[i]), "tail"))
+    return pieces
+
+
+def stale_pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_ends: Sequence[str],
+                        *, staleness: int, depth: int = 2, owner: Sequence[int] | None = None, group=None,
+                        check_finite: bool = True, share: bool | None = None, stats: dict | None = None):
+    """The streamed pipeline for a scheme whose reach crosses ranks (MLAAN windows and twins),
+    under the declared-staleness law (``mlaan_func.parallel.staleness``, docs/design.md §5):
+    ``run(ts, batches, carry=None) -> (ts, history, carry)``.
+
+    A window of rank q through rank p = q − 1 is split at their boundary: p runs its part
+    forward (the boundary it sends anyway) and stashes its input, train state and step; q runs
+    the tail from the received boundary as a parameter and sends its cotangent back; p
+    applies it ``staleness`` steps later as the gradient of ``(part · cotangent).sum()``,
+    recomputed from the stash (a recompute rather than a kept graph: nothing but tensors is
+    held across steps, and only ``staleness + 1`` stashes). Owners send the EMA twins other
+    ranks read after each step; a reader uses the one of ``staleness`` steps before. The
+    queues are bounded (``depth`` sends per channel outstanding); no barrier per step.
+    ``staleness=0`` is the synchronous step with one round trip per boundary and step. At the
+    end the in-flight cotangents are received and turned into the ``carry``'s gradients,
+    and every key is broadcast from its owner. ``carry``: as ``simulate_staleness``'s (each
+    rank keeps its own share); pass it to the next call. Checks as ``pipeline_step``."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    objectives = list(objectives)
+    owner = list(owner) if owner is not None else balanced_owner(objectives, module_ends, world)
+    law = plan_staleness(objectives, module_ends, owner, world, staleness)
+    pieces = split_scheme(objectives, module_ends, owner, law)
+    plan = plan_modules([c.objective for c in pieces], module_ends, owner, world)
+    receives, sends = plan.receives[rank], plan.sends[rank]
+    mine = [c for c in pieces if c.rank == rank and c.kind != "part"]
+    parts = [c.objective for c in pieces if c.rank == rank and c.kind == "part"]
+    names = [objectives[c.index].name for c in pieces if c.rank == rank and c.kind == "part"]
+    tails = [c.objective for c in mine if c.kind == "tail"]
+    made = {c.objective.output_name for c in mine}
+    written = {k for c in mine for k in c.objective.state_names}
+    feeders = [c._replace(objective=feeder(c.objective)) for c in pieces if c.rank == rank and c.kind == "part"
+               and (c.objective.output_name not in made or set(c.objective.state_names) - written)]
+    local = [c.objective for c in sorted(mine + feeders, key=lambda c: c.index)]
+    fed = {c.objective.name for c in feeders}
+    keep = tuple(dict.fromkeys([*sends, *(p.input_name for p in parts if p.input_name not in (INPUT, *receives))]))
+    run_local = executor(local, share=share, given=receives, keep=keep) if local else None
+    run_parts = [executor([p], share=share, given=() if p.input_name == INPUT else (p.input_name,)) for p in parts]
+    param_keys, state_keys = scheme_names(objectives)
+    owned = tuple(k for k in param_keys if law.param_owner[k] == rank)
+    untouched = tuple(k for k in param_keys if law.param_owner[k] != rank)
+    writes = {k for k in state_keys if law.state_writer[k] == rank and k not in law.twin_source}
+    post = owned_after_steps(after_steps(objectives), [k for k in law.twin_source if law.state_writer[k] == rank])
+    reads = law.stale_twins[rank]
+    my_reads = tuple(k for keys in reads.values() for k in keys)
+    readers = {c: law.stale_twins[c][rank] for c in range(world) if rank in law.stale_twins[c]}
+
+    def run(ts: TrainState, batches: Iterable[Any], carry: StaleCarry | None = None
+            ) -> tuple[TrainState, list[dict], StaleCarry]:
+        carry = fresh_carry(ts, law, staleness) if carry is None else carry
+        check_carry(carry, staleness)
+        due = collections.deque(carry.grads)
+        twins = collections.deque([{k: t[k] for k in my_reads} for t in carry.twins] +
+                                  [{k: ts.state[k] for k in my_reads}])
+        counts = {"base": 0, "got": 0}  # twins[0] is the view of step base; twin messages received
+        stash: collections.deque = collections.deque()
+        forward_q, back_q = collections.deque(), collections.deque()
+        twin_q = {c: collections.deque() for c in readers}
+        history, busy, wait = [], 0.0, 0.0
+
+        def receive_twins() -> State:
+            view = {}
+            for q, keys in reads.items():
+                flat = _recv(ts.state[keys[0]], q, group, f"the EMA twins of rank {q}")
+                offset = 0
+                for k in keys:
+                    n = ts.state[k].numel()
+                    view[k] = flat[offset:offset + n].view_as(ts.state[k])
+                    offset += n
+            counts["got"] += 1
+            return view
+
+        def twins_through(j: int) -> None:
+            """The stale twins of step ``j`` received, in the order their owners sent them."""
+            while counts["base"] + len(twins) <= j:
+                twins.append(receive_twins())
+
+        def late() -> tuple[tuple[str, Params], ...]:
+            """The cotangents of the oldest stashed step, as gradients of this rank's parts."""
+            then, x, inputs = stash.popleft()
+            out = []
+            for name, part, run_part in zip(names, parts, run_parts):
+                cot = _recv(x, rank + 1, group, f"the cotangent of {name!r}")
+                with _step_randomness(then, x):
+                    g, _ = run_part(then, Batch(x, cot), {k: v for k, v in inputs.items() if k == part.input_name})
+                out.append((name, g.grads))
+            return tuple(out)
+
+        n = 0
+        for j, batch in enumerate(batches):
+            n = j + 1
+            batch = as_batch(batch)
+            x = input_of(batch)
+            tic = time.perf_counter()
+            twins_through(j)
+            stale = twins.popleft()
+            counts["base"] += 1
+            acts: dict[str, Tensor] = {INPUT: x}
+            for name in receives:
+                acts[name] = _recv(x, rank - 1, group, name)
+            wait += time.perf_counter() - tic
+            tic = time.perf_counter()
+            view = ts._replace(params={**ts.params, **{received_key(t): acts[t.input_name] for t in tails}},
+                               state=with_stale(ts.state, stale, my_reads))
+            if run_local is not None:
+                with _step_randomness(ts, x):
+                    g, kept = run_local(view, batch, {name: acts[name] for name in receives})
+            else:
+                g, kept = Gradients({}, {}, {}, {}, torch.ones((), dtype=torch.bool)), {}
+            values = {**acts, **kept}
+            for name in sends:
+                _send(values[name], rank + 1, group, forward_q, depth, name)
+            for t in tails:
+                _send(g.grads[received_key(t)], rank - 1, group, back_q, depth, f"the cotangent of {t.name!r}")
+            if parts:
+                stash.append((view, x, {p.input_name: values[p.input_name] for p in parts if p.input_name != INPUT}))
+            if j >= staleness:
+                due.append(late() if parts else ())
+            grads = {k: g.grads[k] if k in g.grads else torch.zeros_like(ts.params[k]) for k in owned}
+            for _, contribution in due.popleft():
+                for k, v in contribution.items():
+                    grads[k] = grads[k] + v
+            grads.update({k: torch.zeros_like(ts.params[k]) for k in untouched})
+            state = {**ts.state, **{k: v for k, v in g.state.items() if k in writes}}
+            losses = {k: v for k, v in g.losses.items() if k not in fed}
+            metrics = {k: v for k, v in g.metrics.items() if k not in fed}
+            ts, reported = finish_step(ts, Gradients(grads, state, losses, metrics, g.finite), optimizer, post,
+                                       check_finite=check_finite, untouched=untouched)
+            for c, keys in readers.items():
+                _send(torch.cat([ts.state[k].reshape(-1) for k in keys]), c, group, twin_q[c], depth,
+                      f"the EMA twins for rank {c}")
+            busy += time.perf_counter() - tic
+            history.append(reported)
+        tic = time.perf_counter()
+        for j in range(n, n + staleness):  # the last steps' cotangents, in the order they were sent
+            twins_through(j)
+            if j >= staleness:
+                due.append(late() if parts else ())
+        while counts["got"] < n:
+            twins.append(receive_twins())
+        for pending in (forward_q, back_q, *twin_q.values()):
+            while pending:
+                req, _ = pending.popleft()
+                _guard("waiting for a send", req.wait)
+        params, state = dict(ts.params), dict(ts.state)
+        for k in param_keys:
+            src = law.param_owner[k]
+            params[k] = params[k] if src == rank else torch.empty_like(params[k])
+            _guard(f"broadcasting {k!r}", dist.broadcast, params[k], src, group=group)
+        for k in state_keys:
+            src = law.state_writer[k]
+            state[k] = state[k] if src == rank else torch.empty_like(state[k])
+            _guard(f"broadcasting {k!r}", dist.broadcast, state[k], src, group=group)
+        wait += time.perf_counter() - tic
+        if stats is not None:
+            stats["busy_s"] = stats.get("busy_s", 0.0) + busy
+            stats["wait_s"] = stats.get("wait_s", 0.0) + wait
+        return ts._replace(params=params, state=state), history, StaleCarry(tuple(due), tuple(twins)[:staleness])
 
     return run

@@ -1,0 +1,47 @@
+"""A worker process for tests/test_staleness.py: one rank of the streamed pipeline under
+declared staleness (argv: rank, world, store, out, and a JSON config with method, at, owner,
+steps, ragged, staleness and chunks: how many calls of ``run`` the batches are split into,
+the carry passed from one to the next)."""
+
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import mlaan_func as mf
+from mlaan_func import distributed as mfd
+
+sys.path.insert(0, os.path.dirname(__file__))
+import pipeline_worker as w  # noqa: E402
+
+
+def run(rank, world, store, out, config):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=10))
+    net, objectives = w.scheme(config["method"], config["at"])
+    opt = w.optimizer()
+    ts = mf.init(objectives, opt, seed=0)
+    ends = [m.output_name for m in mf.split(net, config["at"])]
+    run_pipeline = mfd.stale_pipeline_step(objectives, opt, ends, owner=config["owner"],
+                                           staleness=config["staleness"])
+    data = w.batches(config["steps"], config.get("ragged", False))
+    chunks = config.get("chunks", 1)
+    cut = [len(data) * c // chunks for c in range(chunks + 1)]
+    carry, steps = None, 0
+    for a, b in zip(cut, cut[1:]):
+        ts, history, carry = run_pipeline(ts, data[a:b], carry)
+        steps += len(history)
+    assert steps == config["steps"]
+    if rank == 0:
+        mf.save(out, ts)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    rank, world, store, out, config = sys.argv[1:]
+    run(int(rank), int(world), store, out, json.loads(config))
