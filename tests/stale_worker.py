@@ -26,8 +26,9 @@ def run(rank, world, store, out, config):
     opt = w.optimizer()
     ts = mf.init(objectives, opt, seed=0)
     ends = [m.output_name for m in mf.split(net, config["at"])]
-    run_pipeline = mfd.stale_pipeline_step(objectives, opt, ends, owner=config["owner"],
-                                           staleness=config["staleness"])
+    # staleness > 0 through pipeline_step, which hands it on; 0 directly (pipeline_step refuses a crossing scheme)
+    make = mfd.pipeline_step if config["staleness"] else mfd.stale_pipeline_step
+    run_pipeline = make(objectives, opt, ends, owner=config["owner"], staleness=config["staleness"])
     data = w.batches(config["steps"], config.get("ragged", False))
     chunks = config.get("chunks", 1)
     cut = [len(data) * c // chunks for c in range(chunks + 1)]

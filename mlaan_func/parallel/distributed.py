@@ -24,7 +24,8 @@ Both return a step with the signature of ``mlaan_func.step`` and keep every rank
   ``finish_step``, leaving the parameters it does not own untouched. Exact (bitwise equal
   to one process) when no objective's gradient reach crosses a rank (DGL, InfoPro, E2E on
   one rank); a scheme whose reach crosses ranks (MLAAN windows, EMA twins) is refused
-  (``crossing_objectives``; ``staleness`` > 0 is not implemented yet).
+  (``crossing_objectives``), unless it declares ``staleness`` (``stale_pipeline_step``,
+  docs/design.md §5.1: cross-rank cotangents and EMA twins arrive ``staleness`` steps late).
 
 >>> import mlaan_func.distributed as dist_mf
 >>> dist_mf.assign_modules(5, 2)
@@ -483,7 +484,9 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
     them through the ranks; ``metrics`` holds, per step, this rank's objectives' metrics. The
     returned state has every parameter and state key broadcast from its owner, so all ranks
     agree on them (per-parameter optimizer state stays on the owner). Every rank must get the
-    same batches (the labels are read on every rank). ``stats`` receives busy/wait seconds."""
+    same batches (the labels are read on every rank). ``stats`` receives busy/wait seconds.
+    ``staleness`` > 0 hands the scheme to ``stale_pipeline_step`` (docs/design.md §5.1), whose
+    ``run(ts, batches, carry=None)`` also returns the carry of what is in flight."""
     if staleness != 0:
         return stale_pipeline_step(objectives, optimizer, module_ends, staleness=staleness, depth=depth,
                                    owner=owner, group=group, check_finite=check_finite, share=share, stats=stats)
