@@ -4,6 +4,7 @@ steps, ragged, staleness and chunks: how many calls of ``run`` the batches are s
 the carry passed from one to the next)."""
 
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -33,7 +34,7 @@ def run(rank, world, store, out, config):
     chunks = config.get("chunks", 1)
     cut = [len(data) * c // chunks for c in range(chunks + 1)]
     carry, steps = None, 0
-    for a, b in zip(cut, cut[1:]):
+    for a, b in itertools.pairwise(cut):
         ts, history, carry = run_pipeline(ts, data[a:b], carry)
         steps += len(history)
     assert steps == config["steps"]

@@ -3,12 +3,14 @@ the single-process simulator of the law equals mf.step bitwise at staleness 0, s
 at staleness 1, does not depend on how batches are chunked into calls, and refuses what the
 law does not cover; the gloo pipeline (2 and 3 ranks) equals the simulator bitwise."""
 
+import itertools
 import os
 import sys
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mlaan_func as mf
 from mlaan_func.errors import SchemeError
@@ -42,7 +44,7 @@ def simulated(config, staleness=None, chunks=1):
                              config["staleness"] if staleness is None else staleness)
     ts, carry, data = mf.init(objectives, opt, seed=0), None, w.batches(config["steps"], config.get("ragged", False))
     cut = [len(data) * c // chunks for c in range(chunks + 1)]
-    for a, b in zip(cut, cut[1:]):
+    for a, b in itertools.pairwise(cut):
         ts, history, carry = run(ts, data[a:b], carry)
         assert len(history) == b - a
     return ts, carry

@@ -551,6 +551,7 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
 
 # ---------------------------------------------------------------- declared staleness (issue #22 item 3)
 from ..core.batch import Batch  # noqa: E402
+from ..core.net import State  # noqa: E402
 from .staleness import (  # noqa: E402
     StaleCarry,
     check_carry,

@@ -145,7 +145,7 @@ def plan_staleness(objectives: Sequence[Objective], module_ends: Sequence[str], 
                           "knows only those; put the whole scheme on one rank")
     for twin, source in twin_source.items():
         state_writer[twin] = param_owner.get(source, 0)
-    stale = [dict() for _ in range(ranks)]
+    stale: list[dict[int, dict[str, None]]] = [{} for _ in range(ranks)]
     for o, r in zip(objectives, rank_of):
         for k in o.state_names:
             if k in twin_source and state_writer[k] != r:
