@@ -5,9 +5,13 @@ run, each rank's busy fraction, and the pipeline's predicted throughput from per
 
     python bench/pipeline.py                                   # dgl, ResNet-32, K=16, batch 128
     python bench/pipeline.py --balance blocks --steps 8 --rounds 3 --json /tmp/p.json
+    python bench/pipeline.py --method mlaan --modules 15 --staleness 0 1 --json bench/results/pipeline_mlaan.json
 
 ``--balance measured`` (the default) gives each rank a run of modules by the measured seconds
 of its objectives (``mfd.objective_seconds``); ``blocks`` by the blocks they run.
+
+``--staleness s ...`` runs the pipeline under declared staleness (``mfd.stale_pipeline_step``,
+docs/design.md §5.1), one mode ``pipeline-s<s>`` each: the MLAAN family crosses ranks.
 """
 
 from __future__ import annotations
@@ -66,13 +70,21 @@ def worker(rank, world, port, method, arch, k, batch_size, steps, mode, owner, o
         t = time.perf_counter()
         for b in data:
             ts, _ = step(ts, b)
-    else:
+    elif mode == "pipeline":
         run = mfd.pipeline_step(scheme, opt, ends, owner=owner, stats=stats)
         ts, _ = run(ts, data[:1])
         stats.clear()
         dist.barrier()
         t = time.perf_counter()
         ts, _ = run(ts, data)
+    else:  # pipeline-s<staleness>
+        run = mfd.stale_pipeline_step(scheme, opt, ends, staleness=int(mode.split("-s")[1]), owner=owner,
+                                      stats=stats)
+        ts, _, carry = run(ts, data[:1])
+        stats.clear()
+        dist.barrier()
+        t = time.perf_counter()
+        ts, _, carry = run(ts, data, carry)
     dist.barrier()
     seconds = time.perf_counter() - t
     row = {"rank": rank, "images_per_s": batch_size * steps / seconds,
@@ -91,8 +103,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=16, help="timed steps per run (the pipeline fills once per run)")
     p.add_argument("--balance", choices=("measured", "blocks"), default="measured")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--staleness", type=int, nargs="*", default=None,
+                   help="declared staleness values to run (stale_pipeline_step) instead of pipeline_step")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    pipelines = ["pipeline"] if args.staleness is None else [f"pipeline-s{s}" for s in args.staleness]
     method, arch, k, n, world = common.method_name(args.method), args.arch, args.modules, args.batch_size, 2
     torch.set_num_threads(1)
     scheme, times = objective_times(method, arch, k, n)
@@ -102,24 +117,24 @@ def main(argv=None) -> int:
     plan = mfd.plan_modules(scheme, ends, owner, world)
     per_rank = [sum(t for t, r in zip(times, plan.rank_of_objective) if r == q) for q in range(world)]
     load_before = open("/proc/loadavg").read().split()[:3]
-    rounds: dict[str, list] = {"1p1t": [], "1p2t": [], "sync": [], "pipeline": []}
+    rounds: dict[str, list] = {"1p1t": [], "1p2t": [], "sync": [], **{m: [] for m in pipelines}}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
             rounds["1p1t"].append(one_process(method, arch, k, n, args.steps, 1))
             rounds["1p2t"].append(one_process(method, arch, k, n, args.steps, 2))
-            for mode in ("sync", "pipeline"):
+            for mode in ("sync", *pipelines):
                 mp.spawn(worker, args=(world, free_port(), method, arch, k, n, args.steps, mode, owner, tmp),
                          nprocs=world, join=True)
                 rounds[mode].append([json.load(open(os.path.join(tmp, f"{mode}-{r}.json"))) for r in range(world)])
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     throughput = {"1p1t": median(rounds["1p1t"]), "1p2t": median(rounds["1p2t"]),
-                  "sync": median([min(r["images_per_s"] for r in rows) for rows in rounds["sync"]]),
-                  "pipeline": median([min(r["images_per_s"] for r in rows) for rows in rounds["pipeline"]])}
+                  **{m: median([min(r["images_per_s"] for r in rows) for rows in rounds[m]])
+                     for m in ("sync", *pipelines)}}
     result = {**common.environment(sys.argv), "method": method, "arch": arch, "modules": k, "batch_size": n,
               "steps": args.steps, "rounds": args.rounds, "balance": args.balance, "module_owner": owner,
               "load_before": load_before, "load_after": open("/proc/loadavg").read().split()[:3],
               "images_per_s": throughput, "ratio_to_1p1t": {m: v / throughput["1p1t"] for m, v in throughput.items()},
-              "busy_fraction": {m: [[r["busy_fraction"] for r in rows] for rows in rounds[m]] for m in ("sync", "pipeline")},
+              "busy_fraction": {m: [[r["busy_fraction"] for r in rows] for rows in rounds[m]] for m in ("sync", *pipelines)},
               "rank_seconds_per_batch": per_rank,
               "predicted_pipeline_images_per_s": n / max(per_rank),
               "predicted_ratio_to_1p1t": sum(per_rank) / max(per_rank), "raw": rounds}

@@ -25,14 +25,14 @@ HANG = 900
 CUTS = ["1.0", "1.1", "2.0", "2.1", "3.0", "3.1"]
 
 
-def launch(tmp, world, config, name):
+def launch(tmp, world, config, name, worker=WORKER):
     out, store = tmp / f"{name}.pt", tmp / f"{name}.store"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = [tmp / f"{name}.stderr{r}" for r in range(world)]
     procs = []
     for r in range(world):
         with open(logs[r], "w") as log:
-            procs.append(subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(store), str(out),
+            procs.append(subprocess.Popen([sys.executable, worker, str(r), str(world), str(store), str(out),
                                            json.dumps(config)], env=env, stderr=log))
     try:
         for p in procs:

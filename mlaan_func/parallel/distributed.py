@@ -24,7 +24,8 @@ Both return a step with the signature of ``mlaan_func.step`` and keep every rank
   ``finish_step``, leaving the parameters it does not own untouched. Exact (bitwise equal
   to one process) when no objective's gradient reach crosses a rank (DGL, InfoPro, E2E on
   one rank); a scheme whose reach crosses ranks (MLAAN windows, EMA twins) is refused
-  (``crossing_objectives``; ``staleness`` > 0 is not implemented yet).
+  (``crossing_objectives``), unless it declares ``staleness`` (``stale_pipeline_step``,
+  docs/design.md §5.1: cross-rank cotangents and EMA twins arrive ``staleness`` steps late).
 
 >>> import mlaan_func.distributed as dist_mf
 >>> dist_mf.assign_modules(5, 2)
@@ -44,8 +45,8 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..combinators import Objective
-from ..core.batch import as_batch
-from ..core.net import INPUT, Params
+from ..core.batch import Batch, as_batch
+from ..core.net import INPUT, Params, State
 from ..core.randomness import fold_in
 from ..errors import DistributedError, NonFiniteLossError, SchemeError
 from ..optim import Optimizer, map_entries
@@ -55,6 +56,8 @@ from ..train.plan import plan_routes
 from ..train.routing import accumulate
 from ..train.state import Gradients, TrainState, after_steps, scheme_names
 from ..train.step import _step_randomness, finish_step, gradients
+from .staleness import (StaleCarry, check_carry, feeder, fresh_carry, owned_after_steps, part_objective,
+                        plan_staleness, received_key, tail_objective, with_stale)
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -560,6 +563,75 @@ def _recv(like: Tensor, src: int, group, name: str) -> Tensor:
     return buf
 
 
+def _whole(ts: TrainState, source: dict[str, int], param_keys: Sequence[str], group) -> TrainState:
+    """Every parameter, state entry and per-parameter optimizer entry broadcast from the rank
+    of ``group`` that ``source`` names for its key; a copy where it is received, so no
+    caller's tensor changes. What a drained pipeline returns on every rank."""
+    rank = dist.get_rank(group)
+
+    def from_owner(k: str, v: Tensor) -> Tensor:
+        src = source[k]
+        v = v if src == rank else v.clone()
+        _guard(f"broadcasting {k!r}", dist.broadcast, v, global_rank(group, src), group=group)
+        return v
+
+    params = {k: from_owner(k, v) if k in source else v for k, v in ts.params.items()}
+    state = {k: from_owner(k, v) if k in source else v for k, v in ts.state.items()}
+    opt_state = map_entries(from_owner, ts.opt_state, frozenset(k for k in param_keys if k in source))
+    return ts._replace(params=params, state=state, opt_state=opt_state)
+
+
+def _gathered(steps: list, group, data_group=None) -> tuple[list[dict], Tensor]:
+    """Every objective's metrics per step from the rank that ran it (one all-reduce of a
+    steps x metrics table over ``group``), and per step the number of ranks (of the whole
+    mesh) whose losses were not all finite. ``steps``: this rank's ``(metrics, finite)``."""
+    world = dist.get_world_size(group)
+    local = sorted({(o, k) for metrics, _ in steps[:1] for o, m in metrics.items() if o != "optimizer"
+                    for k in m})
+    names: list = [None] * world
+    dist.all_gather_object(names, local, group=group)
+    columns = sorted({c for part in names for c in part})
+    device = group_device(group)
+    table = torch.zeros(len(steps), len(columns) + 1, device=device)
+    for i, (metrics, finite) in enumerate(steps):
+        row = [metrics[o][k].detach().float().reshape(()).to(device) if o in metrics
+               else torch.zeros((), device=device) for o, k in columns]
+        table[i] = torch.stack([*row, (~finite).float().to(device)])
+    table = all_reduce_tree({"t": table}, group=group)["t"]
+    if data_group is not None:  # every replica stops at the same step
+        bad = all_reduce_tree({"bad": table[:, -1].contiguous()}, group=data_group)["bad"]
+        table = torch.cat([table[:, :-1], bad[:, None]], dim=1)
+    history = []
+    for i, (metrics, _) in enumerate(steps):
+        row: dict[str, dict[str, Tensor]] = {}
+        for j, (o, k) in enumerate(columns):
+            row.setdefault(o, {})[k] = table[i, j]
+        if "optimizer" in metrics:
+            row["optimizer"] = metrics["optimizer"]
+        history.append(row)
+    return history, table[:, -1]
+
+
+def _drained(steps: list, source: dict[str, int], param_keys: Sequence[str], group, data_group,
+             replay: Callable[[int], TrainState] | None, first_step: int) -> list[dict]:
+    """The gathered history of a streamed call; with ``replay`` (the check on), a non-finite
+    loss at call step j on any rank raises ``NonFiniteLossError`` on every rank, its
+    ``train_state`` the whole state ``replay(j)`` gives after the j good steps."""
+    history, bad = _gathered(steps, group, data_group)
+    failed = bad.nonzero().flatten()
+    if replay is not None and failed.numel():  # the call's one host read
+        j = int(failed[0])
+        good = _whole(replay(j), source, param_keys, group)
+        which = [o for o, m in history[j].items() if o != "optimizer" and not bool(torch.isfinite(m["loss"]))]
+        error = NonFiniteLossError(
+            f"non-finite loss in objective(s) {which} at step {first_step + j}; nothing was updated past "
+            f"step {first_step + j - 1} (the error's train_state). Lower the learning rate, add gradient "
+            "clipping (mlaan_func.optim.clip_by_global_norm), or check the inputs for NaN.")
+        error.train_state = good
+        raise error
+    return history
+
+
 def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_ends: Sequence[str],
                    *, staleness: int = 0, depth: int = 2, owner: Sequence[int] | None = None, group=None,
                    data_group=None, check_finite: bool = True, share: bool | None = None,
@@ -585,10 +657,13 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
     every rank at the drain, naming the step and the objectives; its ``train_state`` is the
     state after the last good step (the run is replayed up to it from the kept batches, so
     a run keeps its batches until it drains). ``stats`` receives busy/wait seconds.
+
+    ``staleness`` > 0 hands the scheme to ``stale_pipeline_step`` (docs/design.md §5.1), whose
+    ``run(ts, batches, carry=None)`` also returns the carry of what is in flight.
     """
     if staleness != 0:
-        raise NotImplementedError("pipeline staleness > 0 is not implemented yet; use staleness=0 "
-                                  "with a scheme whose gradient reach stays on one rank (dgl, infopro)")
+        return stale_pipeline_step(objectives, optimizer, module_ends, staleness=staleness, depth=depth,
+                                   owner=owner, group=group, check_finite=check_finite, share=share, stats=stats)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     replicas = 1 if data_group is None else dist.get_world_size(data_group)
     replica = 0 if data_group is None else dist.get_rank(data_group)
@@ -597,10 +672,10 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
     problems = crossing_objectives(objectives, module_ends, owner, plan.rank_of_objective)
     if problems:
         raise SchemeError("the scheme's gradient reach crosses ranks, so a streamed pipeline is not "
-                         f"exact: {'; '.join(problems)}. Use module_parallel_step, or put these "
-                         "modules on one rank (owner=)")
+                         f"exact: {'; '.join(problems)}. Use module_parallel_step, put these "
+                         "modules on one rank (owner=), or declare staleness (stale_pipeline_step; "
+                         "staleness=0 is exact with a round trip per step)")
     mine = [i for i, r in enumerate(plan.rank_of_objective) if r == rank]
-    mine_names = {objectives[i].name for i in mine}
     param_keys, state_keys = scheme_names(objectives)
     owned = {k for i in mine for k in (*objectives[i].param_names, *objectives[i].state_names)}
     untouched = tuple(k for k in param_keys if k not in owned)
@@ -647,69 +722,219 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
             _guard("waiting for a send", req.wait)
         return ts, steps, busy, wait + time.perf_counter() - tic
 
-    def whole(ts: TrainState) -> TrainState:
-        """Every key from its owner; a copy where it is received, so no caller's tensor changes."""
-        def from_owner(k: str, v: Tensor) -> Tensor:
-            src = rank_of_key[k]
-            v = v if src == rank else v.clone()
-            _guard(f"broadcasting {k!r}", dist.broadcast, v, global_rank(group, src), group=group)
-            return v
-
-        params = {k: from_owner(k, v) if k in rank_of_key else v for k, v in ts.params.items()}
-        state = {k: from_owner(k, v) if k in rank_of_key and k in state_keys else v for k, v in ts.state.items()}
-        opt_state = map_entries(from_owner, ts.opt_state, frozenset(param_keys))
-        return ts._replace(params=params, state=state, opt_state=opt_state)
-
-    def gathered(steps: list) -> tuple[list[dict], Tensor]:
-        """Every objective's metrics per step from the rank that ran it (one all-reduce), and
-        per step the number of ranks whose losses were not all finite."""
-        local = sorted({(o, k) for metrics, _ in steps[:1] for o, m in metrics.items() if o in mine_names
-                        for k in m})
-        names: list = [None] * world
-        dist.all_gather_object(names, local, group=group)
-        columns = sorted({c for part in names for c in part})
-        device = group_device(group)
-        table = torch.zeros(len(steps), len(columns) + 1, device=device)
-        for i, (metrics, finite) in enumerate(steps):
-            row = [metrics[o][k].detach().float().reshape(()) if o in mine_names else torch.zeros(())
-                   for o, k in columns]
-            table[i] = torch.stack([*[v.to(device) for v in row], (~finite).float().to(device)])
-        table = all_reduce_tree({"t": table}, group=group)["t"]
-        if data_group is not None:  # every replica stops at the same step
-            bad = all_reduce_tree({"bad": table[:, -1].contiguous()}, group=data_group)["bad"]
-            table = torch.cat([table[:, :-1], bad[:, None]], dim=1)
-        history = []
-        for i, (metrics, _) in enumerate(steps):
-            row: dict[str, dict[str, Tensor]] = {}
-            for j, (o, k) in enumerate(columns):
-                row.setdefault(o, {})[k] = table[i, j]
-            if "optimizer" in metrics:
-                row["optimizer"] = metrics["optimizer"]
-            history.append(row)
-        return history, table[:, -1]
-
     def run(ts: TrainState, batches: Iterable[Any]) -> tuple[TrainState, list[dict]]:
         kept: list | None = [] if check_finite else None
         start = ts
         ts, steps, busy, wait = stream(ts, batches, kept)
         tic = time.perf_counter()
-        history, bad = gathered(steps)
-        failed = bad.nonzero().flatten()
-        if check_finite and failed.numel():  # the run's one host read
-            j = int(failed[0])
-            good = whole(stream(start, kept[:j], None)[0])
-            which = [o for o, m in history[j].items() if o != "optimizer" and not bool(torch.isfinite(m["loss"]))]
-            error = NonFiniteLossError(
-                f"non-finite loss in objective(s) {which} at step {int(start.step) + j}; nothing was "
-                f"updated past step {int(start.step) + j - 1} (the error's train_state). Lower the learning "
-                "rate, add gradient clipping (mlaan_func.optim.clip_by_global_norm), or check the inputs for NaN.")
-            error.train_state = good
-            raise error
-        ts = whole(ts)
+        history = _drained(steps, rank_of_key, param_keys, group, data_group,
+                           replay=(lambda j: stream(start, kept[:j], None)[0]) if check_finite else None,
+                           first_step=int(start.step))
+        ts = _whole(ts, rank_of_key, param_keys, group)
         wait += time.perf_counter() - tic
         if stats is not None:
             stats["busy_s"] = stats.get("busy_s", 0.0) + busy
             stats["wait_s"] = stats.get("wait_s", 0.0) + wait
         return ts, history
+
+    return run
+
+
+# ---------------------------------------------------------------- declared staleness (issue #22 item 3)
+class _Piece(NamedTuple):
+    """One objective of the split scheme: ``index`` in the scheme, the rank that runs it,
+    and whether it is whole, a crossing window's ``part`` (earlier rank) or its ``tail``."""
+
+    index: int
+    rank: int
+    objective: Objective
+    kind: str
+
+
+def split_scheme(objectives: Sequence[Objective], module_ends: Sequence[str], owner: Sequence[int],
+                 law) -> list[_Piece]:
+    """The scheme with every crossing window split at its rank boundary (``staleness``)."""
+    index = {INPUT: -1, **{end: i for i, end in enumerate(module_ends)}}
+    pieces = []
+    for i, o in enumerate(objectives):
+        r = law.rank_of_objective[i]
+        if i not in law.split_at:
+            pieces.append(_Piece(i, r, o, "whole"))
+            continue
+        p = owner[index[o.input_name] + 1]
+        if p != r - 1:
+            raise SchemeError(f"objective {o.name!r} runs on rank {r} through modules of rank {p}; a split window "
+                              "must span neighbouring ranks: give every rank at least one module (owner=)")
+        pieces.append(_Piece(i, p, part_objective(o, law.split_at[i]), "part"))
+        pieces.append(_Piece(i, r, tail_objective(o, law.split_at[i]), "tail"))
+    return pieces
+
+
+def stale_pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_ends: Sequence[str],
+                        *, staleness: int, depth: int = 2, owner: Sequence[int] | None = None, group=None,
+                        check_finite: bool = True, share: bool | None = None, stats: dict | None = None):
+    """The streamed pipeline for a scheme whose reach crosses ranks (MLAAN windows and twins),
+    under the declared-staleness law (``mlaan_func.parallel.staleness``, docs/design.md §5):
+    ``run(ts, batches, carry=None) -> (ts, history, carry)``.
+
+    A window of rank q through rank p = q − 1 is split at their boundary: p runs its part
+    forward (the boundary it sends anyway) and stashes its input, train state and step; q runs
+    the tail from the received boundary as a parameter and sends its cotangent back; p
+    applies it ``staleness`` steps later as the gradient of ``(part · cotangent).sum()``,
+    recomputed from the stash (a recompute rather than a kept graph: nothing but tensors is
+    held across steps, and only ``staleness + 1`` stashes). Owners send the EMA twins other
+    ranks read after each step; a reader uses the one of ``staleness`` steps before. The
+    queues are bounded (``depth`` sends per channel outstanding); no barrier per step.
+    ``staleness=0`` is the synchronous step with one round trip per boundary and step. At the
+    end the in-flight cotangents are received and turned into the ``carry``'s gradients,
+    and every key is broadcast from its owner. ``carry``: as ``simulate_staleness``'s (each
+    rank keeps its own share); pass it to the next call. Checks as ``pipeline_step``."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    objectives = list(objectives)
+    owner = list(owner) if owner is not None else balanced_owner(objectives, module_ends, world)
+    law = plan_staleness(objectives, module_ends, owner, world, staleness)
+    pieces = split_scheme(objectives, module_ends, owner, law)
+    plan = plan_modules([c.objective for c in pieces], module_ends, owner, world)
+    receives, sends = plan.receives[rank], plan.sends[rank]
+    mine = [c for c in pieces if c.rank == rank and c.kind != "part"]
+    parts = [c.objective for c in pieces if c.rank == rank and c.kind == "part"]
+    names = [objectives[c.index].name for c in pieces if c.rank == rank and c.kind == "part"]
+    tails = [c.objective for c in mine if c.kind == "tail"]
+    made = {c.objective.output_name for c in mine}
+    written = {k for c in mine for k in c.objective.state_names}
+    feeders = [c._replace(objective=feeder(c.objective)) for c in pieces if c.rank == rank and c.kind == "part"
+               and (c.objective.output_name not in made or set(c.objective.state_names) - written)]
+    local = [c.objective for c in sorted(mine + feeders, key=lambda c: c.index)]
+    fed = {c.objective.name for c in feeders}
+    keep = tuple(dict.fromkeys([*sends, *(p.input_name for p in parts if p.input_name not in (INPUT, *receives))]))
+    run_local = executor(local, share=share, given=receives, keep=keep) if local else None
+    run_parts = [executor([p], share=share, given=() if p.input_name == INPUT else (p.input_name,)) for p in parts]
+    param_keys, state_keys = scheme_names(objectives)
+    owned = tuple(k for k in param_keys if law.param_owner[k] == rank)
+    untouched = tuple(k for k in param_keys if law.param_owner[k] != rank)
+    writes = {k for k in state_keys if law.state_writer[k] == rank and k not in law.twin_source}
+    post = owned_after_steps(after_steps(objectives), [k for k in law.twin_source if law.state_writer[k] == rank])
+    reads = law.stale_twins[rank]
+    my_reads = tuple(k for keys in reads.values() for k in keys)
+    readers = {c: law.stale_twins[c][rank] for c in range(world) if rank in law.stale_twins[c]}
+
+    source = {**law.param_owner, **law.state_writer}
+
+    def run(ts: TrainState, batches: Iterable[Any], carry: StaleCarry | None = None
+            ) -> tuple[TrainState, list[dict], StaleCarry]:
+        carry = fresh_carry(ts, law, staleness) if carry is None else carry
+        check_carry(carry, staleness)
+        kept: list | None = [] if check_finite else None
+        start, start_carry = ts, carry
+        ts, steps, carry, busy, wait = stream(ts, batches, carry, kept)
+        tic = time.perf_counter()
+        history = _drained(steps, source, param_keys, group, None,
+                           replay=(lambda j: stream(start, kept[:j], start_carry, None)[0]) if check_finite else None,
+                           first_step=int(start.step))
+        ts = _whole(ts, source, param_keys, group)
+        wait += time.perf_counter() - tic
+        if stats is not None:
+            stats["busy_s"] = stats.get("busy_s", 0.0) + busy
+            stats["wait_s"] = stats.get("wait_s", 0.0) + wait
+        return ts, history, carry
+
+    def stream(ts: TrainState, batches: Iterable[Any], carry: StaleCarry, saved: list | None):
+        """This rank's part of every batch: ``(ts, [(metrics, finite)] per step, carry, busy, wait)``."""
+        due = collections.deque(carry.grads)
+        twins = collections.deque([{k: t[k] for k in my_reads} for t in carry.twins] +
+                                  [{k: ts.state[k] for k in my_reads}])
+        counts = {"base": 0, "got": 0}  # twins[0] is the view of step base; twin messages received
+        stash: collections.deque = collections.deque()
+        forward_q, back_q = collections.deque(), collections.deque()
+        twin_q = {c: collections.deque() for c in readers}
+        steps, busy, wait = [], 0.0, 0.0
+
+        def receive_twins() -> State:
+            view = {}
+            for q, keys in reads.items():
+                flat = _recv(ts.state[keys[0]], q, group, f"the EMA twins of rank {q}")
+                offset = 0
+                for k in keys:
+                    n = ts.state[k].numel()
+                    view[k] = flat[offset:offset + n].view_as(ts.state[k])
+                    offset += n
+            counts["got"] += 1
+            return view
+
+        def twins_through(j: int) -> None:
+            """The stale twins of step ``j`` received, in the order their owners sent them."""
+            while counts["base"] + len(twins) <= j:
+                twins.append(receive_twins())
+
+        def late() -> tuple[tuple[str, Params], ...]:
+            """The cotangents of the oldest stashed step, as gradients of this rank's parts."""
+            then, x, inputs = stash.popleft()
+            out = []
+            for name, part, run_part in zip(names, parts, run_parts):
+                cot = _recv(x, rank + 1, group, f"the cotangent of {name!r}")
+                with _step_randomness(then, x):
+                    g, _ = run_part(then, Batch(x, cot), {k: v for k, v in inputs.items() if k == part.input_name})
+                out.append((name, g.grads))
+            return tuple(out)
+
+        n = 0
+        for j, batch in enumerate(batches):
+            n = j + 1
+            batch = as_batch(batch)
+            if saved is not None:
+                saved.append(batch)
+            x = input_of(batch)
+            tic = time.perf_counter()
+            twins_through(j)
+            stale = twins.popleft()
+            counts["base"] += 1
+            acts: dict[str, Tensor] = {INPUT: x}
+            for name in receives:
+                acts[name] = _recv(x, rank - 1, group, name)
+            wait += time.perf_counter() - tic
+            tic = time.perf_counter()
+            view = ts._replace(params={**ts.params, **{received_key(t): acts[t.input_name] for t in tails}},
+                               state=with_stale(ts.state, stale, my_reads))
+            if run_local is not None:
+                with _step_randomness(ts, x):
+                    g, kept = run_local(view, batch, {name: acts[name] for name in receives})
+            else:
+                g, kept = Gradients({}, {}, {}, {}, torch.ones((), dtype=torch.bool)), {}
+            values = {**acts, **kept}
+            for name in sends:
+                _send(values[name], rank + 1, group, forward_q, depth, name)
+            for t in tails:
+                _send(g.grads[received_key(t)], rank - 1, group, back_q, depth, f"the cotangent of {t.name!r}")
+            if parts:
+                stash.append((view, x, {p.input_name: values[p.input_name] for p in parts if p.input_name != INPUT}))
+            if j >= staleness:
+                due.append(late() if parts else ())
+            grads = {k: g.grads[k] if k in g.grads else torch.zeros_like(ts.params[k]) for k in owned}
+            for _, contribution in due.popleft():
+                for k, v in contribution.items():
+                    grads[k] = grads[k] + v
+            grads.update({k: torch.zeros_like(ts.params[k]) for k in untouched})
+            state = {**ts.state, **{k: v for k, v in g.state.items() if k in writes}}
+            losses = {k: v for k, v in g.losses.items() if k not in fed}
+            metrics = {k: v for k, v in g.metrics.items() if k not in fed}
+            ts, reported = finish_step(ts, Gradients(grads, state, losses, metrics, g.finite), optimizer, post,
+                                       check_finite=False, untouched=untouched)  # the drain checks
+            for c, keys in readers.items():
+                _send(torch.cat([ts.state[k].reshape(-1) for k in keys]), c, group, twin_q[c], depth,
+                      f"the EMA twins for rank {c}")
+            busy += time.perf_counter() - tic
+            steps.append((reported, g.finite))
+        tic = time.perf_counter()
+        for j in range(n, n + staleness):  # the last steps' cotangents, in the order they were sent
+            twins_through(j)
+            if j >= staleness:
+                due.append(late() if parts else ())
+        while counts["got"] < n:
+            twins.append(receive_twins())
+        for pending in (forward_q, back_q, *twin_q.values()):
+            while pending:
+                req, _ = pending.popleft()
+                _guard("waiting for a send", req.wait)
+        return ts, steps, StaleCarry(tuple(due), tuple(twins)[:staleness]), busy, wait + time.perf_counter() - tic
 
     return run
