@@ -8,6 +8,13 @@ files in /usr/share/datasets/fashion-mnist), per scheme, K and seed, with the sp
     python bench/accuracy.py --method e2e dgl hpff man man++ auglocal neuron-groups pgl --modules 4 \
         --json bench/results/accuracy_recipes.json  # the field's recipes (mlaan_func.schemes.RECIPES)
     python bench/accuracy.py --papers               # the papers' configuration (below; hours on 2 cores)
+    python bench/accuracy.py --papers --method mlaan --staleness 0 1 \
+        --json bench/results/accuracy_staleness.json  # MLAAN as a 2-rank pipeline streams it (below)
+
+``--staleness S ...``: one run per S, trained by ``simulate_staleness`` (the declared-staleness
+law of docs/design.md §5.1, bitwise what ``stale_pipeline_step`` computes) with the modules
+of two ranks balanced by blocks (``balanced_owner``): the accuracy the streamed pipeline
+would reach, measured in one process.
 
 ``--papers``: ResNet-32 on 3-channel 32×32 Fashion-MNIST (zero-padded by 2, grey copied to
 three channels; augmentation pad 2 + crop 32 + flip); E2E; DGL (the released baseline's
@@ -47,6 +54,8 @@ import common  # noqa: E402
 
 import mlaan_func as mf  # noqa: E402
 from mlaan_func import data  # noqa: E402
+from mlaan_func import distributed as mfd  # noqa: E402
+from mlaan_func.parallel.staleness import simulate_staleness  # noqa: E402
 
 DATASET = "fashion-mnist"
 METHODS = common.METHODS + mf.schemes.RECIPES
@@ -91,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--remat", action="store_true", help="apply mf.remat to each objective")
+    p.add_argument("--staleness", nargs="+", type=int, action="extend",
+                   help="train under the declared-staleness law of a 2-rank pipeline, one run per value")
     p.add_argument("--data-dir", default="data", help="looked in after /usr/share/datasets/fashion-mnist")
     p.add_argument("--json", default=str(common.RESULTS / "accuracy.json"))
     p.add_argument("--note", default="", help="a remark stored in the JSON and the table")
@@ -133,7 +144,8 @@ def build(method: str, arch: str, k: int, dataset: data.Dataset, remat: bool, va
           args=None):
     backbone = mf.from_module(ARCHS[arch](dataset.num_classes, dataset.channels))
     at = [] if method == "e2e" else split_points(arch, backbone, k)
-    options = {**(variant or {}), "mean": dataset.mean, "std": dataset.std}   # build routes them (RESTORES_IMAGE)
+    scheme_options = {k: v for k, v in (variant or {}).items() if k != "staleness"}  # staleness: how it trains
+    options = {**scheme_options, "mean": dataset.mean, "std": dataset.std}   # build routes them (RESTORES_IMAGE)
     if method in ("infopro", "infopro_mlaan"):
         published = mf.infopro_lambda_table(method, arch, k) if arch in ("resnet32", "resnet110") else None
         options.update(lambdas=published or mf.schemes.DEFAULT_LAMBDAS)
@@ -176,7 +188,11 @@ def train_and_test(method: str, arch: str, k: int, seed: int, dataset: data.Data
     opt = mf.optim.sgd(mf.optim.warmup_cosine(args.lr, warmup, total), momentum=0.9, nesterov=True,
                        weight_decay=1e-4)
     ts = mf.init(scheme, opt, seed=seed, device=args.device)
-    train_step = mf.step(scheme, opt)
+    staleness = (variant or {}).get("staleness")
+    if staleness is None:
+        train_step = mf.step(scheme, opt)
+    else:
+        train_step = stale_step(scheme, opt, arch, k, dataset, staleness)
     start, loss = time.perf_counter(), float("nan")
     for epoch in range(args.epochs):
         for x, y in data.epoch_batches(dataset, args.batch_size, epoch, seed,
@@ -197,6 +213,22 @@ def train_and_test(method: str, arch: str, k: int, seed: int, dataset: data.Data
             "images_per_second": total * args.batch_size / seconds}
 
 
+def stale_step(scheme, opt, arch: str, k: int, dataset: data.Dataset, staleness: int):
+    """``(ts, batch) -> (ts, metrics)`` under the declared-staleness law of a 2-rank pipeline;
+    the carry of what is in flight passes from step to step (chunking changes nothing)."""
+    backbone = mf.from_module(ARCHS[arch](dataset.num_classes, dataset.channels))
+    ends = [m.output_name for m in mf.split(backbone, split_points(arch, backbone, k))]
+    owner = mfd.balanced_owner(scheme, ends, 2)
+    run = simulate_staleness(scheme, opt, ends, owner, staleness)
+    carry = {"carry": None}
+
+    def train_step(ts, batch):
+        ts, history, carry["carry"] = run(ts, [batch], carry["carry"])
+        return ts, history[-1]
+
+    return train_step
+
+
 def variant_label(method: str, variant: dict | None, args) -> str:
     """What sets a run apart beyond (method, arch, K): head, trunks, λ, SupCon averaging."""
     parts = []
@@ -209,6 +241,8 @@ def variant_label(method: str, variant: dict | None, args) -> str:
     if variant and "supcon_anchors" in variant:
         parts.append({"all": "SupCon: all anchors (released)",
                       "with_positive": "SupCon: anchors with a positive"}[variant["supcon_anchors"]])
+    if variant and "staleness" in variant:
+        parts.append(f"2-rank pipeline law, staleness {variant['staleness']}")
     return ", ".join(parts)
 
 
@@ -292,7 +326,7 @@ def main(argv=None) -> int:
               "augmentation": data.AUGMENTATIONS[DATASET], "mean": dataset.mean, "std": dataset.std,
               "device": args.device, "remat": args.remat, "threads": torch.get_num_threads(),
               "supcon_anchors": args.supcon_anchors, "dgl_head": args.dgl_head, "trunks": args.trunks,
-              "lambda_by": args.lambda_by, "rgb32": args.rgb32,
+              "lambda_by": args.lambda_by, "rgb32": args.rgb32, "staleness": args.staleness,
               "preset": "quick" if args.quick else "full" if args.full else "papers" if args.papers else "default"}
     if args.rgb32:
         config["augmentation"] = {"pad": 2, "crop": 32, "flip": True}
@@ -303,7 +337,8 @@ def main(argv=None) -> int:
     grid = [(m, a, k, s, v) for s in args.seeds for a in args.arch for m in args.method
             for k in ([1] if m == "e2e" else args.modules or [PAPERS_K[m]])
             for v in ([{"supcon_anchors": x} for x in args.supcon_anchors]
-                      if m in ("infopro", "infopro_mlaan") else [None])]
+                      if m in ("infopro", "infopro_mlaan") else
+                      [{"staleness": x} for x in args.staleness] if args.staleness else [None])]
     began = time.perf_counter()
     for i, (method, arch, k, seed, variant) in enumerate(grid, 1):
         run = train_and_test(method, arch, k, seed, dataset, args, variant)

@@ -435,7 +435,10 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
         if n % micro_batches:
             raise ValueError(f"the batch of {n} does not split into {micro_batches} equal micro-batches")
         per = n // micro_batches
-        shapes: dict[str, tuple] = {}  # micro-batches of one step share their boundary shapes
+        # micro-batches of one step share their boundary shapes: each travels once per step and
+        # direction (a forwarded boundary is both received and sent)
+        got: dict[str, tuple] = {}
+        sent: set[str] = set()
         device = group_device(group)
         grads: Params = {}
         state = dict(ts.state)
@@ -450,13 +453,13 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
             acts: dict[str, Tensor] = {INPUT: x}
             tic = time.perf_counter()
             for name in plan.receives[rank]:
-                if name not in shapes:
+                if name not in got:
                     shape = torch.zeros(8, dtype=torch.int64, device=x.device)
                     _guard(f"receiving the shape of {name!r}", dist.recv, shape, global_rank(group, rank - 1),
                            group=group)
                     shape = shape.cpu()
-                    shapes[name] = tuple(int(s) for s in shape[1:1 + int(shape[0])])
-                buf = torch.empty(shapes[name], dtype=x.dtype, device=x.device)
+                    got[name] = tuple(int(s) for s in shape[1:1 + int(shape[0])])
+                buf = torch.empty(got[name], dtype=x.dtype, device=x.device)
                 _guard(f"receiving {name!r}", dist.recv, buf, global_rank(group, rank - 1), group=group)
                 acts[name] = buf
             wait += time.perf_counter() - tic
@@ -474,12 +477,12 @@ def module_parallel_step(objectives: Sequence[Objective], optimizer: Optimizer, 
             busy += time.perf_counter() - tic
             for name in plan.sends[rank]:
                 t = acts[name].contiguous()
-                if name not in shapes:
+                if name not in sent:
                     shape = torch.zeros(8, dtype=torch.int64)
                     shape[0] = t.ndim
                     shape[1:1 + t.ndim] = torch.tensor(t.shape)
                     shape = shape.to(t.device)
-                    shapes[name] = tuple(t.shape)
+                    sent.add(name)
                     _guard(f"sending the shape of {name!r}", dist.send, shape, global_rank(group, rank + 1),
                            group=group)
                 pending.append((_guard(f"sending {name!r}", dist.isend, t, global_rank(group, rank + 1),
