@@ -359,13 +359,20 @@ def distributed_section(payload: dict) -> list[str]:
     return lines
 
 
-def pipeline_section(payload: dict) -> list[str]:
-    lines = ["## Streamed pipeline (`bench/pipeline.py`)", "",
+def pipeline_section(payload: dict, title: str = "## Streamed pipeline (`bench/pipeline.py`)") -> list[str]:
+    stale = [m for m in payload["images_per_s"] if m.startswith("pipeline-s")]
+    balance = payload.get("balance", "blocks")
+    lines = [title, "",
              f"{payload['method']} on {payload['arch']} with K = {payload['modules']}, batch "
              f"{payload['batch_size']}, {payload['steps']} timed steps per run, {payload['rounds']} interleaved "
              "rounds (median); images/s of the slowest rank. Modes: one process with 1 and 2 threads "
              "(`mf.step`), 2 gloo ranks × 1 thread with the synchronous `module_parallel_step` (4 micro-batches) "
-             "and with the streamed `pipeline_step`. The predicted pipeline throughput is batch / the slower "
+             "and with the streamed pipeline"
+             + (": `pipeline-s<s>` is `stale_pipeline_step` at staleness s (docs/design.md §5.1; at s = 0 "
+                "every crossing window costs a round trip per step, at s = 1 its cotangent is applied a step "
+                "later)" if stale else " (`pipeline_step`)")
+             + f". Modules are given to ranks by {'measured objective seconds' if balance == 'measured' else 'blocks'} "
+             "(`balanced_owner`). The predicted pipeline throughput is batch / the slower "
              "rank's summed per-objective seconds per batch (no communication). Indicative only: the 2 cores "
              f"were shared (load {' '.join(payload['load_before'])} before, {' '.join(payload['load_after'])} after).",
              ""]
@@ -373,12 +380,28 @@ def pipeline_section(payload: dict) -> list[str]:
     lines += ["| mode | images/s | × 1 process 1 thread |", "|---|---|---|"]
     for mode, v in payload["images_per_s"].items():
         lines.append(f"| {mode} | {v:.1f} | {payload['ratio_to_1p1t'][mode]:.2f} |")
+    busy = "; ".join(f"{m} " + ", ".join("[" + ", ".join(f"{b:.2f}" for b in rnd) + "]" for rnd in v)
+                     for m, v in payload["busy_fraction"].items())
     lines += ["", f"Module owners {payload['module_owner']}; rank seconds per batch "
               + ", ".join(f"{s:.3f}" for s in payload["rank_seconds_per_batch"])
               + f"; predicted pipeline {payload['predicted_pipeline_images_per_s']:.1f} images/s "
-              f"({payload['predicted_ratio_to_1p1t']:.2f}×). Busy fraction per round and rank: "
-              + "; ".join(f"{m} {v}" for m, v in payload["busy_fraction"].items()) + ".", ""]
+              f"({payload['predicted_ratio_to_1p1t']:.2f}×). Busy fraction per round and rank: {busy}.", ""]
     return lines
+
+
+def staleness_accuracy_section(payload: dict) -> list[str]:
+    """MLAAN's accuracy under the pipeline's declared-staleness law (bench/accuracy.py --staleness)."""
+    c = payload["config"]
+    lines = ["#### Accuracy under staleness (`bench/accuracy.py --staleness`)", "",
+             f"Command: `{payload['command']}`  ",
+             f"{', '.join(c['method'])} on {c['dataset']} ({c['train_size']} training images, {c['epochs']} epochs, "
+             f"batch {c['batch_size']}, {', '.join(c['arch'])}, seeds {c['seeds']}), trained by `simulate_staleness`: "
+             "bitwise what a 2-rank `stale_pipeline_step` computes, measured in one process.", "",
+             "| method | K | variant | test accuracy | train seconds |", "|---|---|---|---|---|"]
+    for r in payload["runs"]:
+        lines.append(f"| {r['method']} | {r['modules']} | {r['variant']} | {r['test_accuracy']:.4f} | "
+                     f"{r['train_seconds']:.0f} |")
+    return lines + [""]
 
 
 def vit_section(payload: dict) -> list[str]:
@@ -594,6 +617,10 @@ def main() -> int:
         if name == "accuracy":
             out += papers_sections()
             out += recipes_section()
+        if name == "pipeline" and load("pipeline_mlaan"):
+            out += pipeline_section(load("pipeline_mlaan"), "### MLAAN under declared staleness (`--staleness 0 1`)")
+            if load("accuracy_staleness"):
+                out += staleness_accuracy_section(load("accuracy_staleness"))
         if name == "memory":
             out += imagenet_memory_section()
             if load("memory_budget"):

@@ -19,8 +19,10 @@ Both return a step with the signature of ``mlaan_func.step`` and keep every rank
   gradients — no staleness.
 * ``pipeline_step``: the same ranks streaming batches across steps: while rank r+1 trains
   on batch t, rank r already trains on batch t+1; a rank waits only for its input, and at
-  most ``depth`` sends per boundary are outstanding, which bounds memory. Each rank is the
-  executor started from the boundaries it receives and ends every step with
+  most ``depth`` sends per boundary are outstanding, which bounds memory; the next batch's
+  boundaries are received while a rank computes (their shapes follow from the batch's
+  shape). Each rank is the executor started from the boundaries it receives and ends every
+  step with
   ``finish_step``, leaving the parameters it does not own untouched. Exact (bitwise equal
   to one process) when no objective's gradient reach crosses a rank (DGL, InfoPro, E2E on
   one rank); a scheme whose reach crosses ranks (MLAAN windows, EMA twins) is refused
@@ -635,6 +637,39 @@ def _drained(steps: list, source: dict[str, int], param_keys: Sequence[str], gro
     return history
 
 
+def _post_ahead(shapes: dict[str, tuple] | None, like: Tensor, src: int, group, names: Sequence[str]):
+    """Receives of ``names`` from ``group``'s rank ``src`` posted now (headers and data, in the
+    order they are sent), so they arrive while this rank computes; ``None`` when a shape is
+    not known yet. ``shapes``: each boundary's shape for this input shape (a boundary's shape
+    follows from its batch's)."""
+    if shapes is None or any(n not in shapes for n in names):
+        return None
+    src = global_rank(group, src)
+    posted = []
+    for n in names:
+        header = torch.empty(MAX_DIMS + 1, dtype=torch.int64, device=like.device)
+        buf = torch.empty(shapes[n], dtype=like.dtype, device=like.device)
+        posted.append((n, header, buf, _guard(f"receiving the shape of {n!r}", dist.irecv, header, src, group=group),
+                       _guard(f"receiving {n!r}", dist.irecv, buf, src, group=group)))
+    return posted
+
+
+def _collect(posted) -> dict[str, Tensor]:
+    """The boundaries ``_post_ahead`` posted, once arrived; their headers checked."""
+    out = {}
+    for n, header, buf, got_header, got_data in posted:
+        _guard(f"receiving the shape of {n!r}", got_header.wait)
+        _guard(f"receiving {n!r}", got_data.wait)
+        header = header.cpu()
+        shape = tuple(int(v) for v in header[1:1 + int(header[0])])
+        if shape != tuple(buf.shape):
+            raise DistributedError(f"boundary {n!r} arrived with shape {shape}, not {tuple(buf.shape)} as for "
+                                   "an earlier batch of the same shape: a pipeline needs every boundary's shape "
+                                   "to follow from its batch's")
+        out[n] = buf
+    return out
+
+
 def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_ends: Sequence[str],
                    *, staleness: int = 0, depth: int = 2, owner: Sequence[int] | None = None, group=None,
                    data_group=None, check_finite: bool = True, share: bool | None = None,
@@ -690,8 +725,12 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
         """This rank's part of every batch; ``(ts, [(metrics, finite)] per step, busy, wait)``."""
         pending: collections.deque = collections.deque()
         steps, busy, wait = [], 0.0, 0.0
-        for batch in batches:
-            batch = as_batch(batch)
+        known: dict[tuple, dict[str, tuple]] = {}  # input shape -> the shape of each received boundary
+        ahead = None
+        items = iter(batches)
+        upcoming = next(items, None)
+        while upcoming is not None:
+            batch, upcoming = as_batch(upcoming), next(items, None)
             if kept is not None:
                 kept.append(batch)
             if data_group is not None:
@@ -699,8 +738,18 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
             x = input_of(batch)
             acts: dict[str, Tensor] = {INPUT: x}
             tic = time.perf_counter()
-            for name in plan.receives[rank]:
-                acts[name] = _recv(x, rank - 1, group, name)
+            if ahead is not None:
+                acts.update(_collect(ahead))
+            else:
+                for name in plan.receives[rank]:
+                    acts[name] = _recv(x, rank - 1, group, name)
+                known[tuple(x.shape)] = {name: tuple(acts[name].shape) for name in plan.receives[rank]}
+            ahead = None
+            if upcoming is not None and plan.receives[rank]:  # the next batch's boundaries arrive as this one runs
+                following = as_batch(upcoming)
+                following = following if data_group is None else shard(following, replica, replicas)
+                ahead = _post_ahead(known.get(tuple(input_of(following).shape)), x, rank - 1, group,
+                                    plan.receives[rank])
             wait += time.perf_counter() - tic
             tic = time.perf_counter()
             drawn = ts if data_group is None or ts.key is None else ts._replace(key=fold_in(ts.key, replica))
