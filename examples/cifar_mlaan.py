@@ -53,7 +53,8 @@ LOCK, REPLACED = ".lock", ".replaced-run"
 # The flags that define a run: a checkpoint from another configuration cannot be resumed.
 IDENTITY = ("method", "arch", "modules", "dataset", "batch_size", "lr", "seed", "epochs", "max_steps",
             "val_fraction", "window", "ema_update", "remat", "precision", "subset", "synthetic_size",
-            "warmup_epochs", "weight_decay", "parallel", "micro_batches", "data_replicas")
+            "warmup_epochs", "weight_decay", "parallel", "micro_batches", "data_replicas",
+            "staleness")
 BASE_LR, BASE_BATCH = 0.8, 1024  # the papers' recipe; the default lr follows the linear rule
 WARMUP_EPOCHS, WARMUP_SHARE = 10, 0.05  # the recipe's warm-up, at most this share of a short run
 IDENTITY += ("image_size", "share", "channels_last", "compile", "threads")  # threads: CPU float rounding
@@ -210,11 +211,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parallel", default=None, choices=("data", "modules", "pipeline"),
                    help="under torchrun: split each batch over ranks (data, the default), give each rank a run "
                         "of modules (modules: synchronous micro-batches), or stream batches through ranks that "
-                        "own runs of modules (pipeline: exact for dgl and infopro)")
+                        "own runs of modules (pipeline: exact for dgl and infopro; the MLAAN family with --staleness)")
     p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step with --parallel modules")
     p.add_argument("--data-replicas", type=int, default=1,
                    help="with --parallel pipeline: a (replicas x stages) mesh of the processes; each replica "
                         "streams its share of every batch and a stage averages its gradients over the replicas")
+    p.add_argument("--staleness", type=int, default=0,
+                   help="with --parallel pipeline: run the MLAAN family across ranks under declared staleness: "
+                        "gradients a window sends into an earlier rank, and the EMA twins that follow a later "
+                        "rank's blocks, arrive this many steps late (docs/design.md 5.1); 0: exact schemes only")
     p.add_argument("--pipeline-chunk", type=int, default=16,
                    help="steps streamed between drains with --parallel pipeline: the stop, checkpoint and log "
                         "points; a chunk's batches are kept until it drains (a non-finite loss replays them)")
@@ -281,6 +286,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.parallel == "modules" and args.batch_size % args.micro_batches:
         raise UsageError(f"--micro-batches {args.micro_batches} does not divide --batch-size {args.batch_size}; "
                          "choose a batch size that is a multiple of the micro-batches")
+    if args.staleness < 0:
+        raise UsageError(f"--staleness must be 0 or more steps, got {args.staleness}")
+    if args.staleness and args.parallel != "pipeline":
+        raise UsageError("--staleness is the delay of a streamed pipeline: it needs --parallel pipeline")
+    if args.staleness and args.data_replicas > 1:
+        raise UsageError("--staleness with --data-replicas is not supported yet: drop one of them")
     if args.data_replicas > 1 and args.parallel != "pipeline":
         raise UsageError("--data-replicas builds a data x pipeline mesh: it needs --parallel pipeline "
                          "(plain data parallelism is --parallel data)")
@@ -855,9 +866,11 @@ def main(argv=None) -> int:
             if args.data_replicas > 1:
                 groups["group"], groups["data_group"] = mfd.mesh_groups(args.data_replicas)
             try:
-                train_step = mfd.pipeline_step(scheme, optimizer, ends, share=share, **groups)
+                train_step = mfd.pipeline_step(scheme, optimizer, ends, share=share, staleness=args.staleness,
+                                               **groups)
             except mf.errors.SchemeError as err:
-                raise UsageError(f"--parallel pipeline --method {args.method}: {err}") from None
+                hint = "" if args.staleness else "; or declare a delay with --staleness 1 (docs/design.md 5.1)"
+                raise UsageError(f"--parallel pipeline --method {args.method}: {err}{hint}") from None
     else:
         train_step = mf.step(scheme, optimizer, compile=args.compile, share=share, memory_budget=args.memory_budget)
     augment = None if folder else datasets.augmentation(dataset.name)
@@ -944,6 +957,24 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
     mean, std = dataset.mean, dataset.std
     stop = {"signal": None}
     pipeline = args.parallel == "pipeline"  # train_step runs a chunk of batches: (ts, batches) -> (ts, history)
+    # under staleness each rank carries what is in flight from chunk to chunk; rank 0 keeps every
+    # rank's carry (gathered at each drain) for the checkpoint
+    carries = extra.get("carries") if args.resume else None
+    if args.staleness and carries is not None and len(carries) != world:
+        raise CheckpointUnusable(f"the checkpoint in {out} holds the in-flight gradients of {len(carries)} pipeline "
+                                 f"ranks, not {world}: resume with --nproc-per-node {len(carries)}")
+    carry = {"mine": carries[rank] if args.staleness and carries is not None else None, "all": carries}
+
+    def run_chunk(ts, chunk):
+        if not args.staleness:
+            return train_step(ts, chunk)
+        ts, history, carry["mine"] = train_step(ts, chunk, carry["mine"])
+        import torch.distributed as dist
+
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(carry["mine"], gathered, dst=0)
+        carry["all"] = gathered
+        return ts, history
 
     def fed_batches(source, count: int, fed: dict):
         """The next ``count`` batches of ``source``, their sizes and the time spent waiting for them in ``fed``."""
@@ -996,7 +1027,7 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
             mf.save(out / CHECKPOINT, ts, extra={
                 "epoch": epoch, "batch": batch, "best": best, "images": images, "seconds": train_seconds,
                 "peak_step_bytes": peak_step, "sums": sums, "counted": counted, "args": vars(args),
-                "data": fingerprint})
+                "data": fingerprint, **({"carries": carry["all"]} if args.staleness else {})})
             follow_umask(out / CHECKPOINT)
         output(out / CHECKPOINT, write)
         saved["step"] = int(ts.step)
@@ -1033,10 +1064,10 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
                         with autocast:
                             if pipeline and peak_step == 0:  # this rank's peak over its first chunk
                                 with track_memory() as meter:
-                                    ts, history = train_step(ts, chunk)
+                                    ts, history = run_chunk(ts, chunk)
                                 peak_step = meter.peak_bytes
                             elif pipeline:
-                                ts, history = train_step(ts, chunk)
+                                ts, history = run_chunk(ts, chunk)
                             else:
                                 if peak_step == 0 and args.compile:  # measured eagerly, the result dropped
                                     with track_memory() as meter:

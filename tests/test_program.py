@@ -238,6 +238,29 @@ def test_data_replicas_need_the_pipeline(tmp_path):
 def test_torchrun_pipeline_refuses_a_crossing_scheme(tmp_path):
     r = torchrun([*QUICK, "--method", "mlaan", "--parallel", "pipeline", "--out", str(tmp_path / "x")])
     assert r.returncode != 0 and "--parallel pipeline --method mlaan" in r.stderr and "crosses ranks" in r.stderr
+    assert "--staleness 1" in r.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_mlaan_pipeline_under_staleness_resumes_bitwise(tmp_path):
+    """MLAAN streamed under --staleness 1: stopped at step 4 and resumed (each rank's in-flight
+    gradients kept in the checkpoint), it ends as the uninterrupted run does, bit for bit."""
+    args = [*QUICK, "--method", "mlaan", "--parallel", "pipeline", "--staleness", "1", "--pipeline-chunk", "2"]
+    r = torchrun([*args, "--out", str(tmp_path / "whole")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun([*args, "--out", str(tmp_path / "cut"), "--stop-after-steps", "4"])
+    assert "continue with --resume" in r.stderr, r.stderr[-3000:]
+    r = torchrun([*args, "--out", str(tmp_path / "cut"), "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, want = mf.load(tmp_path / "cut" / "checkpoint.pt"), mf.load(tmp_path / "whole" / "checkpoint.pt")
+    mt.assert_identical(got.params, want.params)
+    mt.assert_identical(got.state, want.state)
+    mt.assert_identical(got.opt_state, want.opt_state)
+
+
+def test_staleness_needs_the_pipeline(tmp_path):
+    r = run([*QUICK, "--staleness", "1", "--out", str(tmp_path / "x")])
+    assert r.returncode == 2 and "--parallel pipeline" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_parallel_without_torchrun_is_refused(tmp_path):

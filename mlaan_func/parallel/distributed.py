@@ -699,6 +699,9 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
     ``staleness`` > 0 hands the scheme to ``stale_pipeline_step`` (docs/design.md §5.1), whose
     ``run(ts, batches, carry=None)`` also returns the carry of what is in flight.
     """
+    if staleness != 0 and data_group is not None:
+        raise SchemeError("a pipeline under staleness > 0 does not take data_group yet: use staleness=0 with "
+                          "a data x pipeline mesh, or one pipeline")
     if staleness != 0:
         return stale_pipeline_step(objectives, optimizer, module_ends, staleness=staleness, depth=depth,
                                    owner=owner, group=group, check_finite=check_finite, share=share, stats=stats)
