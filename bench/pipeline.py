@@ -54,7 +54,7 @@ def one_process(method, arch, k, batch_size, steps, threads):
     return batch_size * steps / (time.perf_counter() - t)
 
 
-def worker(rank, world, port, method, arch, k, batch_size, steps, mode, owner, out_dir):
+def worker(rank, world, port, method, arch, k, batch_size, steps, mode, owner, out_dir, depth=2):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     backbone, scheme = common.build(method, arch, k)
@@ -71,7 +71,7 @@ def worker(rank, world, port, method, arch, k, batch_size, steps, mode, owner, o
         for b in data:
             ts, _ = step(ts, b)
     elif mode == "pipeline":
-        run = mfd.pipeline_step(scheme, opt, ends, owner=owner, stats=stats)
+        run = mfd.pipeline_step(scheme, opt, ends, owner=owner, depth=depth, stats=stats)
         ts, _ = run(ts, data[:1])
         stats.clear()
         dist.barrier()
@@ -102,6 +102,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=16, help="timed steps per run (the pipeline fills once per run)")
     p.add_argument("--balance", choices=("measured", "blocks"), default="measured")
+    p.add_argument("--owner", type=int, nargs="+", default=None,
+                   help="the rank of each module, instead of balancing (e.g. 0 0 0 0 0 0 0 1 1 1 1 1 1 1 1 1)")
+    p.add_argument("--depth", type=int, default=2, help="outstanding sends per boundary of the pipeline")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--staleness", type=int, nargs="*", default=None,
                    help="declared staleness values to run (stale_pipeline_step) instead of pipeline_step")
@@ -113,7 +116,7 @@ def main(argv=None) -> int:
     scheme, times = objective_times(method, arch, k, n)
     backbone, _ = common.build(method, arch, k)
     ends = [m.output_name for m in mf.split(backbone, common.split_for(arch, backbone, k))]
-    owner = mfd.balanced_owner(scheme, ends, world, times if args.balance == "measured" else None)
+    owner = args.owner or mfd.balanced_owner(scheme, ends, world, times if args.balance == "measured" else None)
     plan = mfd.plan_modules(scheme, ends, owner, world)
     per_rank = [sum(t for t, r in zip(times, plan.rank_of_objective) if r == q) for q in range(world)]
     load_before = open("/proc/loadavg").read().split()[:3]
@@ -123,7 +126,8 @@ def main(argv=None) -> int:
             rounds["1p1t"].append(one_process(method, arch, k, n, args.steps, 1))
             rounds["1p2t"].append(one_process(method, arch, k, n, args.steps, 2))
             for mode in ("sync", *pipelines):
-                mp.spawn(worker, args=(world, free_port(), method, arch, k, n, args.steps, mode, owner, tmp),
+                mp.spawn(worker, args=(world, free_port(), method, arch, k, n, args.steps, mode, owner, tmp,
+                                       args.depth),
                          nprocs=world, join=True)
                 rounds[mode].append([json.load(open(os.path.join(tmp, f"{mode}-{r}.json"))) for r in range(world)])
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
@@ -131,7 +135,8 @@ def main(argv=None) -> int:
                   **{m: median([min(r["images_per_s"] for r in rows) for rows in rounds[m]])
                      for m in ("sync", *pipelines)}}
     result = {**common.environment(sys.argv), "method": method, "arch": arch, "modules": k, "batch_size": n,
-              "steps": args.steps, "rounds": args.rounds, "balance": args.balance, "module_owner": owner,
+              "steps": args.steps, "rounds": args.rounds, "balance": "given" if args.owner else args.balance,
+              "depth": args.depth, "module_owner": owner,
               "load_before": load_before, "load_after": open("/proc/loadavg").read().split()[:3],
               "images_per_s": throughput, "ratio_to_1p1t": {m: v / throughput["1p1t"] for m, v in throughput.items()},
               "busy_fraction": {m: [[r["busy_fraction"] for r in rows] for rows in rounds[m]] for m in ("sync", *pipelines)},

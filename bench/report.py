@@ -371,8 +371,10 @@ def pipeline_section(payload: dict, title: str = "## Streamed pipeline (`bench/p
              + (": `pipeline-s<s>` is `stale_pipeline_step` at staleness s (docs/design.md §5.1; at s = 0 "
                 "every crossing window costs a round trip per step, at s = 1 its cotangent is applied a step "
                 "later)" if stale else " (`pipeline_step`)")
-             + f". Modules are given to ranks by {'measured objective seconds' if balance == 'measured' else 'blocks'} "
-             "(`balanced_owner`). The predicted pipeline throughput is batch / the slower "
+             + ". Modules are given to ranks " + {"measured": "by measured objective seconds (`balanced_owner`)",
+                                                  "blocks": "by blocks (`balanced_owner`)",
+                                                  "given": "as `--owner` says"}[balance]
+             + ". The predicted pipeline throughput is batch / the slower "
              "rank's summed per-objective seconds per batch (no communication). Indicative only: the 2 cores "
              f"were shared (load {' '.join(payload['load_before'])} before, {' '.join(payload['load_after'])} after).",
              ""]

@@ -1,9 +1,11 @@
 """A worker process for tests/test_pipeline.py: one rank of a streamed pipeline (argv: rank,
 world, store, out, and a JSON config with method, at, owner, steps, ragged, chunks (batches per run call),
-nan_at, replicas (a data x pipeline mesh), data_parallel (data_parallel_step instead))."""
+nan_at, replicas (a data x pipeline mesh), data_parallel (data_parallel_step instead), die_at (the
+last rank exits there))."""
 
 import datetime
 import json
+import os
 import sys
 
 import torch
@@ -41,6 +43,27 @@ def poisoned(data, nan_at):
     return data
 
 
+class dying(list):
+    """The batches, but the process exits when it takes batch ``at`` (a rank that dies mid-stream)."""
+
+    def __init__(self, data, at):
+        super().__init__(data)
+        self.at = at
+
+    def __getitem__(self, index):
+        part = super().__getitem__(index)
+        if not isinstance(index, slice):
+            return part
+        start = index.start or 0
+
+        def batches():
+            for i, b in enumerate(part, start):
+                if i == self.at:
+                    os._exit(3)
+                yield b
+        return batches()
+
+
 def run(rank, world, store, out, config):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
@@ -65,6 +88,8 @@ def run(rank, world, store, out, config):
     if config.get("replicas"):
         groups["group"], groups["data_group"] = mfd.mesh_groups(config["replicas"])
     run_pipeline = mfd.pipeline_step(objectives, opt, ends, owner=config["owner"], **groups)
+    if config.get("die_at") is not None and rank == world - 1:
+        data = dying(data, config["die_at"])
     history, raised, start = [], None, 0
     try:
         for size in config.get("chunks") or [config["steps"]]:
@@ -73,6 +98,10 @@ def run(rank, world, store, out, config):
             start += size
     except mf.NonFiniteLossError as err:
         ts, raised = err.train_state, str(err)
+    except mfd.DistributedError as err:  # a rank died: report it, save nothing
+        with open(f"{out}.rank{rank}.json", "w") as f:
+            json.dump({"losses": [], "raised": str(err)}, f)
+        return
     losses = [{o: float(m["loss"]) for o, m in row.items() if o != "optimizer"} for row in history]
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump({"losses": losses, "raised": raised}, f)

@@ -110,6 +110,24 @@ def test_a_data_by_pipeline_mesh_equals_data_parallel_over_its_replicas_bitwise(
 
 
 @pytest.mark.slow
+def test_a_rank_that_dies_mid_stream_is_reported_on_the_others(tmp_path):
+    config = {"method": "dgl", "at": ["1.0", "2.0", "3.0"], "owner": [0, 0, 1, 2], "steps": 6, "die_at": 2}
+    out, store = tmp_path / "die.pt", tmp_path / "die.store"
+    procs = [subprocess.Popen([sys.executable, WORKER, str(r), "3", str(store), str(out), json.dumps(config)],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL) for r in range(3)]
+    try:
+        codes = [p.wait(timeout=HANG) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes[2] == 3 and codes[:2] == [0, 0], codes
+    for r in range(2):
+        raised = json.loads((tmp_path / f"die.pt.rank{r}.json").read_text())["raised"]
+        assert raised and "A rank died" in raised, raised
+
+
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_every_rank_at_the_last_good_step(tmp_path):
     config = {"method": "dgl", "at": ["1.0", "2.0", "3.0"], "owner": [0, 0, 1, 1], "steps": 4, "nan_at": 2,
               "chunks": [4]}

@@ -594,7 +594,7 @@ def _gathered(steps: list, group, data_group=None) -> tuple[list[dict], Tensor]:
     local = sorted({(o, k) for metrics, _ in steps[:1] for o, m in metrics.items() if o != "optimizer"
                     for k in m})
     names: list = [None] * world
-    dist.all_gather_object(names, local, group=group)
+    _guard("gathering the names of the metrics", dist.all_gather_object, names, local, group=group)
     columns = sorted({c for part in names for c in part})
     device = group_device(group)
     table = torch.zeros(len(steps), len(columns) + 1, device=device)
