@@ -1051,14 +1051,13 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
                 b = start_batch
                 while b < steps_per_epoch:
                     tic = time.time()
+                    fed = {"wait": 0.0, "sizes": []}
                     if pipeline:
                         count = min(args.pipeline_chunk, steps_per_epoch - b)
                         if args.stop_after_steps is not None:
                             count = max(1, min(count, args.stop_after_steps - int(ts.step)))
-                        fed = {"wait": 0.0, "sizes": []}
                         chunk = fed_batches(batches, count, fed)
                     else:
-                        fed = {"wait": 0.0, "sizes": []}
                         x, y = next(fed_batches(batches, 1, fed))
                     try:
                         with autocast:

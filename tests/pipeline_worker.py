@@ -102,6 +102,11 @@ def run(rank, world, store, out, config):
         with open(f"{out}.rank{rank}.json", "w") as f:
             json.dump({"losses": [], "raised": str(err)}, f)
         return
+    finish(rank, out, ts, history, raised)
+
+
+def finish(rank, out, ts, history, raised):
+    """Write this rank's report (each step's losses, what it raised), rank 0 the state; leave the group."""
     losses = [{o: float(m["loss"]) for o, m in row.items() if o != "optimizer"} for row in history]
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump({"losses": losses, "raised": raised}, f)

@@ -41,13 +41,7 @@ def run(rank, world, store, out, config):
         assert len(history) == config["steps"]
     except mf.NonFiniteLossError as err:
         ts, raised = err.train_state, str(err)
-    losses = [{o: float(m["loss"]) for o, m in row.items() if o != "optimizer"} for row in history]
-    with open(f"{out}.rank{rank}.json", "w") as f:
-        json.dump({"losses": losses, "raised": raised}, f)
-    if rank == 0:
-        mf.save(out, ts)
-    dist.barrier()
-    dist.destroy_process_group()
+    w.finish(rank, out, ts, history, raised)
 
 
 if __name__ == "__main__":

@@ -617,11 +617,14 @@ def _gathered(steps: list, group, data_group=None) -> tuple[list[dict], Tensor]:
     return history, table[:, -1]
 
 
-def _drained(steps: list, source: dict[str, int], param_keys: Sequence[str], group, data_group,
-             replay: Callable[[int], TrainState] | None, first_step: int) -> list[dict]:
-    """The gathered history of a streamed call; with ``replay`` (the check on), a non-finite
-    loss at call step j on any rank raises ``NonFiniteLossError`` on every rank, its
-    ``train_state`` the whole state ``replay(j)`` gives after the j good steps."""
+def _drained(ts: TrainState, steps: list, source: dict[str, int], param_keys: Sequence[str], group, data_group,
+             replay: Callable[[int], TrainState] | None, first_step: int, stats: dict | None,
+             busy: float, wait: float) -> tuple[TrainState, list[dict]]:
+    """The end of a streamed call, after its sends are waited for: the whole state (``_whole``)
+    and the gathered history; ``stats`` gets the call's busy and wait seconds. With ``replay``
+    (the check on), a non-finite loss at call step j on any rank raises ``NonFiniteLossError``
+    on every rank, its ``train_state`` the whole state ``replay(j)`` gives after the j good steps."""
+    tic = time.perf_counter()
     history, bad = _gathered(steps, group, data_group)
     failed = bad.nonzero().flatten()
     if replay is not None and failed.numel():  # the call's one host read
@@ -634,7 +637,11 @@ def _drained(steps: list, source: dict[str, int], param_keys: Sequence[str], gro
             "clipping (mlaan_func.optim.clip_by_global_norm), or check the inputs for NaN.")
         error.train_state = good
         raise error
-    return history
+    ts = _whole(ts, source, param_keys, group)
+    if stats is not None:
+        stats["busy_s"] = stats.get("busy_s", 0.0) + busy
+        stats["wait_s"] = stats.get("wait_s", 0.0) + wait + time.perf_counter() - tic
+    return ts, history
 
 
 def _post_ahead(shapes: dict[str, tuple] | None, like: Tensor, src: int, group, names: Sequence[str]):
@@ -781,16 +788,9 @@ def pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, module_
         kept: list | None = [] if check_finite else None
         start = ts
         ts, steps, busy, wait = stream(ts, batches, kept)
-        tic = time.perf_counter()
-        history = _drained(steps, rank_of_key, param_keys, group, data_group,
-                           replay=(lambda j: stream(start, kept[:j], None)[0]) if check_finite else None,
-                           first_step=int(start.step))
-        ts = _whole(ts, rank_of_key, param_keys, group)
-        wait += time.perf_counter() - tic
-        if stats is not None:
-            stats["busy_s"] = stats.get("busy_s", 0.0) + busy
-            stats["wait_s"] = stats.get("wait_s", 0.0) + wait
-        return ts, history
+        return _drained(ts, steps, rank_of_key, param_keys, group, data_group,
+                        (lambda j: stream(start, kept[:j], None)[0]) if check_finite else None,
+                        int(start.step), stats, busy, wait)
 
     return run
 
@@ -882,15 +882,9 @@ def stale_pipeline_step(objectives: Sequence[Objective], optimizer: Optimizer, m
         kept: list | None = [] if check_finite else None
         start, start_carry = ts, carry
         ts, steps, carry, busy, wait = stream(ts, batches, carry, kept)
-        tic = time.perf_counter()
-        history = _drained(steps, source, param_keys, group, None,
-                           replay=(lambda j: stream(start, kept[:j], start_carry, None)[0]) if check_finite else None,
-                           first_step=int(start.step))
-        ts = _whole(ts, source, param_keys, group)
-        wait += time.perf_counter() - tic
-        if stats is not None:
-            stats["busy_s"] = stats.get("busy_s", 0.0) + busy
-            stats["wait_s"] = stats.get("wait_s", 0.0) + wait
+        ts, history = _drained(ts, steps, source, param_keys, group, None,
+                               (lambda j: stream(start, kept[:j], start_carry, None)[0]) if check_finite else None,
+                               int(start.step), stats, busy, wait)
         return ts, history, carry
 
     def stream(ts: TrainState, batches: Iterable[Any], carry: StaleCarry, saved: list | None):
