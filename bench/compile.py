@@ -6,6 +6,12 @@ with ``--engine per_objective``, the per-objective engine (one graph per objecti
     python bench/compile.py                                  # dgl K=16 and mlaan K=15, inductor, batch 128
     python bench/compile.py --count-only --modules 4 --modules 8 --modules 15   # graphs vs K (no inductor)
     python bench/compile.py --method dgl --modules 16 --engine per_objective
+    python bench/compile.py --layout channels_last --layout contiguous   # both layouts of the compiled step
+
+``--layout channels_last`` runs the compiled step with ``memory_format=torch.channels_last``
+(``mlaan_func.core.layout``; the default, ``contiguous``, is the layout eager uses), and every
+row also times the eager step in channels-last against eager (``eager_channels_last_speedup``),
+so the table shows what the layout gives and what compiling gives.
 
 Graphs are dynamo's (one per compiled frame variant); inductor compiles a forward and a
 backward for each.
@@ -52,13 +58,16 @@ def relative_error(got: dict, want: dict) -> float:
                for k in want)
 
 
+LAYOUTS = {"contiguous": None, "channels_last": torch.channels_last}
+
+
 def measure(method: str, k: int, engine: str, backend: str, batch_size: int, repeats: int,
-            count_only: bool, device: str) -> dict:
+            count_only: bool, device: str, layout: str = "contiguous") -> dict:
     torch._dynamo.reset()
     scheme, released = build_released(method, "resnet32", k)
     compiler, count = counting("eager" if count_only else backend)
     share = None if engine == "shared" else False
-    compiled = mf.gradients(scheme, compile=True, backend=compiler, share=share)
+    compiled = mf.gradients(scheme, compile=True, backend=compiler, share=share, memory_format=LAYOUTS[layout])
     eager = mf.gradients(scheme)
     ts = mf.init(scheme, common.optimizer(), seed=0, device=device)
     batch = common.cifar_batch(batch_size, device)
@@ -68,6 +77,7 @@ def measure(method: str, k: int, engine: str, backend: str, batch_size: int, rep
     graphs_first = count["graphs"]
     want = eager(ts, batch)
     row = {"method": method, "modules": k, "engine": engine, "backend": "eager (count only)" if count_only else backend,
+           "layout": layout,
            "batch_size": batch_size, "released_trunks": released, "objectives": len(scheme),
            "graphs": graphs_first, "first_step_s": first,
            "gradient_rel_error": relative_error(got.grads, want.grads)}
@@ -80,6 +90,9 @@ def measure(method: str, k: int, engine: str, backend: str, batch_size: int, rep
         r = ratio(lambda: compiled(ts, batch), lambda: eager(ts, batch), repeats, 1)
         row.update(repeats=repeats, compiled_step_s=r["a_median_s"], eager_step_s=r["b_median_s"],
                    speedup=1 / r["ratio"], speedup_min=1 / r["ratio_max"], speedup_max=1 / r["ratio_min"])
+        eager_cl = mf.gradients(scheme, memory_format=torch.channels_last)
+        r = ratio(lambda: eager_cl(ts, batch), lambda: eager(ts, batch), repeats, 1)
+        row.update(eager_channels_last_speedup=1 / r["ratio"])
     row["graphs_after_all_steps"] = count["graphs"]
     return row
 
@@ -89,6 +102,8 @@ def main(argv=None) -> int:
     common.add_common_flags(p)
     p.add_argument("--engine", action="append", choices=("shared", "per_objective"))
     p.add_argument("--backend", default="inductor")
+    p.add_argument("--layout", action="append", choices=tuple(LAYOUTS),
+                   help="the compiled step's layout (repeatable; default: contiguous, the library's default)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--count-only", action="store_true", help="count graphs with the eager backend (seconds)")
     p.add_argument("--warm-cache", action="store_true", help="keep inductor's usual on-disk caches (default: cold)")
@@ -102,11 +117,14 @@ def main(argv=None) -> int:
         cases = DEFAULT_CASES
     rows = []
     for method, k in cases:
-        for engine in args.engine or ["shared"]:
-            row = measure(method, k, engine, args.backend, batch_size, args.repeats, args.count_only, args.device)
+        for engine, layout in ((e, lay) for e in args.engine or ["shared"] for lay in args.layout or ["contiguous"]):
+            row = measure(method, k, engine, args.backend, batch_size, args.repeats, args.count_only, args.device,
+                          layout)
             rows.append(row)
-            print(f"{method:14s} K={k:<3d} {engine:13s} graphs {row['graphs']:3d} first step {row['first_step_s']:7.1f}s"
+            print(f"{method:14s} K={k:<3d} {engine:13s} {row['layout']:13s} graphs {row['graphs']:3d} "
+                  f"first step {row['first_step_s']:7.1f}s"
                   + (f" speed-up {row['speedup']:.2f} [{row['speedup_min']:.2f}, {row['speedup_max']:.2f}]"
+                     f" (eager channels-last {row['eager_channels_last_speedup']:.2f})"
                      if "speedup" in row else "")
                   + f" rel. error {row['gradient_rel_error']:.1e}"
                   + (f" (vs float64: compiled {row['compiled_vs_float64']:.1e}, eager {row['eager_vs_float64']:.1e})"

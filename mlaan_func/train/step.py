@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..combinators import Objective
-from ..core import hyper
+from ..core import hyper, layout
 from ..core.batch import as_batch, check_device, check_structure, input_of
 from ..core.identity import check_identity, module_blocks
 from ..core.net import AfterStep, Params, State, check_keys, init_params
@@ -66,7 +66,8 @@ def init(objectives: Sequence[Objective], optimizer: Optimizer, *, seed: int = 0
 
 def gradients(objectives: Sequence[Objective], *, compile: bool = False,
               backend: str = "inductor", share: bool | str | None = None,
-              observe: Callable[[int], None] | None = None) -> Callable[[TrainState, Any], Gradients]:
+              observe: Callable[[int], None] | None = None,
+              memory_format: torch.memory_format | None = None) -> Callable[[TrainState, Any], Gradients]:
     """The summed gradients of a scheme's local losses and the new state, without an update.
 
     BatchNorm statistics: every objective reads the state as it was at the start of the
@@ -79,6 +80,9 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     (fewer FLOPs; gradients equal to float32 rounding); ``False``: merge nothing (each
     objective runs its own blocks). ``observe`` as in ``execute.executor``: called before
     each objective and after the last (the memory planner measures a step in segments).
+    ``memory_format``: the layout of the 4-d tensors (input, weights, state) the step runs
+    on (``mlaan_func.core.layout``); ``None`` (the default): as given, bit for bit;
+    ``torch.channels_last``: faster CPU convolutions, gradients equal to float32 rounding.
 
     >>> from torch import nn
     >>> import mlaan_func as mf
@@ -93,6 +97,7 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     check_identity(objectives)
     check_reads(objectives)
     run_step = executor(objectives, share=share, compile=compile, backend=backend, observe=observe)
+    faulty = faulty_convolutions(objectives)
     param_keys, state_keys = scheme_names(objectives)
     shapes = param_shapes(objectives)
     first_structure = None
@@ -112,11 +117,27 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
         first_structure = check_structure(batch, first_structure)
         x = input_of(batch)
         check_device(x, ts.params)
+        ts, batch = laid_out(ts, batch, layout.resolve(memory_format, x=x, faulty=faulty))
         if ts.key is None:
             return run_step(ts, batch, {})[0]
         return keyed(lambda: run_step(ts, batch, {})[0], ts.key, ts.step, x.device, draws)
 
     return run
+
+
+def faulty_convolutions(objectives: Sequence[Objective]) -> list[str]:
+    """The scheme's convolutions that channels-last breaks on the CPU (``layout.faulty_convolutions``)."""
+    return layout.faulty_convolutions((f"{block.name}.{n}" if n else block.name, m)
+                                      for o in objectives for net in o.nets for top in net.blocks
+                                      for block in module_blocks(top) for n, m in block.module.named_modules())
+
+
+def laid_out(ts: TrainState, batch: Any, memory_format: torch.memory_format) -> tuple[TrainState, Any]:
+    """``ts`` and ``batch`` with their 4-d tensors in ``memory_format`` (same values)."""
+    if memory_format == torch.preserve_format:
+        return ts, batch
+    return (ts._replace(params=layout.convert(ts.params, memory_format), state=layout.convert(ts.state, memory_format)),
+            layout.convert_batch(batch, memory_format))
 
 
 def _step_randomness(ts: TrainState, x: Tensor):
@@ -143,7 +164,8 @@ def apply_gradients(ts: TrainState, grads: Params, state: State, optimizer: Opti
 
 def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool = False,
          backend: str = "inductor", check_finite: bool = True, share: bool | str | None = None,
-         memory_budget: int | float | None = None, observe: Callable[[int], None] | None = None
+         memory_budget: int | float | None = None, observe: Callable[[int], None] | None = None,
+         memory_format: torch.memory_format | None = None
          ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, dict[str, Tensor]]]]:
     """A pure training step ``(train_state, batch) -> (train_state, metrics)``.
 
@@ -157,7 +179,8 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
     one ``torch.compile``d graph shared by the runs that compute the same function
     (``mlaan_func.kernels.run_kernel``; the compile count does not grow with the number of
     modules); with ``share=False`` it compiles each objective's whole gradient
-    function instead (one graph per objective). ``share`` as in ``gradients``.
+    function instead (one graph per objective). ``share`` and ``memory_format`` as in
+    ``gradients``.
     A non-finite loss raises ``NonFiniteLossError`` (one flag per step, checked outside
     compiled code) and nothing is updated; with ``check_finite=False`` the step goes on
     (use ``optim.apply_if_finite`` to skip such updates).
@@ -198,12 +221,21 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
                               "compile=True (a compiled step's memory is not the eager one measured) nor with "
                               "active= schedules; drop one of them")
         return budgeted_step(objectives, memory_budget, lambda scheme, form, seen: step(
-            scheme, optimizer, backend=backend, check_finite=check_finite, share=form, observe=seen), share=share)
+            scheme, optimizer, backend=backend, check_finite=check_finite, share=form, observe=seen,
+            memory_format=memory_format), share=share)
     post = after_steps(objectives)
+    faulty = faulty_convolutions(objectives)
+
+    def in_layout(ts: TrainState, batch: Any) -> tuple[TrainState, Any]:
+        batch = as_batch(batch)
+        return laid_out(ts, batch, layout.resolve(memory_format, x=input_of(batch), faulty=faulty))
+
     if all(o.active is None for o in objectives):
-        grad_step = gradients(objectives, compile=compile, backend=backend, share=share, observe=observe)
+        grad_step = gradients(objectives, compile=compile, backend=backend, share=share, observe=observe,
+                              memory_format=memory_format)
 
         def train_step(ts: TrainState, batch: Any):
+            ts, batch = in_layout(ts, batch)
             with deferred_checks():
                 g = grad_step(ts, batch)
             return finish_step(ts, g, optimizer, post, check_finite=check_finite,
@@ -225,10 +257,12 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
                 feeders.add(o.name)
         trained = {k for o in part if o.name not in feeders for k in o.param_names}
         params, state = scheme_names(part)
-        return (gradients(part, compile=compile, backend=backend, share=share, observe=observe), params, state,
+        return (gradients(part, compile=compile, backend=backend, share=share, observe=observe,
+                          memory_format=memory_format), params, state,
                 frozenset(k for k in params if k not in trained), feeders)
 
     def switched_step(ts: TrainState, batch: Any):
+        ts, batch = in_layout(ts, batch)
         on = tuple(i for i, o in enumerate(objectives) if o.active is None or bool(o.active(ts.step)))
         if not on:
             raise SchemeError(f"no objective is active at step {int(ts.step)}; every step needs one "
