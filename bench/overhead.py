@@ -9,7 +9,8 @@ thread, CPU time per step (``time.process_time``), rounds interleaved in one pro
 Both start from the same parameters and do the same update (SGD, momentum 0.9, Nesterov,
 weight decay 1e-4); after the timed steps their parameters are compared (float32 rounding:
 the two order the weight-decay sum differently). The ratio ``library / plain`` is the median
-of per-round ratios.
+of per-round ratios; ``pair_ratio`` is the median over single steps taken in pairs (library
+then plain, plain then library, alternating), which the machine's drift disturbs least.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def measure(batch_size: int, rounds: int, steps: int) -> dict:
     for _ in range(rounds):
         a, b = cpu_seconds(library, steps), cpu_seconds(reference, steps)
         lib_s.append(a), ref_s.append(b), ratios.append(a / b)
+    pairs = []
+    for i in range(rounds * steps):
+        first, second = (library, reference) if i % 2 == 0 else (reference, library)
+        t = {first: cpu_seconds(first, 1), second: cpu_seconds(second, 1)}
+        pairs.append(t[library] / t[reference])
     reads = None
     if count_host_reads is not None:
         with count_host_reads() as counter:
@@ -75,7 +81,8 @@ def measure(batch_size: int, rounds: int, steps: int) -> dict:
         reads = counter.count
     return {"batch_size": batch_size, "rounds": rounds, "steps_per_round": steps,
             "library_ms": 1e3 * statistics.median(lib_s), "plain_ms": 1e3 * statistics.median(ref_s),
-            "ratio": statistics.median(ratios), "ratios": ratios, "library_host_reads": reads}
+            "ratio": statistics.median(ratios), "ratios": ratios, "pairs": len(pairs),
+            "pair_ratio": statistics.median(pairs), "library_host_reads": reads}
 
 
 def main(argv=None) -> int:
