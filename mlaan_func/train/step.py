@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import attrs
 import torch
@@ -31,7 +31,7 @@ from ..combinators import Objective
 from ..core import hyper, layout
 from ..core.batch import as_batch, check_device, check_structure, input_of
 from ..core.identity import check_identity, module_blocks
-from ..core.net import AfterStep, Params, State, check_keys, init_params
+from ..core.net import AfterStep, Block, Params, State, check_keys, init_params
 from ..core.deferred import deferred_checks
 from ..core.randomness import key_from_seed, keyed, seeded
 from ..errors import NonFiniteLossError, SchemeError, ShapeError
@@ -97,7 +97,7 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
     check_identity(objectives)
     check_reads(objectives)
     run_step = executor(objectives, share=share, compile=compile, backend=backend, observe=observe)
-    faulty = faulty_convolutions(objectives)
+    faulty = faulty_convolutions(objectives) if memory_format is not None else []
     param_keys, state_keys = scheme_names(objectives)
     shapes = param_shapes(objectives)
     first_structure = None
@@ -128,8 +128,16 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
 def faulty_convolutions(objectives: Sequence[Objective]) -> list[str]:
     """The scheme's convolutions that channels-last breaks on the CPU (``layout.faulty_convolutions``)."""
     return layout.faulty_convolutions((f"{block.name}.{n}" if n else block.name, m)
-                                      for o in objectives for net in o.nets for top in net.blocks
-                                      for block in module_blocks(top) for n, m in block.module.named_modules())
+                                      for block in scheme_module_blocks(objectives)
+                                      for n, m in block.module.named_modules())
+
+
+def scheme_module_blocks(objectives: Sequence[Objective]) -> Iterator[Block]:
+    """Every module block of a scheme's nets (leap blocks' copies and twins included), in
+    scheme order, a block as often as nets hold it."""
+    for o in objectives:
+        for top in (b for net in o.nets for b in net.blocks):
+            yield from module_blocks(top)
 
 
 def laid_out(ts: TrainState, batch: Any, memory_format: torch.memory_format) -> tuple[TrainState, Any]:
@@ -180,7 +188,7 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
     (``mlaan_func.kernels.run_kernel``; the compile count does not grow with the number of
     modules); with ``share=False`` it compiles each objective's whole gradient
     function instead (one graph per objective). ``share`` and ``memory_format`` as in
-    ``gradients``.
+    ``gradients``; a step asked for a layout converts its train state before it runs.
     A non-finite loss raises ``NonFiniteLossError`` (one flag per step, checked outside
     compiled code) and nothing is updated; with ``check_finite=False`` the step goes on
     (use ``optim.apply_if_finite`` to skip such updates).
@@ -224,9 +232,12 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
             scheme, optimizer, backend=backend, check_finite=check_finite, share=form, observe=seen,
             memory_format=memory_format), share=share)
     post = after_steps(objectives)
-    faulty = faulty_convolutions(objectives)
+    faulty = faulty_convolutions(objectives) if memory_format is not None else []
 
     def in_layout(ts: TrainState, batch: Any) -> tuple[TrainState, Any]:
+        """The step's tensors in the asked layout before it runs, so the update keeps it too."""
+        if memory_format is None:
+            return ts, batch
         batch = as_batch(batch)
         return laid_out(ts, batch, layout.resolve(memory_format, x=input_of(batch), faulty=faulty))
 
@@ -303,11 +314,9 @@ forward_only.runs_no_loss = True  # its objective's loss (and any loss context) 
 def param_shapes(objectives: Sequence[Objective]) -> dict[str, tuple[int, ...]]:
     """Every trained parameter's shape, as its block holds it."""
     shapes = {}
-    for o in objectives:
-        for top in (b for net in o.nets for b in net.blocks):
-            for block in module_blocks(top):
-                local = dict(block.module.named_parameters())
-                shapes.update({k: tuple(local[n].shape) for k, n in zip(block.param_names, block.local_params)})
+    for block in scheme_module_blocks(objectives):
+        local = dict(block.module.named_parameters())
+        shapes.update({k: tuple(local[n].shape) for k, n in zip(block.param_names, block.local_params)})
     return {k: shapes[k] for k in scheme_names(objectives)[0] if k in shapes}
 
 
