@@ -90,7 +90,10 @@ def mlaan_k(method: str, k: int, arch: str = "resnet32") -> int:
     return 15 if method.endswith("mlaan") and k == 16 and arch not in IMAGENET_ARCHS else k
 
 
-def build(method: str, arch: str, k: int, *, remat: bool = False, head: str | None = None):
+def build(method: str, arch: str, k: int, *, remat: bool | str = False, head: str | None = None):
+    """``(backbone, scheme)`` of ``method`` on ``arch`` in ``k`` modules; ``remat``: ``False``,
+    ``True`` (every objective ``mf.remat``) or an ``inside=`` rule (``"conv_inputs"``,
+    ``"block_input"``: rematerialised and cut inside its blocks)."""
     backbone = mf.from_module(model_for(arch))
     at = [] if method == "e2e" else split_for(arch, backbone, k)
     options = {}
@@ -104,7 +107,8 @@ def build(method: str, arch: str, k: int, *, remat: bool = False, head: str | No
         options.update(head=head or "imagenet", contrastive=False)
     scheme = mf.schemes.build(method, backbone, at, input_shape=image_shape(arch), **options)
     if remat:
-        scheme = [mf.remat(o) for o in scheme]
+        inside = None if remat is True else remat
+        scheme = [mf.remat(o, inside=inside) for o in scheme]
     return backbone, scheme
 
 

@@ -35,7 +35,7 @@ def _slots(module: nn.Module, kind: str) -> dict[str, list[tuple[dict, str]]]:
 
 
 class swapped_call:
-    """``call(params, buffers, x) -> module(x)`` run on the given tensors; ``params`` and
+    """``call(params, buffers, *inputs) -> module(*inputs)`` run on the given tensors; ``params`` and
     ``buffers`` hold exactly the module's local names (the caller builds them from them).
     Copied or pickled, it looks its owners up again in the copied module."""
 
@@ -49,7 +49,7 @@ class swapped_call:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["module"])
 
-    def __call__(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Any) -> Any:
+    def __call__(self, params: dict[str, Tensor], buffers: dict[str, Tensor], *inputs: Any) -> Any:
         saved = []
         try:
             for given, slots in zip((params, buffers), self._slots):
@@ -57,7 +57,7 @@ class swapped_call:
                     for table, attr in places:
                         saved.append((table, attr, table[attr]))
                         table[attr] = given[name]
-            return self.module(x)
+            return self.module(*inputs)
         finally:
             for table, attr, original in reversed(saved):
                 table[attr] = original

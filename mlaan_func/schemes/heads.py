@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from einops import rearrange, reduce
 from einops.layers.torch import Rearrange, Reduce
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ..core.net import ShapeError
 
@@ -82,14 +82,17 @@ _HEAD_FOR_RANK = {2: "heads.mlp or heads.linear", 3: "heads.dgl_tokens, heads.li
                   "heads.infopro_tokens", 4: "heads.dgl, heads.linear or heads.infopro"}
 
 
-def check_rank(head: nn.Module, x: Tensor, ranks: Sequence[int]) -> None:
-    """Raise ``ShapeError`` when ``x``'s rank is not one of ``ranks``, naming the heads that
-    take it."""
+def check_rank(head: str, x: Tensor, ranks: Sequence[int]) -> None:
+    """Raise ``ShapeError`` when ``x``'s rank is not one of ``ranks`` (of the head class named
+    ``head``), naming the heads that take it."""
     if x.dim() not in ranks:
         takes = " or ".join(_RANK_NAMES.get(r, f"rank-{r} tensors") for r in ranks)
         use = _HEAD_FOR_RANK.get(x.dim(), "einops.rearrange to one of those ranks, or a head of your own")
-        raise ShapeError(f"{type(head).__name__} takes {takes}, got features of shape {tuple(x.shape)}; "
+        raise ShapeError(f"{head} takes {takes}, got features of shape {tuple(x.shape)}; "
                          f"use {use} (heads.for_shape picks one from the feature shape)")
+
+
+fx.wrap("check_rank")  # a call in traced graphs (remat inside blocks), not a branch on a traced value
 
 
 class Head(nn.Module):
@@ -107,7 +110,7 @@ class Head(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_rank(self, x, self.ranks)
+        check_rank(type(self).__name__, x, self.ranks)
         return self.layers(x)
 
 
@@ -123,7 +126,7 @@ class FeaturePool(nn.Module):
         self.tokens = tokens
 
     def forward(self, x: Tensor) -> Tensor:
-        check_rank(self, x, (2, 3, 4))
+        check_rank(type(self).__name__, x, (2, 3, 4))
         if x.dim() == 4:
             return reduce(x, "n c h w -> n c", "mean")
         if x.dim() == 3:
@@ -329,7 +332,7 @@ class PatchDecoder(Head):
                          nn.Sigmoid())
 
     def forward(self, x: Tensor) -> Tensor:
-        check_rank(self, x, self.ranks)
+        check_rank(type(self).__name__, x, self.ranks)
         pixels = self.layers(x[:, 1:] if self.cls_token else x)
         return rearrange(pixels, "n (h w) (p q c) -> n c (h p) (w q)", h=self.grid[0], w=self.grid[1],
                          p=self.patch_size, q=self.patch_size)
@@ -458,7 +461,7 @@ class PatchFused(nn.Module):
             head.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        check_rank(self, x, (4,))
+        check_rank(type(self).__name__, x, (4,))
         rows, cols = patch_bounds(x.shape[2], self.grid[0]), patch_bounds(x.shape[3], self.grid[1])
         if any(a == b for a, b in rows + cols):
             raise ShapeError(f"a {x.shape[2]}x{x.shape[3]} map has an empty patch in a {self.grid[0]}x"

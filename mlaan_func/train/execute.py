@@ -59,6 +59,7 @@ from torch.func import grad_and_value
 from ..combinators import Objective
 from ..core.batch import as_batch, input_of
 from ..core.net import INPUT, Params, State, check_keys
+from ..core.segments import segmented
 from ..core.randomness import (
     generator_devices,
     generator_state,
@@ -77,6 +78,23 @@ Executor = Callable[[TrainState, Any, dict[str, Tensor]], tuple[Gradients, dict[
 def remat_of(objective: Objective) -> int | None:
     """The rematerialisation granularity ``mf.remat`` gave an objective, else ``None``."""
     return getattr(objective.grad_fn, "remat_every", None)
+
+
+def inside_of(objective: Objective) -> Any:
+    """Where ``mf.remat(..., inside=)`` cuts an objective's blocks, else ``None``."""
+    return getattr(objective.grad_fn, "remat_inside", None)
+
+
+def cut_nets(nets: list, plan: Plan, objectives: Sequence[Objective], opaque: dict[int, Callable]) -> list:
+    """``nets`` with the pieces whose every objective asks for the same ``inside=`` cut inside
+    their blocks (``core.segments``)."""
+    insides = [None if i in opaque else inside_of(o) for i, o in enumerate(objectives)]
+    cut = []
+    for net, piece in zip(nets, plan.pieces):
+        chosen = {id(insides[u]): insides[u] for u in piece.users}
+        (inside,) = chosen.values() if len(chosen) == 1 else (None,)
+        cut.append(net if inside is None else segmented(net, inside))
+    return cut
 
 
 def remat_every(objectives: Sequence[Objective]) -> int | None:
@@ -238,6 +256,9 @@ def executor(objectives: Sequence[Objective], *, share: bool | str | None = None
     (['m1.independent', 'final'], ['2.0'], (4, 8, 4, 4))
     """
     objectives, given, keep = list(objectives), tuple(given), tuple(keep)
+    if compile and any(inside_of(o) is not None for o in objectives):
+        raise SchemeError("mf.remat(..., inside=) runs eagerly (its segments are torch.utils.checkpoint "
+                          "regions): pass compile=False, or drop inside= to compile the rematerialised step")
     merged = use_shared(objectives, share=share, compile=compile, given=given)
     remats = [remat_of(o) for o in objectives]
     routes = plan_routes(objectives, given=given)
@@ -250,9 +271,11 @@ def executor(objectives: Sequence[Objective], *, share: bool | str | None = None
             opaque[i] = compiled_gradient_fn(o, taps, i, backend)
         elif o.grad_fn is not None and remats[i] is None:
             opaque[i] = o.grad_fn(o, taps)
+    # cut inside its blocks (mf.remat(o, inside=)), an objective's pieces keep their graph
+    remats = [None if inside_of(o) is not None else r for o, r in zip(objectives, remats)]
     caps = [None if i in opaque else r for i, r in enumerate(remats)]
     plan = plan_scheme(objectives, max_blocks=caps, given=given, keep=keep, merge=merged, opaque=opaque)
-    nets = [p.net for p in plan.pieces]
+    nets = cut_nets([p.net for p in plan.pieces], plan, objectives, opaque)
     rematerialised = [i not in opaque and r is not None for i, r in enumerate(remats)]
     step = _Step(objectives, plan, nets, opaque, rematerialised, sum_cotangents=share == "sum", routes=routes,
                  observe=observe)

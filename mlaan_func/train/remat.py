@@ -24,26 +24,38 @@ from typing import Callable
 import attrs
 
 from ..combinators import Objective
+from ..core.segments import Inside, cut_rule
 from ..errors import SchemeError
 from .execute import objective_gradient_fn
 
 
-def remat_grad_fn(every: int = 1) -> Callable:
+def remat_grad_fn(every: int = 1, inside: Inside | None = None) -> Callable:
     """The ``grad_fn`` factory ``remat`` gives an objective: the executor's own gradient
-    function for it (``execute.objective_gradient_fn``), marked with ``remat_every`` so that
-    the executor rematerialises its pieces."""
+    function for it (``execute.objective_gradient_fn``), marked with ``remat_every`` (and
+    ``remat_inside``) so that the executor rematerialises its pieces (and cuts its blocks)."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise SchemeError(f"remat granularity must be a positive number of blocks, got {every!r}")
+    if inside is not None:
+        cut_rule(inside)
+        if every != 1:
+            raise SchemeError(f"remat(..., inside={inside!r}) cuts inside blocks instead of rematerialising "
+                              f"pieces of blocks, so it takes no every= (got {every}); pass one or the other")
 
     def factory(objective: Objective, taps: tuple[str, ...]) -> Callable:
         return objective_gradient_fn(objective, taps)
 
     factory.remat_every = every
+    factory.remat_inside = inside
     return factory
 
 
-def remat(objective: Objective, every: int = 1) -> Objective:
-    """The same objective, differentiated by rematerialisation every ``every`` blocks.
+def remat(objective: Objective, every: int = 1, inside: Inside | None = None) -> Objective:
+    """The same objective, differentiated by rematerialisation every ``every`` blocks; with
+    with ``inside`` (``"block_input"``, ``"conv_inputs"`` or a predicate ``(name, module) ->
+    bool``) instead, its blocks run with a graph but keep only the values that cross their cuts,
+    and each segment between cuts is recomputed in the backward, one at a time
+    (``mlaan_func.core.segments``). Gradients, state and losses are bit for bit the plain
+    objective's either way.
 
     >>> import torch
     >>> from torch import nn
@@ -56,5 +68,8 @@ def remat(objective: Objective, every: int = 1) -> Objective:
     >>> got = mf.gradients([remat(plain, every=2)])(ts, batch).grads
     >>> all(torch.equal(got[k], want[k]) for k in want)
     True
+    >>> inner = mf.gradients([remat(plain, inside="conv_inputs")])(ts, batch).grads
+    >>> all(torch.equal(inner[k], want[k]) for k in want)
+    True
     """
-    return attrs.evolve(objective, grad_fn=remat_grad_fn(every))
+    return attrs.evolve(objective, grad_fn=remat_grad_fn(every, inside))
