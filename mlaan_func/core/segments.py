@@ -13,6 +13,10 @@ each segment inside the backward, one at a time (docs/design.md §6, "Remat insi
 * ``"conv_inputs"``: before every convolution and linear layer (after the first);
 * a predicate ``(name, module) -> bool``: before every layer it chooses.
 
+An activation whose backward reads only its output (ReLU, tanh, sigmoid) that ends a
+segment runs outside the checkpoint: what it saves is the value it hands on, which stays
+alive anyway, where recomputing it would make a second copy.
+
 The function is the same: the same ops on the same values in the same order, so outputs,
 gradients and BatchNorm statistics are bit for bit those of the plain block. Statistics
 are written once: each segment clones the buffers it writes from the state it was given,
@@ -26,8 +30,8 @@ checkpoint replays the generator). Evaluation runs the block as it is.
 >>> params, state = init_params(net)
 >>> x = torch.randn(5, 4)
 >>> cut = segmented(net, "conv_inputs")
->>> [len(b.segments) for b in cut.blocks]
-[2]
+>>> [[s.checkpointed for s in b.segments] for b in cut.blocks]   # Linear | Tanh | Linear
+[[True, False, True]]
 >>> torch.equal(cut(params, state, x)[0], net(params, state, x)[0])
 True
 """
@@ -65,6 +69,22 @@ def cut_rule(inside: Inside) -> Callable[[str, nn.Module], bool]:
                       f"choosing the layers to cut before; got {inside!r}")
 
 
+_ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid)
+_ACTIVATION_CALLS = {torch.relu, torch.tanh, torch.sigmoid, torch.nn.functional.relu, torch.nn.functional.tanh,
+                     torch.nn.functional.sigmoid, "relu", "tanh", "sigmoid"}
+
+
+def _saves_only_output(node: fx.Node, template: nn.Module) -> bool:
+    """Whether ``node`` is an activation whose backward reads only its output (ReLU, tanh,
+    sigmoid): run outside a checkpoint, it keeps the boundary it hands on anyway, where a
+    recomputation would make a second copy of it."""
+    if node.op == "call_module":
+        return isinstance(template.get_submodule(str(node.target)), _ACTIVATIONS)
+    if node.kwargs.get("inplace"):
+        return False
+    return node.op in ("call_function", "call_method") and node.target in _ACTIVATION_CALLS
+
+
 class _LayerTracer(fx.Tracer):
     """Traces a block's ``forward`` through its containers; every other submodule is one call."""
 
@@ -93,6 +113,7 @@ class Segment:
     module: fx.GraphModule = attrs.field(repr=False)
     buffers: tuple[str, ...]
     call: swapped_call = attrs.field(repr=False)
+    checkpointed: bool = True
 
     def run(self, params: Params, state: State, *values: Tensor) -> tuple[tuple[Tensor, ...], State]:
         written = {n: state[n].clone() for n in self.buffers}
@@ -113,7 +134,12 @@ def _segments(block: Block, cut: Callable[[str, nn.Module], bool]) -> tuple[tupl
                          f"and runs {len(ops)} operations; rematerialise it whole (mf.remat without inside=)")
     starts = [0] + [i for i, n in enumerate(ops) if i and n.op == "call_module"
                     and cut(str(n.target), template.get_submodule(str(n.target)))]
-    bounds = list(zip(starts, starts[1:] + [len(ops)]))
+    bounds = []
+    for a, b in zip(starts, starts[1:] + [len(ops)]):
+        if b - a > 1 and _saves_only_output(ops[b - 1], template):  # run apart: nothing to recompute
+            bounds += [(a, b - 1), (b - 1, b)]
+        else:
+            bounds.append((a, b))
     segment_of = {n: j for j, (a, b) in enumerate(bounds) for n in ops[a:b]}
 
     def sources(n: fx.Node) -> list[fx.Node]:
@@ -143,7 +169,8 @@ def _segments(block: Block, cut: Callable[[str, nn.Module], bool]) -> tuple[tupl
         module = fx.GraphModule(template, g, class_name=f"Segment{j}")
         local_state = set(block.local_state)
         buffers = tuple(n for n, _ in module.named_buffers() if n in local_state)
-        segments.append(Segment(module, buffers, swapped_call(module)))
+        checkpointed = not (b - a == 1 and _saves_only_output(own[0], template))
+        segments.append(Segment(module, buffers, swapped_call(module), checkpointed))
         wiring.append((tuple(reads), tuple(hands)))
     if any(m.op == "get_attr" for m in output.all_input_nodes):
         raise TraceError(f"block {block.name!r} cannot be cut inside: its forward returns a parameter or "
@@ -184,7 +211,7 @@ class SegmentedBlock(Wrapper):
         def run() -> Tensor:
             for segment, (reads, hands) in zip(self.segments, wiring):
                 args = [values[m] for m in reads]
-                if torch.is_grad_enabled():
+                if segment.checkpointed and torch.is_grad_enabled():
                     outs, new = checkpoint(segment.run, p, s, *args, use_reentrant=False)
                 else:
                     outs, new = segment.run(p, s, *args)

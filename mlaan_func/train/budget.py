@@ -1,4 +1,5 @@
-"""A step that fits a memory budget: the planner picks, per objective, plain or ``mf.remat``.
+"""A step that fits a memory budget: the planner picks, per objective, plain or ``mf.remat``
+(of pieces of blocks, or inside the blocks).
 
 ``budgeted_step(scheme, budget, build)`` (what ``mf.step(..., memory_budget=)`` returns) plans
 on its first batch with ``plan_memory``, which measures the scheme on that batch (peak live
@@ -6,13 +7,15 @@ step bytes, ``mlaan_func.memory``; FLOPs, ``torch.utils.flop_counter``) in a few
 whose results are discarded (a step is a pure function, so a probe changes nothing):
 
 * the step as given (the no-remat peak a float budget is a fraction of);
-* every objective rematerialised (``mf.remat(o, 1)``), in the step's own form;
+* every objective rematerialised (``mf.remat(o, 1)``), and every objective cut inside its
+  blocks (``mf.remat(o, inside=rule)`` for each rule of ``insides``), in the step's own form;
 * the per-objective form (``share=False``): each objective runs its own blocks in turn, so
   the step's peak is ``max(before, max_i(live_i + extra_i[mode_i]), after)`` where
   ``live_i`` (the bytes alive when objective ``i`` starts: gradients so far, boundaries kept
   for later objectives) does not depend on any mode and ``extra_i[mode]`` (objective ``i``'s
   own peak above it) depends only on its own mode. One probe per mode (plain, remat every
-  ``n`` for ``n`` in ``granularities``), cut into segments at each objective
+  ``n`` for ``n`` in ``granularities``, remat inside for each rule of ``insides``), cut into
+  segments at each objective
   (``executor(observe=)``, ``MemoryMeter.reset_peak``), gives every term; for each
   objective the planner then takes the cheapest mode (fewest FLOPs) under the budget.
 
@@ -34,14 +37,14 @@ have. The figures are of the batch planned on: a batch of another shape is plann
 >>> train_step = mf.step(scheme, opt, memory_budget=0.97)
 >>> new, _ = train_step(ts, batch)
 >>> print(train_step.plan)
-memory plan (every objective rematerialised): predicted peak 83.0 KiB (0.966 of the no-remat 85.9 KiB) under the budget 83.4 KiB; smallest reachable 83.0 KiB; FLOPs x1.351; peak set by final
-  final: remat every=1, peak 83.0 KiB
+memory plan (every objective cut inside its blocks (conv_inputs)): predicted peak 57.4 KiB (0.667 of the no-remat 85.9 KiB) under the budget 83.4 KiB; smallest reachable 57.4 KiB; FLOPs x1.351; peak set by final
+  final: remat inside=conv_inputs, peak 57.4 KiB
   before: peak 0 B
   after: peak 31.9 KiB
 >>> mf.step(scheme, opt, memory_budget=0.5)(ts, batch)
 Traceback (most recent call last):
   ...
-mlaan_func.errors.MemoryBudgetError: memory_budget 44006 bytes (0.500 of the no-remat peak 88012) is below what any plan reaches on this batch: the smallest is 85000 bytes (0.966); pass memory_budget=85000 (or 0.966) or more, or lower the batch size or split the scheme into more modules
+mlaan_func.errors.MemoryBudgetError: memory_budget 44006 bytes (0.500 of the no-remat peak 88012) is below what any plan reaches on this batch: the smallest is 58732 bytes (0.668); pass memory_budget=58732 (or 0.668) or more, or lower the batch size or split the scheme into more modules
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ from ..core.batch import as_batch, input_of
 from ..errors import MemoryBudgetError, SchemeError
 from ..memory import track_memory
 from .remat import remat
+
+INSIDES = ("block_input", "conv_inputs")
+"""The ``inside=`` rules the planner tries besides rematerialising pieces."""
 
 Build = Callable[[Sequence[Objective], Any, Any], Callable]
 """``build(scheme, share, observe) -> train_step``: the step the planner measures and runs."""
@@ -205,12 +211,32 @@ def probe(build: Build, objectives: Sequence[Objective], share: Any, ts: Any, ba
                  flops_rest=total - (marks[n][2] - marks[0][2]))
 
 
-def mode_name(every: int | None) -> str:
-    return "plain" if every is None else f"remat every={every}"
+Mode = Any
+"""How the planner differentiates an objective: ``None`` (plain), ``n`` (``mf.remat(o, n)``) or an
+``inside=`` rule (``mf.remat(o, inside=rule)``: cut inside its blocks)."""
+
+
+def mode_name(mode: Mode) -> str:
+    """A mode as plans print it.
+
+    >>> mode_name(None), mode_name(2), mode_name("conv_inputs")
+    ('plain', 'remat every=2', 'remat inside=conv_inputs')
+    """
+    if mode is None:
+        return "plain"
+    return f"remat every={mode}" if isinstance(mode, int) else f"remat inside={getattr(mode, '__name__', mode)}"
+
+
+def marked_with(objective: Objective, mode: Mode) -> Objective:
+    """``objective`` differentiated as ``mode`` says."""
+    if mode is None:
+        return objective
+    return remat(objective, mode) if isinstance(mode, int) else remat(objective, inside=mode)
 
 
 def plan_memory(objectives: Sequence[Objective], ts: Any, batch: Any, budget: int | float, build: Build, *,
-                share: Any = None, granularities: Sequence[int] = (1, 2)) -> MemoryPlan:
+                share: Any = None, granularities: Sequence[int] = (1, 2),
+                insides: Sequence[Any] = INSIDES) -> MemoryPlan:
     """The plan with the fewest FLOPs whose peak step bytes on ``(ts, batch)`` stay under
     ``budget`` (see the module docstring); ``MemoryBudgetError`` when none does."""
     objectives = list(objectives)
@@ -222,7 +248,7 @@ def plan_memory(objectives: Sequence[Objective], ts: Any, batch: Any, budget: in
         return marked_each([every] * len(objectives))
 
     def marked_each(chosen: Sequence[int | None]) -> list[Objective]:
-        return [o if f or m is None else remat(o, m) for o, f, m in zip(objectives, fixed, chosen)]
+        return [o if f else marked_with(o, m) for o, f, m in zip(objectives, fixed, chosen)]
 
     def modes(chosen: Sequence[int | None]) -> tuple[tuple[str, str], ...]:
         return tuple((n, "as given" if f else mode_name(m)) for n, f, m in zip(names, fixed, chosen))
@@ -235,13 +261,15 @@ def plan_memory(objectives: Sequence[Objective], ts: Any, batch: Any, budget: in
     plans = [("as given", objectives, share, given.step_peak, given.step_flops, modes([None] * len(names)),
               segments(given.before, given.peak, given.after))]
     floors = [given.step_peak]
-    if not all(fixed):
-        shared = probe(build, marked(1), share, ts, batch)
-        plans.append(("every objective rematerialised", marked(1), share, shared.step_peak, shared.step_flops,
-                      modes([1] * len(names)), segments(shared.before, shared.peak, shared.after)))
+    for mode in ((1, *insides) if not all(fixed) else ()):
+        shared = probe(build, marked(mode), share, ts, batch)
+        form = ("every objective rematerialised" if isinstance(mode, int) else
+                f"every objective cut inside its blocks ({mode_name(mode).split('=')[1]})")
+        plans.append((form, marked(mode), share, shared.step_peak, shared.step_flops,
+                      modes([mode] * len(names)), segments(shared.before, shared.peak, shared.after)))
         floors.append(shared.step_peak)
     if not all(fixed) and share in (None, False):
-        everies = [None, *dict.fromkeys(granularities)]
+        everies = [None, *dict.fromkeys(granularities), *insides]
         probes = {m: probe(build, marked(m), False, ts, batch) for m in everies}
         live = [max(p.live[i] for p in probes.values()) for i in range(len(names))]
         before, after = max(p.before for p in probes.values()), max(p.after for p in probes.values())
