@@ -19,7 +19,7 @@ from mlaan_func.models.resnet import CifarResNet
 SHAPE = (3, 8, 8)
 BLOCKS = ("stem", "1.0", "1.1", "2.0", "2.1", "3.0", "3.1", "classifier")
 METHODS = ["e2e", "dgl", "infopro", "mlaan", "dgl_mlaan", "infopro_mlaan"]
-RULES = ["block_input", "conv_inputs", lambda name, module: isinstance(module, (nn.BatchNorm2d, nn.Conv2d))]
+RULES = ["block_input", "conv_inputs", "nested", lambda name, module: isinstance(module, (nn.BatchNorm2d, nn.Conv2d))]
 
 
 def setup(method, at, seed, n=6):

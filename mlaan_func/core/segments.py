@@ -11,6 +11,8 @@ each segment inside the backward, one at a time (docs/design.md §6, "Remat insi
 
 * ``"block_input"``: nowhere; the block keeps its input and recomputes all of it;
 * ``"conv_inputs"``: before every convolution and linear layer (after the first);
+* ``"nested"``: both; the block keeps its input, and its recomputation in the backward
+  keeps the inputs of its convolutions (each block's convolutions run three times);
 * a predicate ``(name, module) -> bool``: before every layer it chooses.
 
 An activation whose backward reads only its output (ReLU, tanh, sigmoid) that ends a
@@ -61,11 +63,11 @@ def cut_rule(inside: Inside) -> Callable[[str, nn.Module], bool]:
     """The predicate ``inside`` names; anything else is refused, naming the choices."""
     if inside == "block_input":
         return lambda name, module: False
-    if inside == "conv_inputs":
+    if inside in ("conv_inputs", "nested"):
         return lambda name, module: isinstance(module, _WEIGHTED)
     if callable(inside) and not isinstance(inside, str):
         return inside
-    raise SchemeError(f"inside= is 'block_input', 'conv_inputs' or a predicate (name, module) -> bool "
+    raise SchemeError(f"inside= is 'block_input', 'conv_inputs', 'nested' or a predicate (name, module) -> bool "
                       f"choosing the layers to cut before; got {inside!r}")
 
 
@@ -171,7 +173,9 @@ def _segments(block: Block, cut: Callable[[str, nn.Module], bool]) -> tuple[tupl
         buffers = tuple(n for n, _ in module.named_buffers() if n in local_state)
         checkpointed = not (b - a == 1 and _saves_only_output(own[0], template))
         segments.append(Segment(module, buffers, swapped_call(module), checkpointed))
-        wiring.append((tuple(reads), tuple(hands)))
+        # values no later segment reads are let go after this one (the block's result never is)
+        done = tuple(m for m in reads if max(readers[m]) == j)
+        wiring.append((tuple(reads), tuple(hands), done))
     if any(m.op == "get_attr" for m in output.all_input_nodes):
         raise TraceError(f"block {block.name!r} cannot be cut inside: its forward returns a parameter or "
                          "buffer itself; rematerialise it whole (mf.remat without inside=)")
@@ -185,11 +189,12 @@ class SegmentedBlock(Wrapper):
     block: Block
     segments: tuple[Segment, ...]
     wiring: tuple = attrs.field(repr=False)
+    nested: bool = False
 
     @classmethod
     def of(cls, block: Block, inside: Inside) -> "SegmentedBlock":
         segments, wiring = _segments(block, cut_rule(inside))
-        return cls(block, segments, wiring)
+        return cls(block, segments, wiring, nested=inside == "nested")
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -205,21 +210,28 @@ class SegmentedBlock(Wrapper):
         p, s = block.gather(params, state, train=False)  # each segment clones what it writes
         seed_block(block.name)
         placeholder, wiring, result = self.wiring
-        values = {placeholder: x}
-        written: State = {}
 
-        def run() -> Tensor:
-            for segment, (reads, hands) in zip(self.segments, wiring):
+        def segments(x: Tensor) -> tuple[Any, State]:
+            values, written = {placeholder: x}, {}
+            for segment, (reads, hands, done) in zip(self.segments, wiring):
                 args = [values[m] for m in reads]
                 if segment.checkpointed and torch.is_grad_enabled():
                     outs, new = checkpoint(segment.run, p, s, *args, use_reentrant=False)
                 else:
                     outs, new = segment.run(p, s, *args)
                 values.update(zip(hands, outs))
+                for m in done:
+                    del values[m]
+                del args, outs
                 written.update(new)
-            return fx.node.map_arg(result, lambda n: values[n])
+            return fx.node.map_arg(result, lambda n: values[n]), written
 
-        y = call_explained(block, x, p, run)
+        def run() -> tuple[Any, State]:
+            if self.nested and torch.is_grad_enabled():  # the block keeps its input; its recomputation, the cuts
+                return checkpoint(segments, x, use_reentrant=False)
+            return segments(x)
+
+        y, written = call_explained(block, x, p, run)
         return y, {_join(block.prefix, n): v for n, v in written.items()}
 
 

@@ -37,14 +37,14 @@ have. The figures are of the batch planned on: a batch of another shape is plann
 >>> train_step = mf.step(scheme, opt, memory_budget=0.97)
 >>> new, _ = train_step(ts, batch)
 >>> print(train_step.plan)
-memory plan (every objective cut inside its blocks (conv_inputs)): predicted peak 57.4 KiB (0.667 of the no-remat 85.9 KiB) under the budget 83.4 KiB; smallest reachable 57.4 KiB; FLOPs x1.351; peak set by final
+memory plan (every objective cut inside its blocks (conv_inputs)): predicted peak 57.4 KiB (0.667 of the no-remat 85.9 KiB) under the budget 83.4 KiB; smallest reachable 50.0 KiB; FLOPs x1.351; peak set by final
   final: remat inside=conv_inputs, peak 57.4 KiB
   before: peak 0 B
   after: peak 31.9 KiB
 >>> mf.step(scheme, opt, memory_budget=0.5)(ts, batch)
 Traceback (most recent call last):
   ...
-mlaan_func.errors.MemoryBudgetError: memory_budget 44006 bytes (0.500 of the no-remat peak 88012) is below what any plan reaches on this batch: the smallest is 58732 bytes (0.668); pass memory_budget=58732 (or 0.668) or more, or lower the batch size or split the scheme into more modules
+mlaan_func.errors.MemoryBudgetError: memory_budget 44006 bytes (0.500 of the no-remat peak 88012) is below what any plan reaches on this batch: the smallest is 51244 bytes (0.583); pass memory_budget=51244 (or 0.583) or more, or lower the batch size or split the scheme into more modules
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from ..errors import MemoryBudgetError, SchemeError
 from ..memory import track_memory
 from .remat import remat
 
-INSIDES = ("block_input", "conv_inputs")
+INSIDES = ("block_input", "conv_inputs", "nested")
 """The ``inside=`` rules the planner tries besides rematerialising pieces."""
 
 Build = Callable[[Sequence[Objective], Any, Any], Callable]
