@@ -83,8 +83,8 @@ def memory_section(payload: dict) -> list[str]:
               "outputs, 8 MiB each) and needs ~16 MiB more for its backward, so no scheme that trains such a "
               "block — nor per-block rematerialisation — goes below ~56 MiB (0.18 × E2E). InfoPro's decoder "
               "upsamples to the image size (64 channels at 32×32 on the trunk output: 32 MiB before its first "
-              "conv), which sets the InfoPro rows. Going lower needs rematerialisation inside a block, which "
-              "an opaque `nn.Module` block does not allow.", "",
+              "conv), which sets the InfoPro rows. These rows use remat of whole blocks; remat inside blocks "
+              "(`mf.remat(o, inside=)`) goes lower, down to the floors in the memory-budget section below.", "",
               "`engine / largest objective` divides the step's peak by the largest single objective's peak "
               "measured alone on the same input (plus that input's bytes). Where it exceeds 1.05 the excess is "
               "the module boundaries that later objectives read (a window of width W keeps W of them) and the "
