@@ -51,9 +51,10 @@ from ..errors import SchemeError, TraceError
 from .net import Block, Net, Params, State, Wrapper, _join, call_explained
 from .randomness import seed_block
 from .swap import swapped_call
+from .trace import met_traced_value
 
 Inside = str | Callable[[str, nn.Module], bool]
-"""Where a block is cut: ``"block_input"``, ``"conv_inputs"`` or a predicate ``(name, module)``."""
+"""Where a block is cut: ``"block_input"``, ``"conv_inputs"``, ``"nested"`` or a predicate ``(name, module)``."""
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -98,8 +99,8 @@ def _graph(block: Block) -> fx.Graph:
     template = block.train_template
     try:
         return _LayerTracer().trace(template)
-    except (fx.proxy.TraceError, TypeError, RuntimeError, AttributeError) as err:
-        if isinstance(err, RuntimeError) and "Proxy" not in str(err) and "symbolically traced" not in str(err):
+    except (fx.proxy.TraceError, RuntimeError, TypeError) as err:
+        if not isinstance(err, fx.proxy.TraceError) and not met_traced_value(err):
             raise
         raise TraceError(
             f"block {block.name!r} ({type(template).__name__}) cannot be cut inside: its forward does not trace "
@@ -123,8 +124,8 @@ class Segment:
 
 
 def _segments(block: Block, cut: Callable[[str, nn.Module], bool]) -> tuple[tuple[Segment, ...], tuple]:
-    """The block's segments, and for each the graph values it reads and those it hands on
-    (as indices into the value table the run keeps)."""
+    """The block's segments and their wiring: the block's input node, for each segment the
+    graph nodes it reads, hands on and is the last to read, and the node(s) the block returns."""
     graph = _graph(block)
     template = block.train_template
     nodes = list(graph.nodes)
@@ -136,13 +137,14 @@ def _segments(block: Block, cut: Callable[[str, nn.Module], bool]) -> tuple[tupl
                          f"and runs {len(ops)} operations; rematerialise it whole (mf.remat without inside=)")
     starts = [0] + [i for i, n in enumerate(ops) if i and n.op == "call_module"
                     and cut(str(n.target), template.get_submodule(str(n.target)))]
-    bounds = []
+    bounds = []  # (start, stop, checkpointed)
     for a, b in zip(starts, starts[1:] + [len(ops)]):
         if b - a > 1 and _saves_only_output(ops[b - 1], template):  # run apart: nothing to recompute
-            bounds += [(a, b - 1), (b - 1, b)]
+            bounds += [(a, b - 1, True), (b - 1, b, False)]
         else:
-            bounds.append((a, b))
-    segment_of = {n: j for j, (a, b) in enumerate(bounds) for n in ops[a:b]}
+            bounds.append((a, b, not (b - a == 1 and _saves_only_output(ops[a], template))))
+    segment_of = {n: j for j, (a, b, _) in enumerate(bounds) for n in ops[a:b]}
+    local_state = set(block.local_state)
 
     def sources(n: fx.Node) -> list[fx.Node]:
         return [m for m in n.all_input_nodes if m.op != "get_attr"]
@@ -154,7 +156,7 @@ def _segments(block: Block, cut: Callable[[str, nn.Module], bool]) -> tuple[tupl
     for m in sources(output):
         readers.setdefault(m, set()).add(len(bounds))
     segments, wiring = [], []
-    for j, (a, b) in enumerate(bounds):
+    for j, (a, b, checkpointed) in enumerate(bounds):
         own = ops[a:b]
         reads = list(dict.fromkeys(m for n in own for m in sources(n) if segment_of.get(m) != j))
         hands = [n for n in own if any(r > j for r in readers.get(n, ()))]
@@ -169,9 +171,7 @@ def _segments(block: Block, cut: Callable[[str, nn.Module], bool]) -> tuple[tupl
             env[n] = g.node_copy(n, lambda v: env[v])
         g.output(tuple(env[n] for n in hands))
         module = fx.GraphModule(template, g, class_name=f"Segment{j}")
-        local_state = set(block.local_state)
         buffers = tuple(n for n, _ in module.named_buffers() if n in local_state)
-        checkpointed = not (b - a == 1 and _saves_only_output(own[0], template))
         segments.append(Segment(module, buffers, swapped_call(module), checkpointed))
         # values no later segment reads are let go after this one (the block's result never is)
         done = tuple(m for m in reads if max(readers[m]) == j)

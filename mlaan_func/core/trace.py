@@ -62,6 +62,12 @@ class _CutTracer(fx.Tracer):
         return qualname not in self.enclosing
 
 
+def met_traced_value(err: Exception) -> bool:
+    """Whether ``err`` (a ``RuntimeError`` or ``TypeError`` raised while tracing) is code that
+    needs real tensors meeting an ``fx`` proxy, rather than a bug of its own."""
+    return isinstance(err, (RuntimeError, TypeError)) and "Proxy" in str(err)
+
+
 def _trace(model: nn.Module, cuts: Sequence[str], train: bool, stacks: bool = False) -> fx.Graph:
     was_training = model.training
     model.train(train)
@@ -76,7 +82,7 @@ def _trace(model: nn.Module, cuts: Sequence[str], train: bool, stacks: bool = Fa
             "named_blocks() method that lists its blocks in order (its forward must then run "
             "exactly those blocks one after another)") from err
     except (RuntimeError, TypeError) as err:
-        if "Proxy" not in str(err):
+        if not met_traced_value(err):
             raise
         inside = sorted({c.rsplit(".", 1)[0] for c in cuts if "." in c})
         raise TraceError(

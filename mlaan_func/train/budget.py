@@ -224,7 +224,12 @@ def mode_name(mode: Mode) -> str:
     """
     if mode is None:
         return "plain"
-    return f"remat every={mode}" if isinstance(mode, int) else f"remat inside={getattr(mode, '__name__', mode)}"
+    return f"remat every={mode}" if isinstance(mode, int) else f"remat inside={rule_name(mode)}"
+
+
+def rule_name(rule: Any) -> str:
+    """An ``inside=`` rule by name: the string itself, or a predicate's ``__name__``."""
+    return getattr(rule, "__name__", rule)
 
 
 def marked_with(objective: Objective, mode: Mode) -> Objective:
@@ -244,13 +249,13 @@ def plan_memory(objectives: Sequence[Objective], ts: Any, batch: Any, budget: in
     fixed = [o.grad_fn is not None or o.loss_takes_context for o in objectives]
     names = [o.name for o in objectives]
 
-    def marked(every: int | None) -> list[Objective]:
-        return marked_each([every] * len(objectives))
+    def marked(mode: Mode) -> list[Objective]:
+        return marked_each([mode] * len(objectives))
 
-    def marked_each(chosen: Sequence[int | None]) -> list[Objective]:
+    def marked_each(chosen: Sequence[Mode]) -> list[Objective]:
         return [o if f else marked_with(o, m) for o, f, m in zip(objectives, fixed, chosen)]
 
-    def modes(chosen: Sequence[int | None]) -> tuple[tuple[str, str], ...]:
+    def modes(chosen: Sequence[Mode]) -> tuple[tuple[str, str], ...]:
         return tuple((n, "as given" if f else mode_name(m)) for n, f, m in zip(names, fixed, chosen))
 
     given = probe(build, objectives, share, ts, batch)
@@ -264,7 +269,7 @@ def plan_memory(objectives: Sequence[Objective], ts: Any, batch: Any, budget: in
     for mode in ((1, *insides) if not all(fixed) else ()):
         shared = probe(build, marked(mode), share, ts, batch)
         form = ("every objective rematerialised" if isinstance(mode, int) else
-                f"every objective cut inside its blocks ({mode_name(mode).split('=')[1]})")
+                f"every objective cut inside its blocks ({rule_name(mode)})")
         plans.append((form, marked(mode), share, shared.step_peak, shared.step_flops,
                       modes([mode] * len(names)), segments(shared.before, shared.peak, shared.after)))
         floors.append(shared.step_peak)

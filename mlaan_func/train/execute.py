@@ -91,9 +91,9 @@ def cut_nets(nets: list, plan: Plan, objectives: Sequence[Objective], opaque: di
     insides = [None if i in opaque else inside_of(o) for i, o in enumerate(objectives)]
     cut = []
     for net, piece in zip(nets, plan.pieces):
-        chosen = {id(insides[u]): insides[u] for u in piece.users}
-        (inside,) = chosen.values() if len(chosen) == 1 else (None,)
-        cut.append(net if inside is None else segmented(net, inside))
+        inside = insides[piece.users[0]]
+        agreed = inside is not None and all(insides[u] is inside for u in piece.users)
+        cut.append(segmented(net, inside) if agreed else net)
     return cut
 
 
@@ -272,11 +272,11 @@ def executor(objectives: Sequence[Objective], *, share: bool | str | None = None
         elif o.grad_fn is not None and remats[i] is None:
             opaque[i] = o.grad_fn(o, taps)
     # cut inside its blocks (mf.remat(o, inside=)), an objective's pieces keep their graph
-    remats = [None if inside_of(o) is not None else r for o, r in zip(objectives, remats)]
-    caps = [None if i in opaque else r for i, r in enumerate(remats)]
+    piece_remats = [None if inside_of(o) is not None else r for o, r in zip(objectives, remats)]
+    caps = [None if i in opaque else r for i, r in enumerate(piece_remats)]
     plan = plan_scheme(objectives, max_blocks=caps, given=given, keep=keep, merge=merged, opaque=opaque)
     nets = cut_nets([p.net for p in plan.pieces], plan, objectives, opaque)
-    rematerialised = [i not in opaque and r is not None for i, r in enumerate(remats)]
+    rematerialised = [i not in opaque and r is not None for i, r in enumerate(piece_remats)]
     step = _Step(objectives, plan, nets, opaque, rematerialised, sum_cotangents=share == "sum", routes=routes,
                  observe=observe)
     if compile and merged:

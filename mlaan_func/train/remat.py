@@ -51,8 +51,8 @@ def remat_grad_fn(every: int = 1, inside: Inside | None = None) -> Callable:
 
 def remat(objective: Objective, every: int = 1, inside: Inside | None = None) -> Objective:
     """The same objective, differentiated by rematerialisation every ``every`` blocks; with
-    with ``inside`` (``"block_input"``, ``"conv_inputs"`` or a predicate ``(name, module) ->
-    bool``) instead, its blocks run with a graph but keep only the values that cross their cuts,
+    ``inside`` (``"block_input"``, ``"conv_inputs"``, ``"nested"`` or a predicate ``(name,
+    module) -> bool``) instead, its blocks run with a graph but keep only the values that cross their cuts,
     and each segment between cuts is recomputed in the backward, one at a time
     (``mlaan_func.core.segments``). Gradients, state and losses are bit for bit the plain
     objective's either way.
