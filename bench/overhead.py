@@ -4,6 +4,7 @@ thread, CPU time per step (``time.process_time``), rounds interleaved in one pro
 
     python bench/overhead.py                        # batch 8 and 128, 7 rounds
     python bench/overhead.py --batch-size 8 --rounds 11 --json bench/results/overhead.json
+    python bench/overhead.py --keep-host-memory     # glibc keeps freed memory (mlaan_func.host_memory)
     PYTHONPATH=../old python bench/overhead.py --json /tmp/old.json   # an earlier checkout's library
 
 Both start from the same parameters and do the same update (SGD, momentum 0.9, Nesterov,
@@ -11,6 +12,10 @@ weight decay 1e-4); after the timed steps their parameters are compared (float32
 the two order the weight-decay sum differently). The ratio ``library / plain`` is the median
 of per-round ratios; ``pair_ratio`` is the median over single steps taken in pairs (library
 then plain, plain then library, alternating), which the machine's drift disturbs least.
+Minor page faults per step (``getrusage``) count the fresh pages each step touched: with
+glibc's default settings freed blocks go back to the system between steps, and each 4 KiB
+a step touches again costs a fault; ``--keep-host-memory`` calls
+``mlaan_func.host_memory.keep_freed_memory()`` first, for both steps alike (one process).
 """
 
 from __future__ import annotations
@@ -35,11 +40,44 @@ except ImportError:  # an earlier checkout (PYTHONPATH=../old python bench/overh
     count_host_reads = None
 
 
-def cpu_seconds(fn, steps: int) -> float:
-    start = time.process_time()
+def library_checkout() -> str:
+    """The commit of the ``mlaan_func`` being measured (``+`` when its tree has changes)."""
+    import subprocess
+    where = Path(mf.__file__).resolve().parent
+    git = ["git", "-C", str(where)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True, text=True).stdout.strip()
+    return (head or "unknown") + ("+" if dirty else "")
+
+
+def minor_page_faults() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def keep_host_memory() -> bool:
+    """``mlaan_func.host_memory.keep_freed_memory()``, through this checkout's copy when an
+    earlier one (PYTHONPATH) has none: the setting is glibc's, the same for any library."""
+    try:
+        from mlaan_func.host_memory import keep_freed_memory
+    except ImportError:
+        import importlib.util
+        path = Path(__file__).resolve().parents[1] / "mlaan_func" / "host_memory.py"
+        spec = importlib.util.spec_from_file_location("this_host_memory", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        keep_freed_memory = module.keep_freed_memory
+    return keep_freed_memory()
+
+
+def cpu_seconds(fn, steps: int, faults: list[int] | None = None) -> float:
+    start, first = time.process_time(), minor_page_faults()
     for _ in range(steps):
         fn()
-    return (time.process_time() - start) / steps
+    seconds = (time.process_time() - start) / steps
+    if faults is not None:
+        faults.append(minor_page_faults() - first)
+    return seconds
 
 
 def measure(batch_size: int, rounds: int, steps: int) -> dict:
@@ -65,9 +103,9 @@ def measure(batch_size: int, rounds: int, steps: int) -> dict:
         torch_opt.step()
 
     library(), reference()  # warm-up
-    ratios, lib_s, ref_s = [], [], []
+    ratios, lib_s, ref_s, lib_faults, ref_faults = [], [], [], [], []
     for _ in range(rounds):
-        a, b = cpu_seconds(library, steps), cpu_seconds(reference, steps)
+        a, b = cpu_seconds(library, steps, lib_faults), cpu_seconds(reference, steps, ref_faults)
         lib_s.append(a), ref_s.append(b), ratios.append(a / b)
     pairs = []
     for i in range(rounds * steps):
@@ -82,7 +120,9 @@ def measure(batch_size: int, rounds: int, steps: int) -> dict:
     return {"batch_size": batch_size, "rounds": rounds, "steps_per_round": steps,
             "library_ms": 1e3 * statistics.median(lib_s), "plain_ms": 1e3 * statistics.median(ref_s),
             "ratio": statistics.median(ratios), "ratios": ratios, "pairs": len(pairs),
-            "pair_ratio": statistics.median(pairs), "library_host_reads": reads}
+            "pair_ratio": statistics.median(pairs), "library_host_reads": reads,
+            "library_faults_per_step": sum(lib_faults) / (rounds * steps),
+            "plain_faults_per_step": sum(ref_faults) / (rounds * steps)}
 
 
 def main(argv=None) -> int:
@@ -90,15 +130,19 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, action="append", help="repeatable; default 8 and 128")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=10, help="steps per round at batch 8 (fewer at larger batches)")
+    p.add_argument("--keep-host-memory", action="store_true",
+                   help="glibc keeps freed memory for reuse (mlaan_func.host_memory.keep_freed_memory), both steps")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    kept = keep_host_memory() if args.keep_host_memory else False
     rows = []
     for b in args.batch_size or [8, 128]:
-        rows.append(measure(b, args.rounds, max(2, args.steps * 8 // b)))
+        rows.append({**measure(b, args.rounds, max(2, args.steps * 8 // b)), "kept_host_memory": kept})
         print(json.dumps(rows[-1]))
     if args.json:
-        Path(args.json).write_text(json.dumps({**common.environment(sys.argv), "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({**common.environment(sys.argv), "checkout": library_checkout(),
+                                               "rows": rows}, indent=1))
     return 0
 
 

@@ -602,24 +602,31 @@ def checkouts_section(payload: dict) -> list[str]:
     return lines + [""]
 
 
-def overhead_section(this: dict, base: dict | None) -> list[str]:
-    """``bench/overhead.py``: the library's E2E step against plain PyTorch (and an earlier checkout's)."""
+def overhead_section(payloads: list[tuple[str, dict]]) -> list[str]:
+    """``bench/overhead.py``: the library's E2E step against plain PyTorch (and an earlier
+    checkout's), with glibc's default host memory settings and with freed memory kept."""
     lines = ["## Per-step overhead against plain PyTorch", "",
-             "`python bench/overhead.py --batch-size 8 --rounds 15 --json bench/results/overhead.json` (and "
-             "`PYTHONPATH=<earlier checkout>` for `overhead_base.json`): E2E ResNet-32 with `mf.step` against "
+             "`python bench/overhead.py --batch-size 8 --batch-size 128 --rounds 15 --json bench/results/overhead.json`, "
+             "the same with `--keep-host-memory` for `overhead_kept.json`, and both with `PYTHONPATH=<earlier checkout>` "
+             "for `overhead_base*.json`, run one after the other: E2E ResNet-32 with `mf.step` against "
              "`nn.Module` + `loss.backward()` + `torch.optim.SGD` (momentum 0.9, Nesterov, weight decay), one "
-             "thread, CPU time per step, rounds interleaved; the ratio is the median of per-round ratios, and the "
-             "paired ratio the median over single steps taken in pairs (order alternating), which the machine's "
-             "drift disturbs least. Target (issue #26): <= 1.05 at batch 8.", "",
-             "| library | batch | library ms | plain ms | library / plain | paired | per round | host reads per step |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, payload in (("this checkout", this), (base.get("checkout", "earlier") if base else None, base)):
-        for r in (payload or {}).get("rows", []):
+             "thread, CPU time per step, rounds interleaved in one process; the ratio is the median of per-round "
+             "ratios, and the paired ratio the median over single steps taken in pairs (order alternating), which "
+             "the machine's drift disturbs least. Faults: minor page faults per step (`getrusage`), the fresh 4 KiB "
+             "pages a step touched. *kept*: `mlaan_func.host_memory.keep_freed_memory()` was called first (glibc "
+             "keeps freed blocks for reuse; both steps run under it). Target (issue #26): <= 1.05 at batch 8.", "",
+             "| library | host memory | batch | library ms | plain ms | library / plain | paired | faults per step (library / plain) | per round | host reads per step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, payload in payloads:
+        for r in payload.get("rows", []):
             rounds = ", ".join(f"{x:.2f}" for x in r["ratios"])
             reads = "—" if r["library_host_reads"] is None else r["library_host_reads"]
             paired = f"{r['pair_ratio']:.3f} ({r['pairs']} pairs)" if "pair_ratio" in r else ""
-            lines.append(f"| {name} | {r['batch_size']} | {r['library_ms']:.1f} | {r['plain_ms']:.1f} | "
-                         f"{r['ratio']:.3f} | {paired} | {rounds} | {reads} |")
+            faults = (f"{r['library_faults_per_step']:.0f} / {r['plain_faults_per_step']:.0f}"
+                      if "library_faults_per_step" in r else "—")
+            kept = "kept" if r.get("kept_host_memory") else "glibc default"
+            lines.append(f"| {name} | {kept} | {r['batch_size']} | {r['library_ms']:.1f} | {r['plain_ms']:.1f} | "
+                         f"{r['ratio']:.3f} | {paired} | {faults} | {rounds} | {reads} |")
     return lines + [""]
 
 
@@ -651,8 +658,11 @@ def main() -> int:
     out += sharing_section(load("flops"), timings, load("shared_memory"))
     compiles = [load(p.stem) for p in sorted(RESULTS.glob("compile*.json"))]
     out += compile_section([c for c in compiles if c])
-    if load("overhead"):
-        out += overhead_section(load("overhead"), load("overhead_base"))
+    overheads = [(f"{payload['checkout']} (earlier)" if "base" in stem else "this checkout", payload)
+                 for stem in ("overhead", "overhead_kept", "overhead_base", "overhead_base_kept")
+                 for payload in [load(stem)] if payload]
+    if overheads:
+        out += overhead_section(overheads)
     checkouts = load("checkouts")
     if checkouts:
         out += checkouts_section(checkouts)

@@ -60,7 +60,7 @@ WARMUP_EPOCHS, WARMUP_SHARE = 10, 0.05  # the recipe's warm-up, at most this sha
 IDENTITY += ("image_size", "share", "channels_last", "compile", "threads")  # threads: CPU float rounding
 # The flags that leave the numbers as they are, or move a run to other hardware; --help lists them.
 NOT_COMPARED = ("out", "data_dir", "workers", "no_progress", "checkpoint_minutes", "dist_timeout", "json",
-                "device", "memory_budget")  # a budget changes memory and time, never the numbers (bit for bit)
+                "device", "memory_budget", "no_keep_host_memory")  # a budget changes memory and time, never the numbers (bit for bit)
 
 
 class ProgramError(Exception):
@@ -184,6 +184,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU threads of torch; default $OMP_NUM_THREADS when set, else the CPUs this process "
                         "may run on (os.sched_getaffinity). Waiting threads sleep (OMP_WAIT_POLICY=PASSIVE "
                         "unless set) so that other jobs on the machine keep their cores; compared at --resume")
+    p.add_argument("--no-keep-host-memory", action="store_true",
+                   help="let glibc return freed host memory to the system between steps (the default keeps it, "
+                        "mlaan_func.host_memory.keep_freed_memory: fewer page faults, resident memory stays at its peak)")
     p.add_argument("--share", default="auto", choices=("auto", "off", "sum"),
                    help="run each block once per step for all objectives that share it: auto (bit-identical "
                         "gradients), sum (also sum their cotangents: fewer FLOPs, float32-rounding equal), "
@@ -801,6 +804,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    if not args.no_keep_host_memory:
+        mf.host_memory.keep_freed_memory()
     rank, world = start_distributed(args)
     device = torch.device(args.device)
     out = Path(args.out)
@@ -1202,6 +1207,7 @@ def train(args, out, scheme, backbone, ts, extra, train_step, dataset, train_bat
             "backbone_parameters": sum(ts.params[k].numel() for k in backbone.param_names),
             "seconds": train_seconds, "device": str(device), "precision": args.precision, "threads": args.threads,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "kept_host_memory": not args.no_keep_host_memory and mf.host_memory.keep_freed_memory(),
             "compile": args.compile, "compiled_graphs": compiled_graphs(),
             "memory_plan": str(train_step.plan) if args.memory_budget is not None and train_step.plan else None,
             "processes": world, "parallel": args.parallel or "none",

@@ -15,7 +15,7 @@ published schemes and recipes with their heads, losses, trunks, splits and relea
 
 import sys as _sys
 
-from . import errors, models, optim, schemes
+from . import errors, host_memory, models, optim, schemes
 from .schemes import heads, labels, losses, splits, trunks
 from .schemes import tables as published
 from .combinators import FrozenBlock, LeapBlock, StackBlock, cascade, frozen, leap_ema, local_loss, split, stack
@@ -31,7 +31,7 @@ from .train.step import evaluate, gradients, init, load, save, step
 __all__ = [
     "AfterStep", "Batch", "Block", "DeviceMismatchError", "FrozenBlock", "LeapBlock", "LossContext", "Net", "NonFiniteLossError",
     "Objective", "Params", "ShapeError", "StackBlock", "State", "TrainState", "cascade", "copy", "errors", "evaluate", "from_module", "frozen",
-    "gradients", "heads", "hyper", "identity", "infopro_lambda_table", "init", "init_params", "labels",
+    "gradients", "heads", "host_memory", "hyper", "identity", "infopro_lambda_table", "init", "init_params", "labels",
     "leap_ema", "leap_trunk_table", "load", "local_loss", "losses", "models", "optim", "output_shape",
     "published", "published_split", "randomness", "remat", "routing", "save", "schemes", "split", "splits",
     "stack", "step", "to_module", "trace", "trunks",

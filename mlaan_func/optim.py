@@ -903,7 +903,8 @@ def state_metrics(opt_state: OptState) -> dict[str, Tensor]:
                 walk(v, f"{path}{label}/")
         elif isinstance(s, dict):
             for v in s.values():
-                walk(v, path)
+                if not isinstance(v, Tensor):  # a per-parameter entry reports nothing
+                    walk(v, path)
         elif isinstance(s, tuple):
             for v in s:
                 walk(v, path)

@@ -317,3 +317,50 @@ def test_a_heads_output_is_freed_before_its_backward():
         mf.gradients(scheme)(ts, batch)
     output_bytes = 64 * features * 4  # the weight gradient is 1/8 of it
     assert meter.peak_bytes < 1.5 * output_bytes, (meter.peak_bytes, output_bytes)
+
+
+# ---- the update: a step hands its gradients to the optimizer (docs/design.md §6, "The update") --
+
+def _wide_scheme(width: int = 256):
+    body = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+    return [mf.local_loss(mf.from_module(body, name="mlp"), None, mf.losses.cross_entropy, name="final")]
+
+
+@pytest.mark.parametrize("opt, saved_trees", [
+    (mf.optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-4), 1),
+    (mf.optim.sgd(0.1, momentum=0.9), 1),
+    # Adam's first transform reads the gradients through all its own work, where the peak is
+    (mf.optim.adamw(1e-3), 0)])
+def test_the_step_frees_each_gradient_once_the_optimizer_has_read_it(opt, saved_trees):
+    scheme = _wide_scheme()
+    ts = mf.init(scheme, opt, seed=0)
+    batch = (torch.randn(2, 256), torch.tensor([1, 2]))
+    grads_bytes = sum(p.nbytes for p in ts.params.values())
+    step, grads = mf.step(scheme, opt), mf.gradients(scheme)
+
+    def keeping():  # the same step with the gradients held to the end
+        g = grads(ts, batch)
+        return mf.engine.finish_step(ts, g, opt, [])
+
+    with track_memory() as handed:
+        new, _ = step(ts, batch)
+    with track_memory() as kept:
+        same, _ = keeping()
+    assert all(torch.equal(new.params[k], same.params[k]) for k in ts.params)
+    # the parameters dominate this step: handing the gradients over saves one tree of them
+    saved = kept.peak_bytes - handed.peak_bytes
+    assert saved >= 0 and saved >= 0.9 * saved_trees * grads_bytes, (kept.peak_bytes, handed.peak_bytes, grads_bytes)
+
+
+def test_apply_gradients_empties_only_what_it_is_handed():
+    scheme = _wide_scheme(8)
+    opt = mf.optim.sgd(0.1, momentum=0.9)
+    ts = mf.init(scheme, opt, seed=0)
+    g = mf.gradients(scheme)(ts, (torch.randn(2, 8), torch.tensor([1, 2])))
+    kept = dict(g.grads)
+    a = mf.engine.apply_gradients(ts, kept, g.state, opt, [])
+    assert kept.keys() == g.grads.keys()
+    handed = dict(g.grads)
+    b = mf.engine.apply_gradients(ts, handed, g.state, opt, [], hand_over=True)
+    assert handed == {}
+    assert all(torch.equal(a.params[k], b.params[k]) for k in ts.params)

@@ -19,6 +19,7 @@ True
 from __future__ import annotations
 
 import copy as _copy
+import functools
 import zlib
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
@@ -227,11 +228,11 @@ class Block(BlockDefaults):
             local_state=tuple(n for n, _ in module.named_buffers()),
         )
 
-    @property
+    @functools.cached_property
     def param_names(self) -> tuple[str, ...]:
         return tuple(_join(self.prefix, n) for n in self.local_params)
 
-    @property
+    @functools.cached_property
     def state_names(self) -> tuple[str, ...]:
         return tuple(_join(self.prefix, n) for n in self.local_state)
 
@@ -254,11 +255,11 @@ class Block(BlockDefaults):
     def gather(self, params: Params, state: State, train: bool) -> tuple[Params, State]:
         """The module-local tensors; state is cloned in training, where BatchNorm writes it."""
         try:
-            p = {n: params[_join(self.prefix, n)] for n in self.local_params}
+            p = {n: params[k] for n, k in zip(self.local_params, self.param_names)}
             if train:
-                s = {n: state[_join(self.prefix, n)].clone() for n in self.local_state}
+                s = {n: state[k].clone() for n, k in zip(self.local_state, self.state_names)}
             else:
-                s = {n: state[_join(self.prefix, n)] for n in self.local_state}
+                s = {n: state[k] for n, k in zip(self.local_state, self.state_names)}
         except KeyError as err:
             raise KeysError(
                 f"block '{self.name}' needs {err.args[0]!r}, which is not in the dict passed in; "
@@ -277,7 +278,7 @@ class Block(BlockDefaults):
         else:
             call = self._calls[0] if train else self._calls[1]
             y = call_explained(self, x, p, lambda: call(p, s, x))
-        new_state = {_join(self.prefix, n): v for n, v in s.items()} if train else {}
+        new_state = dict(zip(self.state_names, s.values())) if train else {}
         return y, new_state
 
 
@@ -362,11 +363,11 @@ class Net:
     def block_names(self) -> tuple[str, ...]:
         return tuple(b.name for b in self.blocks)
 
-    @property
+    @functools.cached_property
     def param_names(self) -> tuple[str, ...]:
         return _chain_names(self.blocks, "param_names")
 
-    @property
+    @functools.cached_property
     def state_names(self) -> tuple[str, ...]:
         return _chain_names(self.blocks, "state_names")
 
@@ -574,7 +575,7 @@ def blocks_of(item: Any) -> tuple:
 
 def check_keys(what: str, given: dict, expected: tuple[str, ...]) -> None:
     """Raise a ``KeyError`` naming the missing and unexpected keys of ``given``."""
-    if len(given) == len(expected) and all(k in given for k in expected):
+    if len(given) == len(expected) and all(map(given.__contains__, expected)):
         return
     expected_set = set(expected)
     missing = [k for k in expected if k not in given]

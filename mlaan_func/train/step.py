@@ -107,7 +107,7 @@ def gradients(objectives: Sequence[Objective], *, compile: bool = False,
         nonlocal first_structure
         check_keys("the train state's params", ts.params, param_keys)
         check_keys("the train state's state", ts.state, state_keys)
-        wrong = [k for k, shape in shapes.items() if tuple(ts.params[k].shape) != shape]
+        wrong = [k for k, shape in shapes.items() if ts.params[k].shape != shape]
         if wrong:
             k = wrong[0]
             raise ShapeError(f"the train state's parameter {k!r} has shape {tuple(ts.params[k].shape)} but its block "
@@ -156,10 +156,14 @@ def _step_randomness(ts: TrainState, x: Tensor):
 
 
 def apply_gradients(ts: TrainState, grads: Params, state: State, optimizer: Optimizer,
-                    post: Sequence[AfterStep], *, untouched: Iterable[str] = ()) -> TrainState:
+                    post: Sequence[AfterStep], *, untouched: Iterable[str] = (), hand_over: bool = False) -> TrainState:
     """One pure optimizer update with ``grads``, then the after-step updates (EMA twins) on
-    ``state``: the end of every step, single-process or distributed."""
-    updates, opt_state = optimizer.update({k: grads[k] for k in ts.params}, ts.opt_state, ts.params)
+    ``state``: the end of every step, single-process or distributed. ``hand_over``: the
+    caller gives ``grads`` away, and it is emptied into the update's argument (no name here
+    holds it), so a gradient is freed once the optimizer's first transform has read it."""
+    # the dict is built in the call itself: a local name would keep every gradient alive to the end
+    updates, opt_state = optimizer.update({k: grads.pop(k) for k in ts.params} if hand_over else
+                                          {k: grads[k] for k in ts.params}, ts.opt_state, ts.params)
     params = apply_updates(ts.params, updates)
     untouched = frozenset(untouched)
     if untouched:
@@ -250,7 +254,7 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
             with deferred_checks():
                 g = grad_step(ts, batch)
             return finish_step(ts, g, optimizer, post, check_finite=check_finite,
-                               diagnose=lambda: grad_step(ts, batch))
+                               diagnose=lambda: grad_step(ts, batch), hand_over=True)
 
         return train_step
     check_identity(objectives)
@@ -289,7 +293,7 @@ def step(objectives: Sequence[Objective], optimizer: Optimizer, *, compile: bool
                        metrics={n: v for n, v in g.metrics.items() if n not in feeders})
         untouched = (set(ts.params) - set(params)) | fed
         return finish_step(ts, g, optimizer, post, check_finite=check_finite, untouched=untouched,
-                           diagnose=lambda: grad_step(part, batch))
+                           diagnose=lambda: grad_step(part, batch), hand_over=True)
 
     return switched_step
 
@@ -333,7 +337,8 @@ def check_reads(objectives: Sequence[Objective]) -> None:
 
 def finish_step(ts: TrainState, g: Gradients, optimizer: Optimizer, post: Sequence[AfterStep], *,
                 check_finite: bool = True, untouched: Iterable[str] = (),
-                diagnose: Callable[[], Any] | None = None) -> tuple[TrainState, dict[str, dict[str, Tensor]]]:
+                diagnose: Callable[[], Any] | None = None,
+                hand_over: bool = False) -> tuple[TrainState, dict[str, dict[str, Tensor]]]:
     """The end of every step, single-process or distributed: the non-finite check (nothing
     is updated past a non-finite loss), the optimizer update and after-steps
     (``apply_gradients``), and the metrics: each objective's, with its ``weighted_loss``,
@@ -347,7 +352,11 @@ def finish_step(ts: TrainState, g: Gradients, optimizer: Optimizer, post: Sequen
     The finite flag is the step's one host read. A step computed under
     ``core.deferred.deferred_checks()`` passes ``diagnose``: on a non-finite loss it is
     called first (the same gradients with eager value checks), so a deferred check that
-    failed raises its own error rather than ``NonFiniteLossError``."""
+    failed raises its own error rather than ``NonFiniteLossError``.
+
+    ``hand_over=True``: the caller reads ``g.grads`` no more, and the update empties it, so
+    the update's peak holds one tree of gradients less (design.md §6, "The update"); the
+    step passes it, a caller that keeps its gradients must not."""
     if ts.opt_state is None:
         raise SchemeError("the train state has no optimizer state (opt_state=None); build it with "
                           "mlaan_func.init(scheme, optimizer), or set opt_state=optimizer.init(ts.params)")
@@ -360,7 +369,7 @@ def finish_step(ts: TrainState, g: Gradients, optimizer: Optimizer, post: Sequen
             f"non-finite loss {where} at step {int(ts.step)}; nothing was updated. Lower the learning "
             "rate, add gradient clipping (mlaan_func.optim.clip_by_global_norm), or check the inputs for NaN.")
     metrics = {n: {**m, "weighted_loss": g.losses[n]} for n, m in g.metrics.items()}
-    ts = apply_gradients(ts, g.grads, g.state, optimizer, post, untouched=untouched)
+    ts = apply_gradients(ts, g.grads, g.state, optimizer, post, untouched=untouched, hand_over=hand_over)
     reported = state_metrics(ts.opt_state)
     if reported:
         if "optimizer" in metrics:
