@@ -50,24 +50,20 @@ def library_checkout() -> str:
     return (head or "unknown") + ("+" if dirty else "")
 
 
-def minor_page_faults() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def _host_memory():
+    """This checkout's ``mlaan_func.host_memory`` (loaded from its file, so an earlier
+    checkout under PYTHONPATH, which has none, is measured the same way: the settings and
+    the counter are glibc's and the kernel's, the same for any library)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "mlaan_func" / "host_memory.py"
+    spec = importlib.util.spec_from_file_location("this_host_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def keep_host_memory() -> bool:
-    """``mlaan_func.host_memory.keep_freed_memory()``, through this checkout's copy when an
-    earlier one (PYTHONPATH) has none: the setting is glibc's, the same for any library."""
-    try:
-        from mlaan_func.host_memory import keep_freed_memory
-    except ImportError:
-        import importlib.util
-        path = Path(__file__).resolve().parents[1] / "mlaan_func" / "host_memory.py"
-        spec = importlib.util.spec_from_file_location("this_host_memory", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        keep_freed_memory = module.keep_freed_memory
-    return keep_freed_memory()
+host_memory = _host_memory()
+minor_page_faults = host_memory.minor_page_faults
 
 
 def cpu_seconds(fn, steps: int, faults: list[int] | None = None) -> float:
@@ -135,7 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    kept = keep_host_memory() if args.keep_host_memory else False
+    kept = host_memory.keep_freed_memory() if args.keep_host_memory else False
     rows = []
     for b in args.batch_size or [8, 128]:
         rows.append({**measure(b, args.rounds, max(2, args.steps * 8 // b)), "kept_host_memory": kept})
